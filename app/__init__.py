@@ -1,0 +1,1 @@
+"""visionlab application entry points."""

@@ -1,0 +1,69 @@
+"""``visionlab``: a LightningCLI where models, data and callbacks are chosen by ``class_path`` in YAML."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from modules.components.errors import VisionlabError
+
+
+class VisionlabCLI(LightningCLI):
+    """LightningCLI with a configurable ModelCheckpoint and the data -> model links.
+
+    Every technique module takes ``num_classes`` and ``image_size``; both come from the DataModule, so a
+    config never states them twice. Checkpoints go to ``<trainer.default_root_dir>/checkpoints`` with a
+    ``last.ckpt``, so ``fit --ckpt_path last`` resumes a run.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc1",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "epoch{epoch:03d}-step{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.link_arguments(
+            "trainer.default_root_dir", "checkpoint.dirpath",
+            compute_fn=lambda root: os.path.join(root or ".", "checkpoints"),
+        )
+        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        checkpoint = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and checkpoint is not None:
+            score = checkpoint.best_model_score
+            monitor = checkpoint.monitor or "score"
+            if score is not None:
+                print(f"visionlab: best {monitor} = {float(score):.4f} ({checkpoint.best_model_path})")
+            if checkpoint.last_model_path:
+                print(f"visionlab: last checkpoint {checkpoint.last_model_path}")
+            if self.trainer.logger is not None and self.trainer.logger.log_dir:
+                print(f"visionlab: TensorBoard logs in {self.trainer.logger.log_dir}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point; user errors end as one line on stderr and exit code 2."""
+    try:
+        VisionlabCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except VisionlabError as err:
+        print(f"visionlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""visionlab callbacks: independent of techniques, they talk to ``pl_module`` through a small interface."""

@@ -1,0 +1,1 @@
+"""visionlab DataModules: FFCV (.beton) and a torchvision fallback with the same interface."""

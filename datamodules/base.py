@@ -1,0 +1,138 @@
+"""Shared interface of visionlab's image DataModules (FFCV and torchvision implement the loaders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from datamodules import sources
+from modules.components.errors import ConfigError
+
+EMBEDDED = "fashion_mnist"
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Labelled images from the embedded Fashion-MNIST or any ImageFolder tree.
+
+    Batches leave the loader as uint8 ``(B, 3, H, W)`` and are normalised on the device in
+    ``on_after_batch_transfer``, so both loader back-ends produce identical tensors downstream.
+
+    Args:
+        source: ``fashion_mnist`` (the embedded default) or the path of an ImageFolder tree.
+        image_size: output crop size (linked into the model).
+        batch_size: per-device batch size.
+        num_workers: loader worker processes/threads.
+        classes: keep only these class indices (relabelled 0..k-1 in this order), e.g. for transfer.
+        train_limit: keep at most this many training samples (seeded subset), ``None`` for all.
+        val_limit: same for validation.
+        val_fraction: validation share when an ImageFolder has no ``train/``/``val/`` split.
+        seed: seed of subsets, splits and shuffling.
+        rrc_scale: random-resized-crop area range for training.
+        rrc_ratio: random-resized-crop aspect-ratio range.
+        hflip: random horizontal flips for training.
+        val_crop_ratio: validation centre crop = this fraction of the short side, then resized.
+        mean: normalisation mean (0..1 scale).
+        std: normalisation std (0..1 scale).
+        fashion_mnist_dir: where Debian's ``dataset-fashion-mnist`` put the IDX files.
+    """
+
+    def __init__(
+        self,
+        source: str = EMBEDDED,
+        image_size: int = 32,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        classes: Sequence[int] | None = None,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        rrc_scale: tuple[float, float] = (0.08, 1.0),
+        rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        val_crop_ratio: float = 0.875,
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        fashion_mnist_dir: str = sources.FASHION_MNIST_DIR,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.classes = list(classes) if classes else None
+        self.seed = seed
+        self._sources: dict[str, object] = {}
+        self.class_names = self._class_names()
+        self.register_buffer_like_stats(mean, std)
+
+    # --- sources ---------------------------------------------------------------------------------
+    @property
+    def is_embedded(self) -> bool:
+        return self.source == EMBEDDED
+
+    def _class_names(self) -> list[str]:
+        if self.is_embedded:
+            names = sources.FASHION_MNIST_CLASSES
+        else:
+            root = Path(self.source).expanduser()
+            if not root.is_dir():
+                raise ConfigError(f"data path {root} does not exist or is not a folder: set data.source to an ImageFolder tree or '{EMBEDDED}'")
+            base = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root
+            names = [d.name for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+            if not names:
+                raise ConfigError(f"no class sub-folders in {base}: an ImageFolder tree needs one folder of images per class")
+        if self.classes:
+            bad = [c for c in self.classes if not 0 <= c < len(names)]
+            if bad:
+                raise ConfigError(f"data.classes {bad} out of range: the source has {len(names)} classes")
+            names = [names[c] for c in self.classes]
+        return list(names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def get_source(self, split: str):
+        """The (cached) source of ``split`` ('train' or 'val'), after class/limit restriction."""
+        if split not in self._sources:
+            hp = self.hparams
+            if self.is_embedded:
+                raw = sources.fashion_mnist(split, hp.fashion_mnist_dir)
+            else:
+                raw = sources.image_folder(self.source, split, hp.val_fraction, self.seed)
+            limit = hp.train_limit if split == "train" else hp.val_limit
+            self._sources[split] = sources.restrict(raw, self.classes, limit, self.seed, split)
+        return self._sources[split]
+
+    # --- batches ---------------------------------------------------------------------------------
+    def register_buffer_like_stats(self, mean, std) -> None:
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> normalised float32 on the images' device."""
+        mean, std = self._mean.to(images.device), self._std.to(images.device)
+        return (images.float() - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float -> 0..1 float (for logging)."""
+        mean, std = self._mean.to(images.device), self._std.to(images.device)
+        return ((images * std + mean) / 255).clamp(0, 1)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch[0], batch[1]
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        return [images, labels.long().view(-1), *batch[2:]]
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        return self.val_dataloader()

@@ -1,0 +1,83 @@
+"""Writing and checking FFCV ``.beton`` files: atomic writes, one-line errors on corrupt files."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from modules.components.errors import DataError
+
+
+def check_beton(path: Path, expected_samples: int | None = None) -> None:
+    """Raise ``DataError`` when ``path`` is not a complete, readable ``.beton`` file."""
+    from ffcv.reader import Reader
+
+    fix = f"delete {path} and run again to rebuild it from the source"
+    size = path.stat().st_size
+    try:
+        reader = Reader(str(path))
+        table = reader.alloc_table
+        if len(table) == 0 and reader.num_samples > 0:
+            raise ValueError("empty allocation table")
+        end = int((table["ptr"].astype(np.int64) + table["size"].astype(np.int64)).max()) if len(table) else 0
+    except Exception as err:
+        raise DataError(f"{path} is corrupt or truncated ({type(err).__name__}: {err}): {fix}") from err
+    if end > size or int(reader.header["alloc_table_ptr"]) > size:
+        raise DataError(f"{path} is truncated ({size} bytes, data runs to {end}): {fix}")
+    if expected_samples is not None and int(reader.num_samples) != expected_samples:
+        raise DataError(f"{path} holds {int(reader.num_samples)} samples, the source has {expected_samples}: {fix}")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_path)`` then rename onto ``path``; the temp file is removed on any failure.
+
+    An existing ``path`` is only replaced by a completely written file (``os.replace`` is atomic).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class _ArrayDataset:
+    """Indexed dataset view for ``DatasetWriter.from_indexed_dataset``."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        image, label = self.source[index]
+        return image, int(label)
+
+
+def write_beton(source, path: Path, write_mode: str = "raw", max_resolution: int | None = None,
+                jpeg_quality: int = 90, num_workers: int = 2) -> Path:
+    """Write an image source (``(HWC uint8, label)`` items) to ``path`` as image + label fields, atomically."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    def _write(tmp: Path) -> None:
+        writer = DatasetWriter(
+            str(tmp),
+            {
+                "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+                "label": IntField(),
+            },
+            num_workers=max(1, num_workers),
+        )
+        writer.from_indexed_dataset(_ArrayDataset(source))
+        check_beton(tmp, len(source))
+
+    return write_atomic(path, _write)

@@ -1,0 +1,82 @@
+"""Plain torchvision DataModule with the FFCV DataModule's interface and transforms (baseline, fallback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from datamodules.base import ImageDataModule
+
+
+class CenterCropRatio(torch.nn.Module):
+    """Centre square of ``ratio`` x the short side, resized to ``size`` (FFCV's CenterCropRGBImageDecoder)."""
+
+    def __init__(self, size: int, ratio: float):
+        super().__init__()
+        self.size, self.ratio = size, ratio
+
+    def forward(self, image):
+        height, width = TF.get_size(image)
+        side = max(1, int(round(min(height, width) * self.ratio)))
+        return TF.resize(TF.center_crop(image, [side, side]), [self.size, self.size], antialias=True)
+
+
+class _SourceDataset(Dataset):
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        if hasattr(self.source, "load_pil"):  # files: decode on access, like any ImageFolder loader
+            image, label = self.source.load_pil(index), int(self.source.labels[index])
+        else:
+            array, label = self.source[index]
+            image = Image.fromarray(np.asarray(array))
+        return self.transform(image), label
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """The same sources, crops and normalisation as ``FFCVDataModule`` through ``torch.utils.data``.
+
+    Args:
+        **kwargs: the shared ``ImageDataModule`` arguments (source, image_size, batch_size...).
+    """
+
+    def transform(self, train: bool) -> v2.Compose:
+        hp, size = self.hparams, self.image_size
+        if train:
+            ops = [v2.RandomResizedCrop(size, scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio), antialias=True)]
+            if hp.hflip:
+                ops.append(v2.RandomHorizontalFlip())
+        else:
+            ops = [CenterCropRatio(size, hp.val_crop_ratio)]
+        return v2.Compose([*ops, v2.PILToTensor()])  # uint8 (3, H, W); normalised on the device
+
+    def setup(self, stage: str) -> None:
+        for split in ("train", "val"):
+            self.get_source(split)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = _SourceDataset(self.get_source(split), self.transform(train))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)

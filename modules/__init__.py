@@ -1,0 +1,1 @@
+"""visionlab technique modules: one LightningModule per technique."""

@@ -1,0 +1,79 @@
+"""The thin shared base of every technique: optimizer/schedule wiring, loss guard, image logging."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torchvision.utils import make_grid
+
+from modules.components.errors import ConfigError, NonFiniteLossError
+from modules.components.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+class VisionModule(pl.LightningModule):
+    """Base LightningModule: subclasses build networks and implement ``training_step``/``validation_step``.
+
+    Every technique takes ``num_classes`` and ``image_size`` so the CLI can link them from the data.
+    Subclasses may override ``optimizer_root()`` to choose the module whose trainable parameters are
+    optimised (e.g. a backbone with ``group_matcher`` for layer-wise lr decay).
+
+    Args:
+        num_classes: classes of the labelled data (linked from the DataModule).
+        image_size: input resolution (linked from the DataModule).
+        optim: optimizer and schedule settings.
+    """
+
+    def __init__(self, num_classes: int = 1000, image_size: int = 224, optim: OptimConfig | None = None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.optim = optim or OptimConfig()
+
+    # --- interface used by callbacks -------------------------------------------------------------
+    def optimizer_root(self) -> nn.Module:
+        """Module whose trainable parameters the optimizer owns (default: the whole LightningModule)."""
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.optimizer_root().parameters() if p.requires_grad]
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ConfigError(
+                f"the model has {self.num_classes} classes but the data has {data_classes}: "
+                f"set model num_classes to {data_classes} (the CLI links it from the data automatically)"
+            )
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optimizer_root(), self.optim)
+        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs or 1)))
+        scheduler = build_scheduler(optimizer, self.optim, self.trainer.estimated_stepping_batches, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"training loss is {loss.detach().float().item()} at step {self.global_step}: lower optim.lr, "
+                "set trainer.gradient_clip_val, or check the inputs for NaN"
+            )
+
+    # --- logging helpers -------------------------------------------------------------------------
+    def log_images(self, tag: str, images: torch.Tensor, nrow: int = 8) -> None:
+        """Log a (N, C, H, W) batch as one grid image to TensorBoard (min-max scaled per image)."""
+        logger = self.logger
+        if not isinstance(logger, TensorBoardLogger) or self.trainer.sanity_checking:
+            return
+        images = images.detach().float().cpu()
+        lo = images.amin(dim=(1, 2, 3), keepdim=True)
+        hi = images.amax(dim=(1, 2, 3), keepdim=True)
+        grid = make_grid((images - lo) / (hi - lo).clamp_min(1e-6), nrow=nrow)
+        logger.experiment.add_image(tag, grid, global_step=self.global_step)

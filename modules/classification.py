@@ -1,0 +1,139 @@
+"""Supervised image classification over any timm backbone (the default visionlab technique)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from modules.base import VisionModule
+from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.optim import OptimConfig
+
+
+def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    """Top-1 (and top-5 when there are more than 5 classes) micro accuracy."""
+    metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return nn.ModuleDict(metrics)
+
+
+class ClassificationModule(VisionModule):
+    """Supervised classifier: timm backbone, label smoothing, Mixup/CutMix, optional kornia batch augmentation.
+
+    Args:
+        backbone: timm model name, e.g. ``resnet18``, ``vit_tiny_patch16_224``, ``convnext_atto``.
+        num_classes: classes (linked from the data).
+        image_size: input size (linked from the data).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``depth``, ``patch_size``...).
+        drop_path_rate: stochastic depth rate.
+        label_smoothing: label smoothing for the hard-label loss (and Mixup targets).
+        mixup_alpha: Mixup alpha; 0 disables.
+        cutmix_alpha: CutMix alpha; 0 disables.
+        batch_augment: modules applied to the normalised training batch on the device
+            (e.g. ``kornia.augmentation.RandomErasing``), in order.
+        init_checkpoint: a visionlab checkpoint (or plain state dict) whose backbone weights initialise
+            this model; the classifier head is skipped when its shape differs.
+        optim: optimizer and schedule.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 1000,
+        image_size: int = 224,
+        backbone_kwargs: dict | None = None,
+        drop_path_rate: float = 0.0,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        batch_augment: list[nn.Module] | None = None,
+        init_checkpoint: str | None = None,
+        optim: OptimConfig | None = None,
+    ):
+        super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
+        self.save_hyperparameters(ignore=["batch_augment"])
+        kwargs = dict(backbone_kwargs or {})
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **kwargs)
+        if init_checkpoint:
+            self.load_backbone_weights(init_checkpoint)
+        self.batch_augment = nn.Sequential(*(batch_augment or []))
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing, num_classes=num_classes,
+            )
+        self.label_smoothing = label_smoothing
+        self.train_metrics = accuracy_metrics(num_classes)
+        self.val_metrics = accuracy_metrics(num_classes)
+
+    def optimizer_root(self) -> nn.Module:
+        return self.backbone
+
+    def load_backbone_weights(self, path: str) -> None:
+        """Initialise from a checkpoint's ``backbone.*`` weights (strict except for a resized head)."""
+        from modules.components.checkpoints import backbone_state_dict
+
+        state = backbone_state_dict(path)
+        own = self.backbone.state_dict()
+        head = {k for k, v in state.items() if k in own and own[k].shape != v.shape}
+        state = {k: v for k, v in state.items() if k not in head}
+        for k in head:
+            state[k] = own[k]
+        load_state_dict_strict(self.backbone, state, f"checkpoint {path}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)  # (B, num_classes)
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            from modules.components.errors import ConfigError
+
+            raise ConfigError(
+                f"label {int(labels.max())} out of range for a {self.num_classes}-class model: "
+                "the model's num_classes must match the data"
+            )
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self._check_labels(labels)
+        images = self.batch_augment(images)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, labels)
+            logits = self(images)
+            loss = SoftTargetCrossEntropy()(logits, soft)
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            for name, metric in self.train_metrics.items():
+                metric(logits, labels)
+                self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self._check_labels(labels)
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.log("val/loss", loss, sync_dist=True)
+        for name, metric in self.val_metrics.items():
+            metric(logits, labels)
+            self.log(f"val/{name}", metric, prog_bar=name == "acc1")
+        if batch_idx == 0:
+            self.log_images("val/examples", images[:32])
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(dim=-1)

@@ -1,0 +1,1 @@
+"""Pure torch/timm building blocks shared by techniques (no Lightning, no technique imports)."""
