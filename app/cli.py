@@ -49,6 +49,17 @@ class VisionlabCLI(LightningCLI):
                 print(f"visionlab: TensorBoard logs in {self.trainer.logger.log_dir}")
 
 
+def _user_error(err: BaseException) -> VisionlabError | None:
+    """The VisionlabError behind ``err`` (jsonargparse wraps errors raised while instantiating classes)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, VisionlabError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point; user errors end as one line on stderr and exit code 2."""
     try:
@@ -60,8 +71,11 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except VisionlabError as err:
-        print(f"visionlab: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"visionlab: error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -48,18 +48,27 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-class _ArrayDataset:
-    """Indexed dataset view for ``DatasetWriter.from_indexed_dataset``."""
+class _GuardedDataset:
+    """Indexed dataset view for FFCV's writer processes.
 
-    def __init__(self, source):
-        self.source = source
+    FFCV's writer waits forever when a worker process dies, so a sample that fails to load is replaced by
+    a 1x1 placeholder and its error is recorded in ``error_file``; the caller then fails the whole write.
+    """
+
+    def __init__(self, source, error_file: Path):
+        self.source, self.error_file = source, error_file
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
-        image, label = self.source[index]
-        return image, int(label)
+        try:
+            image, label = self.source[index]
+            return image, int(label)
+        except Exception as err:  # noqa: BLE001 - reported after the write
+            with open(self.error_file, "a") as f:
+                f.write(f"sample {index}: {err}".replace("\n", " ") + "\n")
+            return np.zeros((1, 1, 3), np.uint8), 0
 
 
 def write_beton(source, path: Path, write_mode: str = "raw", max_resolution: int | None = None,
@@ -69,15 +78,22 @@ def write_beton(source, path: Path, write_mode: str = "raw", max_resolution: int
     from ffcv.writer import DatasetWriter
 
     def _write(tmp: Path) -> None:
-        writer = DatasetWriter(
-            str(tmp),
-            {
-                "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
-                "label": IntField(),
-            },
-            num_workers=max(1, num_workers),
-        )
-        writer.from_indexed_dataset(_ArrayDataset(source))
+        errors = tmp.with_suffix(".errors")
+        try:
+            writer = DatasetWriter(
+                str(tmp),
+                {
+                    "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+                    "label": IntField(),
+                },
+                num_workers=max(1, num_workers),
+            )
+            writer.from_indexed_dataset(_GuardedDataset(source, errors))
+            if errors.exists():
+                lines = errors.read_text().splitlines()
+                raise DataError(f"{len(lines)} sample(s) could not be read, first: {lines[0]}")
+        finally:
+            errors.unlink(missing_ok=True)
         check_beton(tmp, len(source))
 
     return write_atomic(path, _write)

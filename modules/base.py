@@ -50,6 +50,14 @@ class VisionModule(pl.LightningModule):
                 f"set model num_classes to {data_classes} (the CLI links it from the data automatically)"
             )
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trained_for = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if trained_for is not None and trained_for != self.num_classes:
+            raise ConfigError(
+                f"the checkpoint was trained for {trained_for} classes but this model/data has {self.num_classes}: "
+                "use data with the same classes, or start from it with model.init_checkpoint (a new head is made)"
+            )
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_root(), self.optim)
         steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs or 1)))

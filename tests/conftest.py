@@ -1,0 +1,69 @@
+"""Shared fixtures: a small real ImageFolder tree, a session .beton cache, an in-process CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules import sources
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def beton_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("beton-cache")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 16 real Fashion-MNIST images as PNG (28 px) and JPEG (40 px), one folder per class."""
+    root = tmp_path_factory.mktemp("folder")
+    data = sources.fashion_mnist("val")
+    for label in range(3):
+        folder = root / sources.FASHION_MNIST_CLASSES[label].replace("/", "-")
+        folder.mkdir()
+        for i, idx in enumerate(np.flatnonzero(data.labels == label)[:16]):
+            image = Image.fromarray(data.images[idx]).convert("RGB")
+            if i % 2:
+                image.resize((40, 40)).save(folder / f"{i:03d}.jpg", quality=95)
+            else:
+                image.save(folder / f"{i:03d}.png")
+    return root
+
+
+def cli_args(root_dir: Path, cache: Path, *extra: str, model: str = "classification/debug.yaml",
+             data: str = "data/fashion_mnist.yaml", trainer: str = "trainer/debug.yaml", command: str = "fit") -> list[str]:
+    return [
+        command,
+        "--config", str(CONFIGS / trainer),
+        "--config", str(CONFIGS / data),
+        "--config", str(CONFIGS / model),
+        "--trainer.default_root_dir", str(root_dir),
+        "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", str(root_dir),
+        "--trainer.enable_progress_bar", "false",
+        "--data.init_args.cache_dir", str(cache),
+        "--data.init_args.num_workers", "1",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def run_cli(monkeypatch, tmp_path):
+    """Run ``visionlab`` in-process from a temp cwd; returns the exit code (0 when it returned normally)."""
+    from app.cli import main
+
+    def _run(args: list[str]) -> int:
+        monkeypatch.chdir(tmp_path)
+        try:
+            main(args)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        return 0
+
+    return _run

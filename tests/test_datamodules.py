@@ -1,0 +1,151 @@
+"""FFCV and torchvision DataModules: real Fashion-MNIST and ImageFolder round-trips, splits, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import sources
+from datamodules.beton import check_beton, write_atomic, write_beton
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.torchvision_datamodule import TorchvisionDataModule
+from modules.components.errors import DataError
+
+
+def _collect(loader):
+    images, labels = [], []
+    for batch in loader:
+        images.append(batch[0])
+        labels.append(batch[1])
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_fashion_mnist_idx_files_are_read_exactly():
+    train, val = sources.fashion_mnist("train"), sources.fashion_mnist("val")
+    assert len(train) == 60000 and len(val) == 10000
+    assert train.images.shape == (60000, 28, 28) and train.images.dtype == np.uint8
+    assert np.bincount(train.labels).tolist() == [6000] * 10  # the published class balance
+    image, label = val[0]
+    assert image.shape == (28, 28, 3) and (image[..., 0] == image[..., 2]).all() and label == int(val.labels[0])
+
+
+def test_ffcv_roundtrip_labels_identical_and_pixels_close(beton_cache):
+    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=300, val_limit=300,
+                        batch_size=64, num_workers=1, cache_dir=str(beton_cache))
+    dm.prepare_data()
+    dm.setup("fit")
+    images, labels = _collect(dm.val_dataloader())
+    source = dm.get_source("val")
+    assert labels.long().tolist() == source.labels.tolist()
+    expected = torch.from_numpy(np.stack([source[i][0] for i in range(len(source))])).permute(0, 3, 1, 2)
+    assert images.dtype == torch.uint8 and images.shape == expected.shape
+    assert (images.float() - expected.float()).abs().mean() < 1.0
+
+
+def test_ffcv_train_loader_crops_flips_and_drops_last(beton_cache):
+    dm = FFCVDataModule(source="fashion_mnist", image_size=16, train_limit=300, val_limit=300, batch_size=64,
+                        num_workers=1, cache_dir=str(beton_cache))
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader) == 300 // 64
+    images, labels = _collect(loader)
+    assert images.shape == (256, 3, 16, 16) and images.dtype == torch.uint8
+    assert sorted(set(labels.long().tolist())) <= list(range(10))
+    # A second epoch is reshuffled.
+    _, labels2 = _collect(loader)
+    assert labels.tolist() != labels2.tolist()
+
+
+def test_imagefolder_ffcv_jpg_roundtrip_and_torchvision_agree(image_folder, beton_cache):
+    common = dict(source=str(image_folder), image_size=28, val_crop_ratio=1.0, val_fraction=0.25, batch_size=8, num_workers=1)
+    ffcv_dm = FFCVDataModule(cache_dir=str(beton_cache), write_mode="jpg", jpeg_quality=95, max_resolution=28, **common)
+    tv_dm = TorchvisionDataModule(**common)
+    assert ffcv_dm.num_classes == tv_dm.num_classes == 3
+    ffcv_dm.prepare_data()
+    ffcv_dm.setup("fit")
+    tv_dm.setup("fit")
+    ffcv_images, ffcv_labels = _collect(ffcv_dm.val_dataloader())
+    tv_images, tv_labels = _collect(tv_dm.val_dataloader())
+    assert ffcv_labels.long().tolist() == tv_labels.tolist() == ffcv_dm.get_source("val").labels.tolist()
+    assert ffcv_images.shape == tv_images.shape == (12, 3, 28, 28)
+    # JPEG re-encoding and OpenCV-vs-PIL resizing differ slightly; content must match.
+    assert (ffcv_images.float() - tv_images.float()).abs().mean() < 8.0
+    # Normalisation on the device is shared by both back-ends.
+    batch = ffcv_dm.on_after_batch_transfer([ffcv_images[:4], ffcv_labels[:4]], 0)
+    assert batch[0].dtype == torch.float32 and batch[1].dtype == torch.int64
+    assert torch.allclose(ffcv_dm.denormalize(batch[0]) * 255, ffcv_images[:4].float(), atol=1e-3)
+
+
+def test_imagefolder_split_is_deterministic_and_disjoint(image_folder):
+    train = sources.image_folder(image_folder, "train", val_fraction=0.25, seed=3)
+    val = sources.image_folder(image_folder, "val", val_fraction=0.25, seed=3)
+    again = sources.image_folder(image_folder, "val", val_fraction=0.25, seed=3)
+    assert set(train.files).isdisjoint(val.files)
+    assert len(train) + len(val) == 48 and len(val) == 12
+    assert val.files == again.files and np.bincount(val.labels).tolist() == [4, 4, 4]
+
+
+def test_class_subset_relabels_in_given_order(beton_cache):
+    dm = TorchvisionDataModule(source="fashion_mnist", classes=[7, 2], val_limit=100)
+    assert dm.num_classes == 2 and dm.class_names == ["Sneaker", "Pullover"]
+    val = dm.get_source("val")
+    raw = sources.fashion_mnist("val")
+    keep = np.flatnonzero(np.isin(raw.labels, [7, 2]))
+    assert set(val.labels.tolist()) == {0, 1}
+    assert len(val) == 100
+    # relabelling: first listed class -> 0
+    full = sources.restrict(raw, [7, 2], None, 0, "val")
+    assert (raw.labels[keep] == np.where(full.labels == 0, 7, 2)).all()
+
+
+def test_failed_write_keeps_existing_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "train.beton"
+    target.write_bytes(b"good")
+
+    def broken(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomic(target, broken)
+    assert target.read_bytes() == b"good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.beton"]
+
+
+def test_interrupted_beton_write_leaves_nothing(tmp_path, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    source = sources.restrict(sources.fashion_mnist("val"), None, 64, 0, "val")
+
+    def interrupted(self, dataset, **kwargs):
+        open(self.fname, "wb").write(b"half a file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C half-way through
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_beton(source, tmp_path / "val.beton", num_workers=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_image_fails_the_write_instead_of_hanging(image_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "tree"
+    shutil.copytree(image_folder, folder)
+    (next(folder.iterdir()) / "broken.jpg").write_bytes(b"not a jpeg")
+    source = sources.image_folder(folder, "train", val_fraction=0.0)
+    with pytest.raises(DataError, match="broken.jpg"):
+        write_beton(source, tmp_path / "train.beton", num_workers=2)
+    assert not list(tmp_path.glob("*.beton*")) and not list(tmp_path.glob(".*"))
+
+
+def test_truncated_beton_is_detected(tmp_path):
+    source = sources.restrict(sources.fashion_mnist("val"), None, 64, 0, "val")
+    path = write_beton(source, tmp_path / "val.beton", num_workers=1)
+    check_beton(path, 64)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        check_beton(path, 64)
