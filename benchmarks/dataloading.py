@@ -1,0 +1,101 @@
+"""Images/s of the FFCV DataModule vs the torchvision DataModule on the same JPEG files.
+
+Fashion-MNIST images are written once as an ImageFolder of RGB JPEGs upscaled to 160 px (ImageNet-like
+decode + crop work); both DataModules then run random-resized-crop + flip to the same crop size with the
+same worker count, including the on-device uint8 -> float normalisation. The first epoch is a warm-up
+(FFCV compiles its pipeline with numba); the mean of the following epochs is reported.
+
+    python benchmarks/dataloading.py           # 6,000 images, 3 timed epochs
+    python benchmarks/dataloading.py --quick   # 2,000 images, 2 timed epochs (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datamodules import sources
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.torchvision_datamodule import TorchvisionDataModule
+
+
+def write_jpeg_tree(root: Path, count: int, size: int) -> Path:
+    """First ``count`` Fashion-MNIST training images as ``root/<class>/<i>.jpg`` at ``size`` px (cached)."""
+    tree = root / f"fmnist-{count}-{size}px"
+    marker = tree / ".complete"
+    if marker.exists():
+        return tree
+    data = sources.fashion_mnist("train")
+    for index in range(count):
+        label = int(data.labels[index])
+        folder = tree / f"{label}-{data.classes[label].replace('/', '-')}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(data.images[index]).convert("RGB").resize((size, size), Image.BICUBIC)
+        image.save(folder / f"{index:06d}.jpg", quality=90)
+    marker.touch()
+    return tree
+
+
+def images_per_second(dm, epochs: int) -> tuple[float, float]:
+    loader = dm.train_dataloader()
+    start = time.perf_counter()
+    for batch in loader:  # warm-up epoch: worker start-up, numba compilation, OS cache
+        dm.on_after_batch_transfer(batch, 0)
+    warmup = time.perf_counter() - start
+    seen, start = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            images, _labels = dm.on_after_batch_transfer(batch, 0)
+            seen += images.shape[0]
+    return seen / (time.perf_counter() - start), warmup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2,000 images, 2 timed epochs")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--size", type=int, default=160, help="stored JPEG side")
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "visionlab-bench-data")
+    args = parser.parse_args()
+    count = args.images or (2000 if args.quick else 6000)
+    epochs = args.epochs or (2 if args.quick else 3)
+
+    tree = write_jpeg_tree(args.workdir, count, args.size)
+    common = dict(source=str(tree), image_size=args.crop, batch_size=args.batch_size, num_workers=args.workers,
+                  val_fraction=0.05, rrc_scale=(0.08, 1.0))
+    variants = {
+        "torchvision": TorchvisionDataModule(**common),
+        "ffcv_jpg": FFCVDataModule(cache_dir=str(args.workdir / "beton"), write_mode="jpg", jpeg_quality=90, **common),
+        "ffcv_raw": FFCVDataModule(cache_dir=str(args.workdir / "beton"), write_mode="raw", **common),
+    }
+    rows = []
+    for name, dm in variants.items():
+        start = time.perf_counter()
+        dm.prepare_data()
+        dm.setup("fit")
+        prep = time.perf_counter() - start
+        rate, warmup = images_per_second(dm, epochs)
+        size = sum(p.stat().st_size for p in Path(dm.beton_path("train")).parent.glob("*.beton")) if hasattr(dm, "beton_path") else 0
+        rows.append((name, rate, warmup, prep, size))
+
+    print(f"\ndataloading: {count} JPEGs at {args.size}px -> RRC {args.crop}px + flip + normalise, "
+          f"batch {args.batch_size}, {args.workers} workers, mean of {epochs} epochs after 1 warm-up epoch")
+    print(f"{'variant':<12} {'images/s':>10} {'warm-up s':>10} {'prepare s':>10} {'beton MB':>9}")
+    for name, rate, warmup, prep, size in rows:
+        print(f"{name:<12} {rate:>10.0f} {warmup:>10.1f} {prep:>10.1f} {size / 2**20:>9.1f}")
+    base = rows[0][1]
+    for name, rate, *_ in rows[1:]:
+        print(f"{name}: {rate / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
