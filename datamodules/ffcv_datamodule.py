@@ -33,7 +33,9 @@ class FFCVDataModule(ImageDataModule):
         max_resolution: longest side stored (``None`` keeps the source size).
         jpeg_quality: JPEG quality when compressing.
         os_cache: memory-map the whole file through the OS cache (best when it fits in RAM).
-        order: ``random`` or ``quasi_random`` sample order for training (``quasi_random`` is single-process only).
+        order: training sample order: ``random``, ``quasi_random`` (single-process only, for data larger than
+            RAM) or ``sequential`` (deterministic; under DDP rank r takes samples r, r+world, ... so the global
+            batch equals the single-process one).
         batches_ahead: batches prepared ahead by the loader.
         **kwargs: the shared ``ImageDataModule`` arguments (source, image_size, batch_size...).
     """
@@ -52,8 +54,8 @@ class FFCVDataModule(ImageDataModule):
         super().__init__(**kwargs)
         if write_mode not in {"raw", "jpg", "smart"}:
             raise ConfigError(f"data.write_mode '{write_mode}' is not one of raw, jpg, smart")
-        if order not in {"random", "quasi_random"}:
-            raise ConfigError(f"data.order '{order}' is not one of random, quasi_random")
+        if order not in {"random", "quasi_random", "sequential"}:
+            raise ConfigError(f"data.order '{order}' is not one of random, quasi_random, sequential")
         self.cache_dir = Path(cache_dir).expanduser()
         self.write_mode, self.max_resolution, self.jpeg_quality = write_mode, max_resolution, jpeg_quality
         self.os_cache, self.order, self.batches_ahead = os_cache, order, batches_ahead
@@ -99,10 +101,11 @@ class FFCVDataModule(ImageDataModule):
         else:
             image_pipeline = [CenterCropRGBImageDecoder(size, ratio=hp.val_crop_ratio)]
         image_pipeline += [ToTensor(), ToTorchImage(channels_last=False)]
-        if train:
-            order = OrderOption.QUASI_RANDOM if self.order == "quasi_random" and not self._distributed() else OrderOption.RANDOM
-        else:
-            order = OrderOption.SEQUENTIAL
+        order = OrderOption.SEQUENTIAL
+        if train and self.order == "random":
+            order = OrderOption.RANDOM
+        elif train and self.order == "quasi_random":
+            order = OrderOption.RANDOM if self._distributed() else OrderOption.QUASI_RANDOM
         return Loader(
             str(self.beton_path(split)),
             batch_size=self.batch_size,
