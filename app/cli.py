@@ -6,8 +6,11 @@ import os
 import sys
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
+
+from callbacks.checkpoint import LatestCheckpoint
+from callbacks.slurm import SLURMRequeue
 
 from modules.components.errors import VisionlabError
 
@@ -21,7 +24,7 @@ class VisionlabCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc1",
             "checkpoint.mode": "max",
@@ -35,6 +38,11 @@ class VisionlabCLI(LightningCLI):
         )
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        # Pre-emption under SLURM: checkpoint + requeue at a synchronised point (see callbacks/slurm.py).
+        if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(SLURMRequeue())
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback

@@ -86,3 +86,11 @@ def test_every_yaml_under_configs_parses(tmp_path, beton_cache):
         args += ["--data.init_args.train_limit", "64", "--data.init_args.val_limit", "64"]
         VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
                      subclass_mode_data=True, run=False, args=args)
+
+
+def test_last_checkpoint_tracks_latest_step_even_without_improvement(run_cli, tmp_path, beton_cache):
+    # A huge learning rate makes val/acc1 stall early; last.ckpt must still follow every epoch.
+    assert run_cli(cli_args(tmp_path, beton_cache, "--trainer.max_epochs", "4", "--model.init_args.optim.lr", "5")) == 0
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 8
+    assert len(list((tmp_path / "checkpoints").glob("epoch*.ckpt"))) == 1  # top-1 kept

@@ -138,6 +138,11 @@ class Cluster:
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
 
     def stop(self) -> None:
+        # End every job first so no slurmstepd or task outlives the daemons.
+        self._run("scancel", "--full", "--signal=KILL", "--user=root", check=False, timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and self._run("squeue", "-h", check=False).stdout.strip():
+            time.sleep(0.5)
         self._run("scontrol", "shutdown", check=False, timeout=30)
         for pid in reversed(self.pids):
             try:

@@ -1,0 +1,191 @@
+"""Image-text DataModules for CLIP: the labelled DataModules with captions added on the device.
+
+Batches reach the module as ``[images (B, 3, H, W) float, tokens (B, L) int64, labels (B,), caption_ids (B,)]``.
+``caption_ids`` say which captions are the same text (retrieval counts any identical caption as a match).
+
+* ``FFCVCaptionDataModule`` / ``TorchvisionCaptionDataModule``: any labelled source (Fashion-MNIST, an
+  ImageFolder); the caption of an image is its class name in a prompt template, a random template per
+  training image and the first template for validation. The ``.beton`` files are the classifier's: the
+  label -> caption mapping is a table lookup on the batch, so nothing is rewritten.
+* ``CaptionFolderDataModule``: an ImageFolder tree plus a captions file (one or more per image).
+
+Every one of them exposes ``class_prompt_tokens()`` (C classes x T templates x L) for zero-shot heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.torchvision_datamodule import TorchvisionDataModule, _SourceDataset
+from modules.components.errors import ConfigError, DataError
+from modules.components.text import ClipTokenizer
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a product photo of a {}.",
+    "a close-up photo of the {}.",
+)
+
+
+def readable(class_name: str) -> str:
+    """Class folder/label names as words: ``T-shirt/top`` -> ``t-shirt or top``, ``ankle_boot`` -> ``ankle boot``."""
+    return class_name.replace("/", " or ").replace("_", " ").lower()
+
+
+def prompt_tokens(tokenizer: ClipTokenizer, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Token ids of every class in every template.  # (C, T, L)"""
+    if not templates or any("{}" not in t for t in templates):
+        raise ConfigError(f"data.templates {list(templates)} must be a non-empty list of strings containing '{{}}'")
+    texts = [template.format(readable(name)) for name in class_names for template in templates]
+    return tokenizer(texts).view(len(class_names), len(templates), -1)
+
+
+class _LabelCaptions:
+    """Mixin: turns ``[images, labels]`` batches into ``[images, tokens, labels, caption_ids]``."""
+
+    def _init_captions(self, templates: Sequence[str] | None, context_length: int) -> None:
+        self.templates = list(templates or DEFAULT_TEMPLATES)
+        self.tokenizer = ClipTokenizer(context_length)
+        self._class_tokens = prompt_tokens(self.tokenizer, self.class_names, self.templates)
+        self._template_rng = torch.Generator().manual_seed(self.seed)
+
+    def class_prompt_tokens(self) -> torch.Tensor:
+        """(C, T, L) prompt token ids of every class and template, for the zero-shot head."""
+        return self._class_tokens
+
+    def _training(self) -> bool:
+        return bool(self.trainer is not None and self.trainer.training)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels, *_ = super().on_after_batch_transfer(batch, dataloader_idx)
+        num_templates = len(self.templates)
+        if self._training():
+            template = torch.randint(num_templates, labels.shape, generator=self._template_rng).to(labels.device)
+        else:
+            template = torch.zeros_like(labels)
+        tokens = self._class_tokens.to(labels.device)[labels, template]  # (B, L)
+        return [images, tokens, labels, labels * num_templates + template]
+
+
+class FFCVCaptionDataModule(_LabelCaptions, FFCVDataModule):
+    """Labelled FFCV data captioned from class names with prompt templates.
+
+    Args:
+        templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
+        context_length: token ids per caption.
+        **kwargs: the ``FFCVDataModule`` arguments (source, cache_dir, image_size, batch_size...).
+    """
+
+    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self._init_captions(templates, context_length)
+
+
+class TorchvisionCaptionDataModule(_LabelCaptions, TorchvisionDataModule):
+    """Labelled torchvision data captioned from class names with prompt templates.
+
+    Args:
+        templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
+        context_length: token ids per caption.
+        **kwargs: the ``TorchvisionDataModule`` arguments (source, image_size, batch_size...).
+    """
+
+    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self._init_captions(templates, context_length)
+
+
+def read_captions(path: str | Path) -> dict[str, list[str]]:
+    """``relative/image/path<TAB>caption`` lines (``#`` comments, blank lines skipped); repeats add captions."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"captions file {path} not found: set data.captions_file to a TSV of '<image path>\\t<caption>'")
+    captions: dict[str, list[str]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep or not caption.strip():
+            raise DataError(f"{path}:{number} is not '<image path>\\t<caption>': {line[:80]!r}")
+        captions.setdefault(Path(key.strip()).as_posix(), []).append(caption.strip())
+    return captions
+
+
+class _IndexedDataset(_SourceDataset):
+    def __getitem__(self, index: int):
+        image, label = super().__getitem__(index)
+        return image, label, index
+
+
+class CaptionFolderDataModule(TorchvisionCaptionDataModule):
+    """An ImageFolder tree with a captions file: each image's own caption(s) instead of class prompts.
+
+    The file holds ``<image path relative to source>\\t<caption>`` lines; an image with several lines gets
+    a random one per training step and its first for validation. Class folders still name the classes of
+    the zero-shot head. ``caption_ids`` are sample indices, so retrieval is scored on the exact pair.
+
+    Args:
+        captions_file: the TSV of captions.
+        templates: prompt templates for the zero-shot head.
+        context_length: token ids per caption.
+        **kwargs: the ``TorchvisionDataModule`` arguments (source must be an ImageFolder path).
+    """
+
+    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(templates=templates, context_length=context_length, **kwargs)
+        if self.is_embedded:
+            raise ConfigError("CaptionFolderDataModule needs an ImageFolder source: use TorchvisionCaptionDataModule for fashion_mnist")
+        self.captions_file = captions_file
+        self._split_tokens: dict[str, list[torch.Tensor]] = {}
+
+    def _tokens_of(self, split: str) -> list[torch.Tensor]:
+        """Per sample of ``split``: its captions' token ids (n_captions, L)."""
+        if split not in self._split_tokens:
+            captions, root = read_captions(self.captions_file), Path(self.source).expanduser()
+            per_sample, missing = [], []
+            for file in self.get_source(split).files:
+                keys = [file.relative_to(root).as_posix()] + [
+                    file.relative_to(root / s).as_posix() for s in ("train", "val") if file.is_relative_to(root / s)
+                ]
+                found = next((captions[k] for k in keys if k in captions), None)
+                if found is None:
+                    missing.append(keys[0])
+                    continue
+                per_sample.append(self.tokenizer(found))
+            if missing:
+                raise DataError(f"{len(missing)} {split} images have no caption in {self.captions_file} (e.g. {missing[:3]})")
+            self._split_tokens[split] = per_sample
+        return self._split_tokens[split]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        for split in ("train", "val"):
+            self._tokens_of(split)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            _IndexedDataset(self.get_source(split), self.transform(train)),
+            batch_size=self.batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = self.normalize(batch[0]) if batch[0].dtype == torch.uint8 else batch[0], batch[1].long()
+        indices = batch[2].long().tolist()
+        train = self._training()
+        per_sample = self._tokens_of("train" if train else "val")
+        rows = []
+        for index in indices:
+            options = per_sample[index]
+            pick = int(torch.randint(len(options), (1,), generator=self._template_rng)) if train else 0
+            rows.append(options[pick])
+        tokens = torch.stack(rows).to(images.device)  # (B, L)
+        return [images, tokens, labels, batch[2].long()]

@@ -1,0 +1,181 @@
+"""Contrastive image-text pieces (pure torch + timm): CLIP loss, DDP gathering, token keeping, zero-shot, recall@k.
+
+CLIP (Radford et al., 2021): symmetric cross-entropy over the batch similarity matrix of L2-normalised
+image and text embeddings, scaled by a learnable temperature (init 1/0.07, clamped at 100).
+FLIP (Li et al., 2023) drops a random share of image tokens; Attentive Mask CLIP (Yang et al., 2023)
+keeps the tokens an EMA image encoder scores as most relevant (its [CLS] attention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+# --- temperature and loss ------------------------------------------------------------------------
+class LogitScale(nn.Module):
+    """Learnable logit scale (inverse temperature), stored as a log and clamped at ``max_value``.
+
+    Args:
+        init_value: initial scale (CLIP: 1/0.07).
+        max_value: the scale never exceeds this (CLIP: 100); the forward clamps and ``clamp_()`` pulls
+            the stored log back after an optimizer step so it cannot drift past the bound.
+    """
+
+    def __init__(self, init_value: float = 1 / 0.07, max_value: float = 100.0):
+        super().__init__()
+        self.max_value = max_value
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_value)))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_value)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.log_scale.clamp_(0.0, math.log(self.max_value))
+
+
+def contrastive_loss_from_logits(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of a (N, N) image x text logits matrix whose pairs lie on the diagonal."""
+    targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP loss of paired, L2-normalised (N, D) image and text features (row i of both is one pair)."""
+    return contrastive_loss_from_logits(logit_scale * image_features @ text_features.t())  # (N, N)
+
+
+# --- DDP -----------------------------------------------------------------------------------------
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def gather_features(
+    image_features: torch.Tensor, text_features: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate every rank's features in rank order, gradients flowing to the local shard only.
+
+    As in open_clip's ``loss.py`` (``gather_with_grad=False, local_loss=False``): the other ranks' features
+    are constants and this rank's rows stay in the graph, so every rank computes the full loss of the
+    global batch. The local shard's gradient is multiplied by the world size so that DDP's gradient
+    *averaging* yields exactly the single-process gradient of the concatenated batch (the logit scale,
+    live on every rank, already gets it). Returns the inputs unchanged outside an initialised group.
+    All ranks must pass the same batch size (train loaders drop the last partial batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return image_features, text_features
+    world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return image_features, text_features
+    rank = dist.get_rank(group)
+    gathered = []
+    for local in (image_features, text_features):
+        shards = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(shards, local.detach().contiguous(), group=group)
+        shards[rank] = _ScaleGradient.apply(local, float(world_size))
+        gathered.append(torch.cat(shards))  # (world_size * B, D)
+    return gathered[0], gathered[1]
+
+
+# --- token keeping (FLIP / Attentive Mask CLIP) ---------------------------------------------------
+def num_kept(num_tokens: int, mask_ratio: float) -> int:
+    """Tokens kept when dropping ``mask_ratio`` of ``num_tokens`` (rounded, at least one kept)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return max(1, num_tokens - int(round(num_tokens * mask_ratio)))
+
+
+def random_keep_index(
+    batch_size: int, num_tokens: int, keep: int, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """FLIP: ``keep`` distinct random token indices per sample, sorted.  # (B, keep)"""
+    noise = torch.rand(batch_size, num_tokens, device=device, generator=generator)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def attentive_keep_index(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Attentive Mask CLIP: the ``keep`` highest-scored tokens of (B, N) ``scores``, sorted.  # (B, keep)"""
+    return scores.topk(keep, dim=1).indices.sort(dim=1).values
+
+
+def vit_tokens(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Embedded tokens of a timm VisionTransformer before its blocks: prefix tokens then patches.  # (B, P+N, D)"""
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def vit_encode(vit: nn.Module, images: torch.Tensor, keep_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled features of a headless timm ViT that sees only the patch tokens ``keep_index`` (B, K).
+
+    Positional embeddings are added before the tokens are dropped, so kept tokens keep their positions;
+    the prefix ([CLS]/register) tokens are always kept. ``keep_index=None`` equals ``vit(images)``.
+    """
+    x = vit_tokens(vit, images)  # (B, P+N, D)
+    if keep_index is not None:
+        prefix = vit.num_prefix_tokens
+        patches = x[:, prefix:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        x = torch.cat([x[:, :prefix], patches], dim=1)
+    x = vit.norm(vit.blocks(x))
+    return vit.forward_head(x, pre_logits=True)  # (B, D)
+
+
+@torch.no_grad()
+def vit_cls_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Relevance of each patch: the last block's [CLS] attention, averaged over heads.  # (B, N)
+
+    Without a class token the mean patch query stands in for it.
+    """
+    x = vit.blocks[:-1](vit_tokens(vit, images))
+    block = vit.blocks[-1]
+    attn = block.attn
+    y = block.norm1(x)
+    batch, length, _ = y.shape
+    qkv = attn.qkv(y).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, H, L, hd)
+    prefix = vit.num_prefix_tokens
+    query = q[:, :, :1] if prefix > 0 else q.mean(dim=2, keepdim=True)  # (B, H, 1, hd)
+    weights = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, L)
+    return weights.mean(dim=1)[:, 0, prefix:]  # (B, N)
+
+
+# --- zero-shot and retrieval ---------------------------------------------------------------------
+def zero_shot_head(class_text_features: torch.Tensor) -> torch.Tensor:
+    """Prompt-ensemble classifier: (C, T, D) text features of C classes x T templates -> (C, D) unit rows.
+
+    Each prompt embedding is normalised, averaged over templates and normalised again (CLIP).
+    """
+    mean = F.normalize(class_text_features, dim=-1).mean(dim=1)
+    return F.normalize(mean, dim=-1)
+
+
+def zero_shot_logits(image_features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of (B, D) image features to each class row of the head.  # (B, C)"""
+    return F.normalize(image_features, dim=-1) @ head.t()
+
+
+def recall_at_k(
+    similarity: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[int, torch.Tensor]:
+    """Fraction of queries with a matching gallery item among their top-k (rows of ``similarity`` are queries).
+
+    A gallery item matches a query when their ids are equal: pair ids for captioned data; for captions
+    built from labels every identical caption matches.
+    """
+    matches = query_ids[:, None] == gallery_ids[None, :]  # (Q, G)
+    order = similarity.argsort(dim=1, descending=True)
+    ranked = matches.gather(1, order)
+    return {k: ranked[:, :k].any(dim=1).float().mean() for k in ks}
