@@ -6,9 +6,30 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from datamodules.base import ImageDataModule
 from datamodules.beton import check_beton, write_beton
 from modules.components.errors import ConfigError
+
+
+class _Loader:
+    """An ``ffcv.loader.Loader`` whose epoch buffers are allocated outside ``torch.inference_mode``.
+
+    ``Trainer.validate/test/predict`` iterate loaders under inference mode; FFCV allocates its batch buffers
+    when an epoch starts and fills them in place from its own thread, which torch forbids for inference
+    tensors (the loader thread dies and the main thread waits forever).
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        with torch.inference_mode(False):
+            return iter(self.loader)
 
 
 def _require_ffcv():
@@ -106,7 +127,7 @@ class FFCVDataModule(ImageDataModule):
             order = OrderOption.RANDOM
         elif train and self.order == "quasi_random":
             order = OrderOption.RANDOM if self._distributed() else OrderOption.QUASI_RANDOM
-        return Loader(
+        return _Loader(Loader(
             str(self.beton_path(split)),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -118,7 +139,7 @@ class FFCVDataModule(ImageDataModule):
             pipelines={"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]},
             drop_last=train,
             batches_ahead=self.batches_ahead,
-        )
+        ))
 
     def train_dataloader(self):
         return self.make_loader("train", train=True)

@@ -149,3 +149,14 @@ def test_truncated_beton_is_detected(tmp_path):
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(DataError, match="corrupt or truncated"):
         check_beton(path, 64)
+
+
+def test_ffcv_loader_works_under_inference_mode(beton_cache):
+    """Trainer.validate/test iterate under torch.inference_mode; FFCV must not hang or fail there."""
+    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=300, val_limit=300,
+                        batch_size=64, num_workers=1, cache_dir=str(beton_cache))
+    dm.prepare_data()
+    dm.setup("validate")
+    with torch.inference_mode():
+        images, labels = _collect(dm.val_dataloader())
+    assert images.shape[0] == labels.shape[0] == 300

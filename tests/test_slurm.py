@@ -62,7 +62,7 @@ def test_two_nodes_train_one_model(cluster, tmp_path):
 def test_preempted_job_requeues_and_resumes(cluster, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    epochs = 25
+    epochs = 12
     job = cluster.sbatch(str(TEMPLATE), *_fit_args(run, tmp_path / "cache", "--trainer.max_epochs", str(epochs)), cwd=run)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300

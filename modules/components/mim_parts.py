@@ -1,0 +1,278 @@
+"""Encoder wrappers, the MAE decoder and frozen-teacher features shared by SimMIM, MAE and MR-MAE.
+
+Everything here *wraps* an unmodified timm model: it calls the model's own ``patch_embed``, position
+embedding, ``blocks``/``layers`` and ``norm`` on the tokens it chooses, so the model's weights keep
+timm's names and load into a plain timm classifier for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.checkpoints import backbone_state_dict
+from modules.components.errors import ConfigError
+from modules.components.masking import (
+    gather_tokens,
+    mae_shuffle,
+    masked_mse_loss,
+    normalized_patch_targets,
+    patchify,
+    resize_tokens,
+    token_mask_to_pixels,
+    unpatchify,
+)
+
+
+# --- ViT token plumbing ---------------------------------------------------------------------------
+def require_vit(model: nn.Module, technique: str) -> VisionTransformer:
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"{technique} needs a timm VisionTransformer backbone (e.g. vit_tiny_patch16_224), got {type(model).__name__}")
+    return model
+
+
+def vit_geometry(vit: VisionTransformer) -> tuple[tuple[int, int], int]:
+    """Token grid ``(h, w)`` and (square) patch size of a timm ViT."""
+    grid = tuple(vit.patch_embed.grid_size)
+    patch = vit.patch_embed.patch_size
+    return grid, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def _split_pos_embed(vit: VisionTransformer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(prefix-token pos, patch pos) out of timm's ``pos_embed`` (which may or may not cover the prefix)."""
+    if vit.pos_embed is None:
+        return None, None
+    if vit.no_embed_class:
+        return None, vit.pos_embed
+    prefix = vit.num_prefix_tokens
+    return vit.pos_embed[:, :prefix], vit.pos_embed[:, prefix:]
+
+
+def vit_patch_tokens(vit: VisionTransformer, images: torch.Tensor, mask: torch.Tensor | None = None,
+                     mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch embeddings plus their position embedding; masked tokens (if given) become ``mask_token``.
+
+    The mask token replaces the patch embedding *before* the position embedding is added, as in SimMIM.
+    Returns ``(B, N, D)`` patch tokens (no class/register tokens).
+    """
+    x = vit.patch_embed(images)
+    if x.ndim == 4:  # NHWC patch embed output
+        x = x.flatten(1, 2)  # (B, N, D)
+    if mask is not None:
+        weight = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - weight) + mask_token.to(x.dtype) * weight
+    _, patch_pos = _split_pos_embed(vit)
+    if patch_pos is not None and patch_pos.shape[1] != x.shape[1]:
+        raise ConfigError(f"images give {x.shape[1]} patches but the ViT was built for {patch_pos.shape[1]}: "
+                          "feed images of the model's image_size")
+    return x if patch_pos is None else x + patch_pos
+
+
+def vit_prefix_tokens(vit: VisionTransformer, batch_size: int) -> torch.Tensor | None:
+    """Class/register tokens with their position embedding, ``(B, P, D)`` or None when the ViT has none."""
+    tokens = [t.expand(batch_size, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    if not tokens:
+        return None
+    prefix = torch.cat(tokens, dim=1)
+    prefix_pos, _ = _split_pos_embed(vit)
+    return prefix if prefix_pos is None else prefix + prefix_pos
+
+
+def vit_run_blocks(vit: VisionTransformer, patch_tokens: torch.Tensor) -> torch.Tensor:
+    """Prepend prefix tokens, then timm's dropout, pre-norm, blocks and final norm.  # (B, P + K, D)"""
+    prefix = vit_prefix_tokens(vit, patch_tokens.shape[0])
+    x = patch_tokens if prefix is None else torch.cat([prefix, patch_tokens], dim=1)
+    x = vit.pos_drop(x)
+    x = vit.norm_pre(x)
+    x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def vit_encode_visible(vit: VisionTransformer, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """MAE encoder: the ViT runs on the kept patch tokens only (the source of MAE's speed-up).
+
+    Args:
+        vit: a timm VisionTransformer.
+        images: (B, C, H, W).
+        ids_keep: (B, K) indices of visible patches.
+
+    Returns:
+        (B, P + K, D) encoded prefix tokens followed by the visible tokens in ``ids_keep`` order.
+    """
+    tokens = vit_patch_tokens(vit, images)  # (B, N, D)
+    visible = gather_tokens(tokens, ids_keep)  # (B, K, D)
+    return vit_run_blocks(vit, visible)
+
+
+# --- SimMIM: mask token inside a ViT or Swin encoder ----------------------------------------------
+def embed_dim_of(backbone: nn.Module) -> int:
+    return int(getattr(backbone, "embed_dim", None) or backbone.num_features)
+
+
+def patch_size_of(backbone: nn.Module) -> int:
+    patch = backbone.patch_embed.patch_size
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def masked_feature_map(backbone: nn.Module, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """SimMIM encoder: masked patch embeddings replaced by ``mask_token``, then the unmodified encoder.
+
+    Supports timm ``VisionTransformer`` and ``SwinTransformer`` (hierarchical: the mask lives at the
+    patch-embedding resolution and the output is at the last stage's stride).
+
+    Args:
+        backbone: the timm encoder.
+        images: (B, C, H, W).
+        mask: (B, N) bool token mask at the patch-embedding grid.
+        mask_token: (1, 1, D) learnable token, D = patch-embedding width.
+
+    Returns:
+        (B, D_out, H / stride, W / stride) feature map.
+    """
+    if isinstance(backbone, VisionTransformer):
+        grid, _ = vit_geometry(require_vit(backbone, "SimMIM"))
+        x = vit_run_blocks(backbone, vit_patch_tokens(backbone, images, mask, mask_token))
+        x = x[:, backbone.num_prefix_tokens:]  # (B, N, D)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    if isinstance(backbone, SwinTransformer):
+        x = backbone.patch_embed(images)  # (B, h, w, C)
+        b, h, w, c = x.shape
+        weight = mask.view(b, h, w, 1).to(x.dtype)
+        x = x * (1 - weight) + mask_token.view(1, 1, 1, c).to(x.dtype) * weight
+        x = backbone.norm(backbone.layers(x))  # (B, h', w', C')
+        return x.permute(0, 3, 1, 2)
+    raise ConfigError(f"SimMIM supports timm ViT and Swin backbones, got {type(backbone).__name__}")
+
+
+def patch_embed_grid(backbone: nn.Module) -> tuple[int, int]:
+    """Token grid at the patch-embedding resolution (ViT and Swin)."""
+    return tuple(backbone.patch_embed.grid_size)
+
+
+# --- MAE decoder ----------------------------------------------------------------------------------
+class MAEDecoder(nn.Module):
+    """MAE's light decoder: visible latents + mask tokens, unshuffled, through a few ViT blocks to pixels.
+
+    Args:
+        encoder_dim: width of the encoder tokens.
+        num_patches: patches per image (N).
+        patch_pixels: values predicted per patch (patch_size**2 * channels).
+        num_prefix_tokens: class/register tokens leading the encoder output (passed through, then dropped).
+        dim: decoder width.
+        depth: decoder blocks.
+        num_heads: decoder attention heads.
+        mlp_ratio: MLP expansion of the decoder blocks.
+    """
+
+    def __init__(self, encoder_dim: int, num_patches: int, patch_pixels: int, num_prefix_tokens: int = 1,
+                 dim: int = 128, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch_pixels)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """(B, P + K, D_enc) encoder output, (B, N) inverse shuffle -> (B, N, patch_pixels) predictions."""
+        x = self.embed(latent)
+        prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        b, n = ids_restore.shape
+        masked = self.mask_token.expand(b, n - visible.shape[1], -1)
+        x = gather_tokens(torch.cat([visible, masked], dim=1), ids_restore) + self.pos_embed  # (B, N, dim)
+        x = self.blocks(torch.cat([prefix, x], dim=1))
+        x = self.norm(x)[:, self.num_prefix_tokens:]
+        return self.pred(x)  # (B, N, patch_pixels)
+
+
+def mae_reconstruct(backbone: VisionTransformer, decoder: MAEDecoder, images: torch.Tensor, mask_ratio: float,
+                    norm_pix_loss: bool = True, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One MAE pass: shuffle, encode the visible tokens, decode all, masked MSE on (normalised) patches.
+
+    Returns a dict with ``loss``, ``latent`` (B, P + K, D), ``ids_keep`` (B, K), ``mask`` (B, N) and
+    ``reconstruction`` (B, C, H, W): predicted pixels on masked patches, the input elsewhere (for display).
+    """
+    grid, patch = vit_geometry(backbone)
+    num_patches = grid[0] * grid[1]
+    ids_keep, ids_restore, mask = mae_shuffle(images.shape[0], num_patches, mask_ratio, images.device, generator)
+    latent = vit_encode_visible(backbone, images, ids_keep)  # (B, P + K, D)
+    prediction = decoder(latent, ids_restore)  # (B, N, p*p*C)
+    patches = patchify(images, patch)
+    if norm_pix_loss:
+        target, mean, std = normalized_patch_targets(patches)
+        shown = prediction.detach() * std + mean
+    else:
+        target, shown = patches, prediction.detach()
+    loss = masked_mse_loss(prediction, target, mask)
+    pixel_mask = token_mask_to_pixels(mask, grid, patch)
+    shown = unpatchify(shown, patch, grid, images.shape[1])
+    reconstruction = images * (1 - pixel_mask) + shown * pixel_mask
+    return {"loss": loss, "latent": latent, "ids_keep": ids_keep, "mask": mask, "pixel_mask": pixel_mask,
+            "reconstruction": reconstruction}
+
+
+# --- pretraining backbones and frozen encoders -----------------------------------------------------
+def pretraining_backbone(name: str, num_classes: int, image_size: int | None, kwargs: dict | None = None) -> nn.Module:
+    """The timm encoder a pretraining technique stores as ``self.backbone``.
+
+    It keeps timm's (unused, frozen) classifier so that the checkpoint's ``backbone.*`` keys are exactly
+    those of a timm classifier: `ClassificationModule(init_checkpoint=...)` then loads every encoder
+    weight strictly (a head of another shape is replaced).
+    """
+    backbone = create_backbone(name, num_classes=num_classes, image_size=image_size, **(kwargs or {}))
+    backbone.get_classifier().requires_grad_(False)
+    return backbone
+
+
+def frozen_encoder(name: str, image_size: int | None = None, checkpoint: str | None = None,
+                   kwargs: dict | None = None) -> nn.Module:
+    """A headless timm model built by name (no download), optionally loaded from a visionlab checkpoint, frozen.
+
+    The checkpoint's ``backbone.*`` weights are loaded strictly except its classifier (features only);
+    mismatching names are listed in the error. The module has ``requires_grad=False`` and is in eval mode.
+    Used for MR-MAE teachers and linear probing.
+    """
+    encoder = create_backbone(name, num_classes=0, image_size=image_size, **(kwargs or {}))
+    if checkpoint:
+        state = backbone_state_dict(checkpoint)
+        own = encoder.state_dict()
+        classifier = encoder.pretrained_cfg.get("classifier") or "head"
+        classifiers = tuple(f"{c}." for c in (classifier if isinstance(classifier, (tuple, list)) else (classifier,)))
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(classifiers)}
+        load_state_dict_strict(encoder, state, f"checkpoint {checkpoint}")
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def teacher_tokens(teacher: nn.Module, images: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Teacher features as patch tokens on the student's token grid, ``(B, h * w, D_t)``.
+
+    Works for ViTs (prefix tokens dropped), NHWC models (Swin) and NCHW CNNs; other grids are resampled.
+    """
+    feats = teacher.forward_features(images)
+    if feats.ndim == 3:
+        prefix = getattr(teacher, "num_prefix_tokens", 0)
+        tokens = feats[:, prefix:]  # (B, n, D)
+        side = int(round(tokens.shape[1] ** 0.5))
+        return resize_tokens(tokens, (side, side), grid_size)
+    if getattr(teacher, "output_fmt", "NCHW") == "NHWC":
+        feats = feats.permute(0, 3, 1, 2)
+    b, d, h, w = feats.shape
+    if (h, w) != tuple(grid_size):
+        feats = F.interpolate(feats, size=grid_size, mode="bilinear", align_corners=False)
+    return feats.flatten(2).transpose(1, 2)
+
+
+def feature_mimic_loss(prediction: torch.Tensor, target: torch.Tensor, normalize_target: bool = True) -> torch.Tensor:
+    """MSE between projected student tokens and (layer-normalised) teacher tokens, both (B, K, D_t)."""
+    if normalize_target:
+        target = F.layer_norm(target, target.shape[-1:])
+    return F.mse_loss(prediction, target)

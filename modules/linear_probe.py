@@ -1,0 +1,94 @@
+"""Linear probing of a frozen pretrained encoder (the MAE paper's protocol: BatchNorm without affine + linear)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from modules.base import VisionModule
+from modules.components.errors import ConfigError
+from modules.components.mim_parts import frozen_encoder
+from modules.components.optim import OptimConfig
+
+
+class LinearProbeModule(VisionModule):
+    """A frozen encoder from a pretraining checkpoint, ``BatchNorm1d(affine=False)`` and a linear classifier.
+
+    Only the linear layer trains; the encoder stays in eval mode with no gradients. The checkpoint's
+    ``backbone.*`` weights must match the encoder built from ``backbone``/``backbone_kwargs`` exactly
+    (the mismatching names are listed otherwise).
+
+    Args:
+        backbone: timm name of the pretrained encoder.
+        num_classes: classes (linked from the data).
+        image_size: input size (linked from the data).
+        init_checkpoint: the pretraining checkpoint (``.ckpt`` of ``visionlab fit``).
+        backbone_kwargs: the same ``timm.create_model`` arguments as at pretraining.
+        pool: ``token`` = the model's own pooling (class token for ViTs), ``avg`` = mean of patch tokens.
+        optim: optimizer and schedule (of the linear layer).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 1000,
+        image_size: int = 224,
+        init_checkpoint: str | None = None,
+        backbone_kwargs: dict | None = None,
+        pool: str = "token",
+        optim: OptimConfig | None = None,
+    ):
+        super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
+        self.save_hyperparameters()
+        if pool not in {"token", "avg"}:
+            raise ConfigError(f"model.pool '{pool}' is not one of token, avg")
+        if not init_checkpoint:
+            raise ConfigError("a linear probe needs model.init_checkpoint: the .ckpt of a pretraining run")
+        self.backbone = frozen_encoder(backbone, image_size, init_checkpoint, backbone_kwargs)
+        self.pool = pool
+        dim = self.backbone.num_features
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+
+    def optimizer_root(self) -> nn.Module:
+        return self.head
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(images)
+        if self.pool == "avg" and tokens.ndim == 3:
+            return tokens[:, getattr(self.backbone, "num_prefix_tokens", 0):].mean(dim=1)  # (B, D)
+        return self.backbone.forward_head(tokens, pre_logits=True)  # (B, D)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, num_classes)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.train_acc1(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        self.val_acc1(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/acc1", self.val_acc1, prog_bar=True)
+
+    def predict_step(self, batch, batch_idx):
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(images).softmax(dim=-1)

@@ -1,0 +1,87 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2022)."""
+
+from __future__ import annotations
+
+import torch
+
+from modules.base import VisionModule
+from modules.components.masking import fixed_generator, reconstruction_rows
+from modules.components.mim_parts import (
+    MAEDecoder,
+    mae_reconstruct,
+    pretraining_backbone,
+    require_vit,
+    vit_geometry,
+)
+from modules.components.optim import OptimConfig
+
+
+class MAEModule(VisionModule):
+    """MAE pretraining: the ViT encoder runs on the visible 25% of tokens, a light decoder adds mask tokens.
+
+    The loss is MSE on masked patches against per-patch-normalised pixels. The encoder is an unmodified
+    timm ViT (``self.backbone``, timm's key names), so ``ClassificationModule(init_checkpoint=...)``
+    fine-tunes it and ``LinearProbeModule`` probes it.
+
+    Args:
+        backbone: timm ViT name.
+        num_classes: classes of the data (only sizes the unused classifier; linked from the data).
+        image_size: input size (linked from the data).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``depth``, ``embed_dim``...).
+        mask_ratio: fraction of patches hidden from the encoder (exact per sample).
+        norm_pix_loss: per-patch normalised pixel targets.
+        decoder_dim: decoder width.
+        decoder_depth: decoder blocks.
+        decoder_heads: decoder attention heads.
+        log_images_every_n_steps: period of the input / masked / reconstruction grid (``mim/recon``); 0 disables.
+        optim: optimizer and schedule.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 1000,
+        image_size: int = 224,
+        backbone_kwargs: dict | None = None,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        log_images_every_n_steps: int = 500,
+        optim: OptimConfig | None = None,
+    ):
+        super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
+        self.save_hyperparameters()
+        self.backbone = require_vit(pretraining_backbone(backbone, num_classes, image_size, backbone_kwargs), "MAE")
+        grid, patch = vit_geometry(self.backbone)
+        self.decoder = MAEDecoder(
+            self.backbone.embed_dim, grid[0] * grid[1], patch * patch * 3, self.backbone.num_prefix_tokens,
+            dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
+        )
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.log_every = log_images_every_n_steps
+
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return mae_reconstruct(self.backbone, self.decoder, images, self.mask_ratio, self.norm_pix_loss, generator)
+
+    def _log_grid(self, tag: str, images: torch.Tensor, out: dict) -> None:
+        rows = reconstruction_rows(images, out["pixel_mask"], out["reconstruction"])
+        self.log_images(tag, rows, nrow=rows.shape[0] // 3)
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        out = self.reconstruct(images)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.log_every and self.global_step % self.log_every == 0:
+            self._log_grid("mim/recon", images, out)
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        images = batch[0]
+        out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
+        if batch_idx == 0:
+            self._log_grid("mim/val_recon", images, out)
