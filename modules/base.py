@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from modules.components.errors import ConfigError, NonFiniteLossError
+from modules.components.masking import fixed_generator
 from modules.components.optim import OptimConfig, build_optimizer, build_scheduler
 
 
@@ -85,3 +86,36 @@ class VisionModule(pl.LightningModule):
         hi = images.amax(dim=(1, 2, 3), keepdim=True)
         grid = make_grid((images - lo) / (hi - lo).clamp_min(1e-6), nrow=nrow)
         logger.experiment.add_image(tag, grid, global_step=self.global_step)
+
+
+class MaskedPretrainingModule(VisionModule):
+    """Shared train/val steps of masked-image pretraining (SimMIM, MAE, MR-MAE).
+
+    Subclasses implement ``reconstruct(images, generator=None) -> dict`` holding a scalar ``loss`` (its
+    ``*_loss`` parts are logged too) and ``_log_grid(tag, images, out)``; ``self.log_every`` is the
+    training-step period of the TensorBoard image grid. Validation masks come from a fixed seed per batch,
+    so ``val/loss`` is comparable across epochs.
+    """
+
+    log_every: int = 0
+
+    def _log_losses(self, stage: str, out: dict) -> None:
+        for key, value in out.items():
+            if key == "loss" or key.endswith("_loss"):
+                self.log(f"{stage}/{key}", value, prog_bar=key == "loss", sync_dist=stage == "val")
+
+    def training_step(self, batch, batch_idx):
+        images = batch[0]
+        out = self.reconstruct(images)
+        self._log_losses("train", out)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.log_every and self.global_step % self.log_every == 0:
+            self._log_grid("mim/recon", images, out)
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        images = batch[0]
+        out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
+        self._log_losses("val", out)
+        if batch_idx == 0:
+            self._log_grid("mim/val_recon", images, out)

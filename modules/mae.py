@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from modules.base import VisionModule
-from modules.components.masking import fixed_generator, reconstruction_rows
+from modules.base import MaskedPretrainingModule
+from modules.components.masking import reconstruction_rows
 from modules.components.mim_parts import (
     MAEDecoder,
     mae_reconstruct,
@@ -16,7 +16,7 @@ from modules.components.mim_parts import (
 from modules.components.optim import OptimConfig
 
 
-class MAEModule(VisionModule):
+class MAEModule(MaskedPretrainingModule):
     """MAE pretraining: the ViT encoder runs on the visible 25% of tokens, a light decoder adds mask tokens.
 
     The loss is MSE on masked patches against per-patch-normalised pixels. The encoder is an unmodified
@@ -69,19 +69,3 @@ class MAEModule(VisionModule):
     def _log_grid(self, tag: str, images: torch.Tensor, out: dict) -> None:
         rows = reconstruction_rows(images, out["pixel_mask"], out["reconstruction"])
         self.log_images(tag, rows, nrow=rows.shape[0] // 3)
-
-    def training_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self.reconstruct(images)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        if self.log_every and self.global_step % self.log_every == 0:
-            self._log_grid("mim/recon", images, out)
-        return out["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
-        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
-        if batch_idx == 0:
-            self._log_grid("mim/val_recon", images, out)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modules.base import VisionModule
-from modules.components.masking import fixed_generator, gather_tokens, reconstruction_rows
+from modules.base import MaskedPretrainingModule
+from modules.components.masking import gather_tokens, reconstruction_rows
 from modules.components.mim_parts import (
     MAEDecoder,
     feature_mimic_loss,
@@ -20,7 +20,7 @@ from modules.components.mim_parts import (
 from modules.components.optim import OptimConfig
 
 
-class MRMAEModule(VisionModule):
+class MRMAEModule(MaskedPretrainingModule):
     """MR-MAE pretraining: MAE plus a mimic loss of the encoder's visible tokens against a frozen teacher.
 
     ``loss = recon_weight * MSE(masked patches) + mimic_weight * MSE(proj(visible tokens), teacher tokens)``.
@@ -118,23 +118,3 @@ class MRMAEModule(VisionModule):
     def _log_grid(self, tag: str, images: torch.Tensor, out: dict) -> None:
         rows = reconstruction_rows(images, out["pixel_mask"], out["reconstruction"])
         self.log_images(tag, rows, nrow=rows.shape[0] // 3)
-
-    def training_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self.reconstruct(images)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log("train/recon_loss", out["recon_loss"])
-        self.log("train/mimic_loss", out["mimic_loss"])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        if self.log_every and self.global_step % self.log_every == 0:
-            self._log_grid("mim/recon", images, out)
-        return out["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
-        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
-        self.log("val/recon_loss", out["recon_loss"], sync_dist=True)
-        self.log("val/mimic_loss", out["mimic_loss"], sync_dist=True)
-        if batch_idx == 0:
-            self._log_grid("mim/val_recon", images, out)

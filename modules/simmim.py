@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modules.base import VisionModule
+from modules.base import MaskedPretrainingModule
 from modules.components.errors import ConfigError
 from modules.components.masking import (
-    fixed_generator,
     masked_l1_loss,
     reconstruction_rows,
     simmim_mask,
@@ -24,7 +23,7 @@ from modules.components.mim_parts import (
 from modules.components.optim import OptimConfig
 
 
-class SimMIMModule(VisionModule):
+class SimMIMModule(MaskedPretrainingModule):
     """SimMIM pretraining: large random mask patches, a learnable mask token, one linear pixel predictor, L1.
 
     The mask token replaces masked patch embeddings inside an unmodified timm ViT or Swin (``self.backbone``,
@@ -87,19 +86,3 @@ class SimMIMModule(VisionModule):
         shown = images * (1 - out["pixel_mask"]) + out["prediction"] * out["pixel_mask"]
         rows = reconstruction_rows(images, out["pixel_mask"], shown)
         self.log_images(tag, rows, nrow=rows.shape[0] // 3)
-
-    def training_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self.reconstruct(images)
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        if self.log_every and self.global_step % self.log_every == 0:
-            self._log_grid("mim/recon", images, out)
-        return out["loss"]
-
-    def validation_step(self, batch, batch_idx):
-        images = batch[0]
-        out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
-        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
-        if batch_idx == 0:
-            self._log_grid("mim/val_recon", images, out)
