@@ -234,7 +234,7 @@ def test_debug_config_runs_through_cli(run_cli, tmp_path, beton_cache):
     root = tmp_path / "run"
     assert run_cli(cli_args(root, beton_cache, model="clip/debug.yaml")) == 0
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
-    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith(("ModelCheckpoint", "LatestCheckpoint")))
     assert state["monitor"] == "val/zeroshot_acc1" and state["best_model_score"] is not None
     assert 0.0 <= float(state["best_model_score"]) <= 1.0
     assert checkpoint["global_step"] == 2
