@@ -1,0 +1,128 @@
+"""fp32 vs QAT int8 vs PTQ int8 vs BitNet b1.58 vs HAWQ mixed precision on real Fashion-MNIST (CPU).
+
+Trains a timm ResNet-18 at 32 px, then: PTQ int8 (calibration on training batches), QAT int8 (fine-tune
+with fake quant, convert), BitNet (ternary fine-tune from the fp32 weights), mixed precision (HAWQ bits under
+a 1/8 fp32 budget, weights fake-quantized). Reports top-1 on the validation split, model bytes and CPU
+latency per batch, with ratios against fp32.
+
+    python benchmarks/quantization.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
+from datamodules.torchvision_datamodule import TorchvisionDataModule
+from modules.classification import ClassificationModule
+from modules.components import quant
+from modules.components.optim import OptimConfig
+
+warnings.filterwarnings("ignore")
+
+
+def fit(module, dm, epochs, callbacks=(), root="runs/benchmarks/quantization"):
+    pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+               limit_val_batches=0, default_root_dir=root, callbacks=list(callbacks)).fit(module, dm)
+    return module
+
+
+def val_batches(dm):
+    return [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
+
+
+@torch.no_grad()
+def top1(model, batches) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in batches:
+        correct += int((model(images).argmax(-1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def latency_ms(model, images, repeats) -> float:
+    model.eval()
+    model(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(images)
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small subsets, one epoch each (~2-3 min)")
+    parser.add_argument("--backbone", default="resnet18")
+    args = parser.parse_args()
+    pl.seed_everything(0, verbose=False)
+    train_limit, val_limit, epochs = (4000, 2000, 1) if args.quick else (20000, 10000, 3)
+    dm = TorchvisionDataModule(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2,
+                               train_limit=train_limit, val_limit=val_limit, rrc_scale=[0.6, 1.0], val_crop_ratio=1.0,
+                               mean=[0.286] * 3, std=[0.353] * 3)
+    dm.setup("fit")
+    optim = OptimConfig(name="sgd", lr=0.05, weight_decay=5e-5, warmup_epochs=0)
+    module = fit(ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=optim), dm, epochs)
+    fp32 = module.backbone.eval()
+    batches = val_batches(dm)
+    calib = [dm.on_after_batch_transfer(b, 0)[0] for _, b in zip(range(16), dm.train_dataloader())]
+    train_pairs = [tuple(dm.on_after_batch_transfer(b, 0)[:2]) for _, b in zip(range(2), dm.train_dataloader())]
+    results = {}
+
+    def add(name, model, size, note=""):
+        results[name] = (top1(model, batches), size, model, note)
+
+    add("fp32", fp32, quant.model_bytes(fp32))
+    add("PTQ int8", PostTrainingQuantization().quantize(fp32, calib), None)
+    add("PTQ int8 layer-wise", PostTrainingQuantization(layerwise=True, layerwise_steps=30).quantize(fp32, calib), None)
+
+    ft_optim = OptimConfig(name="sgd", lr=0.005, weight_decay=5e-5, warmup_epochs=0)
+    qat_module = ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=ft_optim)
+    qat_module.load_state_dict(module.state_dict())
+    qat = QuantizationAwareTraining(start_epoch=0)
+    fit(qat_module, dm, 1, [qat])
+    add("QAT int8", qat.int8_model, None, "+1 fine-tune epoch")
+
+    bit_module = ClassificationModule(args.backbone, num_classes=10, image_size=32,
+                                      optim=OptimConfig(name="sgd", lr=0.02, weight_decay=0.0, warmup_epochs=0))
+    bit_module.load_state_dict(module.state_dict())
+    fit(bit_module, dm, epochs, [BitNet(method="absmean")])
+    add("BitNet b1.58", bit_module.backbone, quant.ternary_bytes(bit_module.backbone), f"+{epochs} fine-tune epoch(s)")
+
+    mixed = MixedPrecision(budget=0.125, samples=4)
+    bits = mixed.choose(copy.deepcopy(fp32), train_pairs)
+    add("mixed 2/4/8-bit", mixed.quantized_model, quant.mixed_precision_bytes(mixed.quantized_model, bits),
+        "weights simulated")
+
+    images = batches[0][0]
+    repeats = 5 if args.quick else 20
+    print(f"\n{args.backbone} at 32 px, Fashion-MNIST: train {train_limit}, val {val_limit}; batch {len(images)}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'variant':22s} {'top-1':>7s} {'bytes':>11s} {'ms/batch':>9s}  note")
+    base_acc, base_bytes = results["fp32"][0], results["fp32"][1]
+    base_ms = None
+    lines = []
+    for name, (acc, size, model, note) in results.items():
+        size = size if size is not None else quant.model_bytes(model)
+        ms = latency_ms(model, images, repeats)
+        base_ms = base_ms or ms
+        print(f"{name:22s} {acc:7.2f} {size:11d} {ms:9.1f}  {note}")
+        lines.append(f"{name}: top-1 {acc - base_acc:+.2f} pts, size {base_bytes / size:.2f}x smaller, "
+                     f"speed {base_ms / ms:.2f}x")
+    print("\nvs fp32:")
+    print("\n".join(lines))
+    print("\nmixed-precision bits per layer:", {n: b for n, b in bits.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Model soups (Model soups: averaging weights of multiple fine-tuned models improves accuracy...).
+
+* ``ModelSoup``: a callback that, at the end of fit, soups the run's final weights with a sweep's checkpoints.
+* ``python -m callbacks.soups --config ... --checkpoints a.ckpt b.ckpt --method greedy --output soup.ckpt``:
+  the same over a list of checkpoints; the model/data configs are those the ingredients were trained with and
+  the DataModule's validation split is the held-out set greedy selection scores on (``--monitor``).
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from modules.components.checkpoints import read_state_dict
+from modules.components.errors import ConfigError, VisionlabError
+from modules.components.soup import greedy_soup, has_batchnorm, recompute_batchnorm, uniform_soup
+
+
+def expand_paths(patterns: Sequence[str]) -> list[str]:
+    """Checkpoint paths from paths or glob patterns (sorted, de-duplicated)."""
+    paths: list[str] = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not found:
+            raise ConfigError(f"no checkpoint matches {pattern!r}")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def held_out_evaluator(module: pl.LightningModule, datamodule: pl.LightningDataModule, monitor: str = "val/acc1",
+                       recompute_bn: bool = True, bn_batches: int = 20) -> Callable[[dict], float]:
+    """``evaluate(state_dict) -> score``: load into ``module``, recompute BN on training batches, validate."""
+    trainer = pl.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    network = getattr(module, "backbone", module)
+    datamodule.setup("fit")
+    bn_images = []
+    if recompute_bn and has_batchnorm(network):
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= bn_batches:
+                break
+            bn_images.append(datamodule.on_after_batch_transfer(batch, 0)[0])
+
+    def evaluate(state: dict) -> float:
+        module.load_state_dict(state)
+        if bn_images:
+            recompute_batchnorm(network, bn_images)
+        metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        if monitor not in metrics:
+            raise ConfigError(f"validation logs no {monitor!r} (it logs {sorted(metrics)}): set monitor")
+        return float(metrics[monitor])
+
+    return evaluate
+
+
+def make_soup(module: pl.LightningModule, datamodule: pl.LightningDataModule, states: list[dict], names: list[str],
+              method: str = "greedy", monitor: str = "val/acc1", recompute_bn: bool = True,
+              bn_batches: int = 20) -> dict:
+    """Soup ``states`` into ``module`` (left holding the soup); returns a report with scores and the kept names."""
+    if method not in ("uniform", "greedy"):
+        raise ConfigError(f"unknown soup method {method!r}: use 'uniform' or 'greedy'")
+    from modules.components.soup import check_compatible
+
+    check_compatible(states, names)
+    evaluate = held_out_evaluator(module, datamodule, monitor, recompute_bn, bn_batches)
+    scores = [evaluate(s) for s in states]
+    if method == "uniform":
+        soup, kept = uniform_soup(states), list(range(len(states)))
+        score = evaluate(soup)
+    else:
+        soup, kept, score = greedy_soup(states, evaluate, scores)
+        evaluate(soup)  # leaves the module holding the soup (with its BN statistics)
+    report = {"method": method, "monitor": monitor, "score": score, "ingredients": names,
+              "ingredient_scores": scores, "kept": [names[i] for i in kept]}
+    print(f"soup ({method}): {monitor} = {score:.4f} from {len(kept)}/{len(states)} ingredients; "
+          f"best ingredient {max(scores):.4f}")
+    return report
+
+
+def save_soup(module: pl.LightningModule, report: dict, path: str | Path) -> None:
+    """A checkpoint that ``init_checkpoint``/``read_state_dict`` accept: ``state_dict`` plus the soup report."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "soup": report}, path)
+
+
+class ModelSoup(Callback):
+    """At the end of fit, soup this run's final weights with other fine-tunes' checkpoints.
+
+    Ingredients must share the architecture (and should share the initialisation); mismatches raise a
+    ConfigError. The pl_module is left holding the soup, which is saved to ``output``.
+
+    Args:
+        checkpoints: other ingredients: paths or glob patterns (e.g. ``runs/sweep/*/checkpoints/last.ckpt``).
+        method: ``greedy`` or ``uniform``.
+        include_current: add this run's final weights as an ingredient.
+        monitor: held-out metric (higher is better) logged by the module's validation step.
+        recompute_bn: re-estimate BatchNorm statistics of each evaluated soup on training batches.
+        bn_batches: training batches for that.
+        output: soup checkpoint path (default ``<default_root_dir>/soup.ckpt``).
+    """
+
+    def __init__(self, checkpoints: list[str] | None = None, method: str = "greedy", include_current: bool = True,
+                 monitor: str = "val/acc1", recompute_bn: bool = True, bn_batches: int = 20, output: str | None = None):
+        self.checkpoints, self.method, self.include_current = list(checkpoints or []), method, include_current
+        self.monitor, self.recompute_bn, self.bn_batches, self.output = monitor, recompute_bn, bn_batches, output
+        self.report: dict | None = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.datamodule is None:
+            raise ConfigError("ModelSoup needs a DataModule for held-out scores")
+        paths = expand_paths(self.checkpoints) if self.checkpoints else []
+        states = [read_state_dict(p) for p in paths]
+        names = list(paths)
+        if self.include_current:
+            states.insert(0, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
+            names.insert(0, "current run")
+        self.report = make_soup(pl_module, trainer.datamodule, states, names, self.method, self.monitor,
+                                self.recompute_bn, self.bn_batches)
+        pl_module.trainer = trainer  # held_out_evaluator's Trainer attached itself
+        if trainer.is_global_zero:
+            save_soup(pl_module, self.report, self.output or Path(trainer.default_root_dir) / "soup.ckpt")
+
+
+class SoupCLI(LightningCLI):
+    """Parses the same model/data/trainer configs as ``visionlab`` plus the soup arguments; runs nothing itself."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # accepted (and ignored) for shared configs
+        parser.add_argument("--checkpoints", type=list[str], required=True, help="ingredient checkpoints or globs")
+        parser.add_argument("--method", type=str, default="greedy", help="greedy or uniform")
+        parser.add_argument("--monitor", type=str, default="val/acc1")
+        parser.add_argument("--recompute_bn", type=bool, default=True)
+        parser.add_argument("--bn_batches", type=int, default=20)
+        parser.add_argument("--output", type=str, default="soup.ckpt")
+        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> dict:
+    """``visionlab soup`` entry point: soups ``--checkpoints`` and writes ``--output``; returns the report."""
+    try:
+        cli = SoupCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                      run=False, save_config_callback=None, args=args)
+        cfg = cli.config
+        paths = expand_paths(cfg.checkpoints)
+        states = [read_state_dict(p) for p in paths]
+        report = make_soup(cli.model, cli.datamodule, states, paths, cfg.method, cfg.monitor,
+                           cfg.recompute_bn, cfg.bn_batches)
+        save_soup(cli.model, report, cfg.output)
+        print(f"soup: saved {cfg.output}")
+        return report
+    except VisionlabError as err:
+        print(f"visionlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""EMA / SWA callbacks and model soups on tiny timm models with real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.averaging import EMA, SWA
+from datamodules import sources
+from modules.classification import ClassificationModule
+from modules.components.errors import ConfigError
+from modules.components.optim import OptimConfig
+from modules.components.soup import check_compatible, greedy_soup, recompute_batchnorm, uniform_soup
+from tests.conftest import CONFIGS
+
+
+def fashion_tensors(n: int = 128, offset: int = 0) -> TensorDataset:
+    data = sources.fashion_mnist("val")
+    images = torch.from_numpy(data.images[offset:offset + n]).float().div(255)
+    images = F.pad(images, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).sub(0.286).div(0.353).contiguous()
+    return TensorDataset(images, torch.from_numpy(data.labels[offset:offset + n]).long())
+
+
+def tiny_module(backbone: str = "test_vit", lr: float = 0.05) -> ClassificationModule:
+    kwargs = {"img_size": 32} if "vit" in backbone else {}
+    return ClassificationModule(backbone, num_classes=10, image_size=32, backbone_kwargs=kwargs, label_smoothing=0.0,
+                                optim=OptimConfig(name="sgd", lr=lr, warmup_epochs=0, weight_decay=0.0))
+
+
+def trainer(tmp_path, callbacks, max_epochs=1, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kwargs)
+
+
+def params(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+class Recorder(Callback):
+    """Copies the parameters after every step, at each epoch start, at validation and at train end."""
+
+    def __init__(self):
+        self.steps, self.epoch_starts, self.validation, self.train_end = [], [], [], None
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.steps.append(params(pl_module))
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_starts.append(params(pl_module))
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validation.append(params(pl_module))
+
+    def on_train_end(self, trainer, pl_module):
+        self.train_end = params(pl_module)
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return DataLoader(fashion_tensors(96), batch_size=32)
+
+
+def assert_close_dicts(a, b, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **tol, msg=k)
+
+
+# --- EMA -------------------------------------------------------------------------------------------
+def test_ema_decay_zero_equals_model(tmp_path, loader):
+    torch.manual_seed(0)
+    before, after = Recorder(), Recorder()
+    module = tiny_module()
+    trainer(tmp_path, [before, EMA(decay=0.0), after], num_sanity_val_steps=0).fit(module, loader, loader)
+    assert_close_dicts(params(module), before.train_end)  # EMA copied into the model at train end: unchanged
+    assert_close_dicts(after.validation[0], before.steps[-1])
+
+
+def test_ema_average_used_for_validation(tmp_path, loader):
+    torch.manual_seed(0)
+    decay = 0.5
+    recorder = Recorder()
+    module = tiny_module()
+    trainer(tmp_path, [EMA(decay=decay), recorder], num_sanity_val_steps=0).fit(module, loader, loader)
+    expected = recorder.steps[0]  # the first update copies the weights
+    for step in recorder.steps[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * step[k] for k in step}
+    assert_close_dicts(recorder.validation[0], expected)
+    assert any(not torch.equal(expected[k], recorder.steps[-1][k]) for k in expected)
+    assert_close_dicts(params(module), expected)
+
+
+def test_ema_checkpoint_holds_average_and_resume_keeps_it(tmp_path, loader):
+    torch.manual_seed(0)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor=None)
+    ema, module = EMA(decay=0.5), tiny_module()
+    trainer(tmp_path, [ema, ckpt_cb], num_sanity_val_steps=0).fit(module, loader, loader)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert "current_model_state" in ckpt
+    raw, avg = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw if k.startswith("backbone."))
+
+    class CheckResume(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.model = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.average = {k: v.clone() for k, v in resumed_ema.average_model.state_dict().items()}
+
+    resumed_ema, check = EMA(decay=0.5), CheckResume()
+    trainer(tmp_path / "r", [resumed_ema, check], max_epochs=2, num_sanity_val_steps=0).fit(
+        tiny_module(), loader, loader, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    for k in raw:
+        torch.testing.assert_close(check.model[k], raw[k], msg=k)
+        torch.testing.assert_close(check.average[k], avg[k], msg=k)
+
+
+# --- SWA -------------------------------------------------------------------------------------------
+def test_swa_average_is_mean_of_collected_weights(tmp_path, loader):
+    torch.manual_seed(0)
+    recorder, module = Recorder(), tiny_module()
+    swa = SWA(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1)  # 1-based: averaging from epoch index 1
+    trainer(tmp_path, [swa, recorder], max_epochs=4, num_sanity_val_steps=0).fit(module, loader, loader)
+    assert (swa.swa_start, swa.swa_end) == (1, 3)
+    collected = recorder.epoch_starts[1:4]  # SWA averages the weights at the start of epochs 1..3
+    mean = {k: torch.stack([c[k] for c in collected]).mean(0) for k in collected[0]}
+    assert_close_dicts(params(module), mean, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(collected[0]["backbone.head.weight"], collected[-1]["backbone.head.weight"])
+    assert swa._swa_scheduler.get_last_lr()[0] == pytest.approx(0.02)  # SWALR stepped through step_update
+
+
+# --- soups -----------------------------------------------------------------------------------------
+def accuracy(module, dataset) -> float:
+    module.eval()
+    with torch.no_grad():
+        return float((module(dataset.tensors[0]).argmax(-1) == dataset.tensors[1]).float().mean())
+
+
+def fine_tunes(base, lrs, data):
+    states = []
+    for i, lr in enumerate(lrs):
+        torch.manual_seed(i)
+        module = tiny_module("test_resnet")
+        module.load_state_dict(base)
+        opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+        module.train()
+        for images, labels in DataLoader(data, batch_size=32, shuffle=True):
+            opt.zero_grad()
+            F.cross_entropy(module(images), labels).backward()
+            opt.step()
+        states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+    return states
+
+
+def test_uniform_soup_of_identical_checkpoints_equals_checkpoint():
+    torch.manual_seed(0)
+    state = tiny_module("test_resnet").state_dict()
+    soup = uniform_soup([state, state, state])
+    for k, v in state.items():
+        torch.testing.assert_close(soup[k], v, rtol=1e-6, atol=1e-7, msg=k)
+        assert soup[k].dtype == v.dtype
+
+
+def test_greedy_soup_never_below_best_ingredient():
+    torch.manual_seed(0)
+    train, held_out = fashion_tensors(128, 0), fashion_tensors(128, 1000)
+    base = tiny_module("test_resnet").state_dict()
+    states = fine_tunes(base, [0.01, 0.05, 0.5], train)
+    probe = tiny_module("test_resnet")
+
+    def evaluate(state):
+        probe.load_state_dict(state)
+        recompute_batchnorm(probe, [train.tensors[0][:64]])
+        return accuracy(probe, held_out)
+
+    scores = [evaluate(s) for s in states]
+    soup, kept, score = greedy_soup(states, evaluate)
+    assert score >= max(scores)
+    assert kept[0] == max(range(3), key=lambda i: scores[i])
+    assert evaluate(soup) == pytest.approx(score)
+
+
+def test_mismatched_soup_ingredients_give_clear_error():
+    a = tiny_module("test_resnet").state_dict()
+    b = tiny_module("test_vit").state_dict()
+    with pytest.raises(ConfigError, match="different architectures"):
+        uniform_soup([a, b])
+    c = dict(a)
+    c["backbone.fc.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ConfigError, match="shape mismatches, e.g. backbone.fc.weight"):
+        check_compatible([a, c], ["a.ckpt", "c.ckpt"])
+
+
+def test_recompute_batchnorm_matches_batch_statistics():
+    torch.manual_seed(0)
+    module = tiny_module("test_resnet")
+    images = fashion_tensors(64).tensors[0]
+    recompute_batchnorm(module.backbone, [images])
+    bn = module.backbone.bn1
+    with torch.no_grad():
+        pre = module.backbone.conv1(images)
+    torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_soup_command_over_cli_checkpoints(tmp_path, run_cli, beton_cache):
+    from callbacks.soups import main as soup_main
+    from tests.conftest import cli_args
+
+    paths = []
+    for seed in (0, 1):
+        root = tmp_path / f"run{seed}"
+        assert run_cli(cli_args(root, beton_cache, "--seed_everything", str(seed))) == 0
+        paths.append(str(root / "checkpoints" / "last.ckpt"))
+    out = tmp_path / "soup.ckpt"
+    report = soup_main([
+        "--config", str(CONFIGS / "trainer/debug.yaml"), "--config", str(CONFIGS / "data/fashion_mnist.yaml"),
+        "--config", str(CONFIGS / "classification/debug.yaml"), "--data.init_args.cache_dir", str(beton_cache),
+        "--data.init_args.num_workers", "1", "--checkpoints", f"[{paths[0]},{paths[1]}]", "--output", str(out),
+        "--bn_batches", "2",
+    ])
+    assert report["score"] >= max(report["ingredient_scores"])
+    saved = torch.load(out, weights_only=False)
+    assert saved["soup"]["kept"] and "backbone.fc.weight" in saved["state_dict"]

@@ -1,0 +1,160 @@
+"""Quantization components and callbacks: int8 QAT/PTQ, BitNet b1.58, HAWQ mixed precision."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
+from modules.components import quant
+from modules.components.errors import ConfigError
+from tests.test_callbacks import fashion_tensors, tiny_module
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fashion_tensors(128)
+
+
+def test_ternary_weights_take_three_values_per_channel_scale():
+    torch.manual_seed(0)
+    for method in ("absmean", "median"):
+        weight = torch.randn(6, 4, 3, 3)
+        w_q = quant.ternary_weight(weight, method)
+        scale = quant.ternary_scale(weight, method).flatten()
+        for row, s in zip(w_q.flatten(1), scale):
+            values = torch.unique(row)
+            assert len(values) == 3
+            torch.testing.assert_close(values, torch.stack([-s, torch.zeros_like(s), s]))
+        codes, scale2 = quant.ternary_codes(weight, method)
+        assert set(codes.unique().tolist()) == {-1, 0, 1}
+        torch.testing.assert_close(codes.float() * scale2.view(-1, 1, 1, 1), w_q)
+    torch.testing.assert_close(quant.ternary_scale(torch.tensor([[1.0, -2.0, 6.0]]), "median").flatten(), torch.tensor([2.0]))
+
+
+def test_ternary_straight_through_gradient():
+    weight = torch.randn(4, 8, requires_grad=True)
+    quant.ternary_weight(weight).mul(torch.arange(8.0)).sum().backward()
+    torch.testing.assert_close(weight.grad, torch.arange(8.0).expand(4, 8))
+
+
+def test_bitnet_callback_swaps_layers_and_trains(tmp_path, data):
+    torch.manual_seed(0)
+    module = tiny_module("test_resnet")
+    first = {id(p) for p in module.parameters()}
+    callback = BitNet(method="median")
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path, callbacks=[callback], num_sanity_val_steps=0).fit(
+        module, DataLoader(data, batch_size=32))
+    assert callback.swapped and "conv1" not in " ".join(callback.swapped[:0])
+    assert "conv1" not in callback.swapped and "fc" not in callback.swapped  # timm stem and head stay float
+    assert {id(p) for p in module.parameters()} == first
+    exported = torch.load(tmp_path / "quantized" / "ternary.pt")
+    codes = exported[callback.swapped[0]]["codes"]
+    assert codes.dtype == torch.int8 and set(codes.unique().tolist()) <= {-1, 0, 1}
+    with pytest.raises(ConfigError, match="absmean"):
+        BitNet(method="mean")
+
+
+def test_int8_output_within_tolerance_of_fake_quant(data):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    images = data.tensors[0][:32]
+    prepared = quant.prepare_int8(model, images, qat=True)
+    prepared.train()
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    for _ in range(2):  # a couple of QAT steps so observers and BN stats move
+        opt.zero_grad()
+        F.cross_entropy(prepared(images), data.tensors[1][:32]).backward()
+        opt.step()
+    prepared.eval()
+    int8 = quant.convert_int8(prepared)
+    with torch.no_grad():
+        fake, real = prepared(images), int8(images)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.modules())
+    from torch.ao.quantization import FakeQuantizeBase
+
+    output_step = float([m for m in prepared.modules() if isinstance(m, FakeQuantizeBase)][-1].scale)
+    # int8 kernels round intermediate results where fake-quant keeps float: a few output steps apart at most
+    assert (fake - real).abs().max() <= 4 * output_step
+    assert (fake - real).abs().mean() <= 1.0 * output_step
+    assert quant.model_bytes(int8) < quant.model_bytes(model) / 2.5
+
+
+def test_qat_callback_keeps_parameters_and_converts(tmp_path, data):
+    torch.manual_seed(0)
+    module = tiny_module("test_resnet")
+    callback = QuantizationAwareTraining(start_epoch=1)
+    pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               default_root_dir=tmp_path, callbacks=[callback], num_sanity_val_steps=0, limit_train_batches=2).fit(
+        module, DataLoader(data, batch_size=32))
+    assert isinstance(module.backbone, torch.fx.GraphModule)
+    assert callback.int8_model is not None and (tmp_path / "quantized" / "int8.pt").exists()
+    with torch.no_grad():
+        out = callback.int8_model(data.tensors[0][:8])
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+
+
+def test_ptq_static_and_vit_linear(data):
+    torch.manual_seed(0)
+    images = [data.tensors[0][i:i + 32] for i in range(0, 64, 32)]
+    cnn = timm.create_model("test_resnet", num_classes=10).eval()
+    int8 = PostTrainingQuantization(layerwise=True, layerwise_steps=5).quantize(cnn, images)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10).eval()
+    vit_int8 = PostTrainingQuantization().quantize(vit, images)
+    for fp, q in ((cnn, int8), (vit, vit_int8)):
+        with torch.no_grad():
+            ref, out = fp(images[0]), q(images[0])
+        assert (ref - out).abs().max() / ref.abs().max() < 0.1
+    assert type(vit_int8.head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+def test_layerwise_calibration_lowers_layer_error():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    inputs = torch.randn(256, 16)
+    with torch.no_grad():
+        target = layer(inputs)
+        before = float((F.linear(inputs, quant.fake_quantize_weight(layer.weight, 3), layer.bias) - target).pow(2).mean()
+                       / target.pow(2).mean())
+    after = quant.calibrate_layer(layer, inputs, bits=3, steps=200, lr=1e-3)
+    assert after < before
+
+
+def test_hutchinson_trace_matches_exact_quadratic():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    w = torch.randn(4, requires_grad=True)
+    traces = quant.hutchinson_trace(lambda: 0.5 * (a * w * w).sum(), {"w": w}, samples=4)
+    assert traces["w"] == pytest.approx(10.0)  # diagonal Hessian: v^T H v is exact for Rademacher v
+
+
+def test_mixed_precision_respects_budget_and_prefers_sensitive_layers():
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(64, 64), "b": torch.randn(64, 64), "c": torch.randn(8, 8)}
+    traces = {"a": 100.0 * 4096, "b": 0.01 * 4096, "c": 1.0 * 64}
+    full = sum(w.numel() * 4 for w in weights.values())
+    for budget in (0.1, 0.15, 0.25):
+        bits = quant.allocate_bits(traces, weights, budget * full, (2, 4, 8))
+        assert sum(weights[n].numel() * b / 8 for n, b in bits.items()) <= budget * full
+        assert bits["a"] >= bits["b"]
+    with pytest.raises(ConfigError, match="budget"):
+        quant.allocate_bits(traces, weights, 0.01 * full, (2, 4, 8))
+
+
+def test_mixed_precision_callback_choose(data):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10)
+    callback = MixedPrecision(budget=0.12, samples=2)
+    bits = callback.choose(model, [(data.tensors[0][:16], data.tensors[1][:16])])
+    sizes = {n: model.get_submodule(n).weight.numel() for n in bits}
+    assert sum(sizes[n] * b / 8 for n, b in bits.items()) <= 0.12 * 4 * sum(sizes.values())
+    assert set(bits.values()) <= {2, 4, 8} and "bits" in callback.table()
+    q = callback.quantized_model.get_submodule(next(iter(bits))).weight
+    assert len(torch.unique(q[0])) <= 2 ** bits[next(iter(bits))]
