@@ -68,8 +68,30 @@ def _user_error(err: BaseException) -> VisionlabError | None:
     return None
 
 
+# Tools that are not Trainer runs: ``visionlab <name> ...`` calls ``<module>.main(argv)``.
+TOOLS = {
+    "soup": ("callbacks.soups", "average checkpoints into a uniform or greedy model soup"),
+}
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    import importlib
+
+    tool = importlib.import_module(TOOLS[name][0])
+    saved, sys.argv = sys.argv, [f"visionlab {name}", *argv]  # the tool parses sys.argv like a console script
+    try:
+        tool.main(None)
+    finally:
+        sys.argv = saved
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point; user errors end as one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
+    if argv and argv[0] in {"-h", "--help"}:
+        print("tools: " + "; ".join(f"visionlab {n}: {d}" for n, (_, d) in TOOLS.items()))
     try:
         VisionlabCLI(
             pl.LightningModule,
