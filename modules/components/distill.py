@@ -1,0 +1,221 @@
+"""Knowledge-distillation pieces (pure torch + timm): soft targets, KD loss, FerKD calibration, projectors.
+
+Papers: MEAL V2 (Shen & Savvides 2020) ensemble soft targets + output discriminator; FKD / TinyViT
+(Shen & Xing 2022; Wu et al. 2022) stored sparse top-k teacher logits; FerKD (Sun et al. 2023) per-crop
+calibration by teacher confidence; ScaleKD (Fan et al. 2024) cross-attention feature projector.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.checkpoints import backbone_state_dict
+from modules.components.contrastive import _ScaleGradient
+from modules.components.errors import ConfigError
+from modules.components.masking import resize_tokens
+from modules.components.mim_parts import feature_mimic_loss
+
+# Feature KD loss: MSE between projected student tokens and layer-normalised teacher tokens (B, N_t, D_t).
+feature_kd_loss = feature_mimic_loss
+
+
+# --- soft targets ----------------------------------------------------------------------------------
+def ensemble_soft_targets(teacher_logits: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """MEAL V2 target: the mean over teachers of ``softmax(logits / T)``, (B, C) each -> (B, C)."""
+    if not teacher_logits:
+        raise ConfigError("ensemble_soft_targets needs at least one teacher's logits")
+    stacked = torch.stack([logits.float() for logits in teacher_logits])  # (num_teachers, B, C)
+    return (stacked / temperature).softmax(dim=-1).mean(dim=0)
+
+
+def sparse_soft_targets(topk_values: torch.Tensor, topk_indices: torch.Tensor, num_classes: int,
+                        temperature: float = 1.0, rest_mass: float = 0.0) -> torch.Tensor:
+    """Dense (B, C) targets from stored top-k teacher logits (FKD / TinyViT).
+
+    The k stored logits get ``softmax(values / T)`` renormalised over the k classes. With ``rest_mass = 0``
+    every class outside the top-k gets exactly 0 (so k = C reproduces ``softmax(logits / T)`` exactly);
+    ``rest_mass > 0`` moves that fraction of the mass, spread uniformly, onto the C - k unstored classes
+    (TinyViT's label-smoothing fill).
+
+    Args:
+        topk_values: (B, k) teacher logits (any float dtype).
+        topk_indices: (B, k) int64 class indices.
+        num_classes: C.
+        temperature: softmax temperature applied to the stored logits.
+        rest_mass: probability given to the unstored classes, in [0, 1).
+    """
+    if not 0.0 <= rest_mass < 1.0:
+        raise ConfigError(f"sparse rest_mass {rest_mass} must be in [0, 1)")
+    k = topk_values.shape[-1]
+    probs = (topk_values.float() / temperature).softmax(dim=-1)  # (B, k)
+    targets = torch.zeros(topk_values.shape[0], num_classes, device=topk_values.device)
+    if rest_mass > 0 and k < num_classes:
+        targets.fill_(rest_mass / (num_classes - k))
+        probs = probs * (1.0 - rest_mass)
+    return targets.scatter_(1, topk_indices.long(), probs)  # (B, C)
+
+
+# --- losses ----------------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float = 1.0,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(targets || softmax(student / T))`` averaged over the batch (Hinton et al. 2015).
+
+    KL rather than soft cross-entropy so that the loss is 0 when the student's tempered distribution equals
+    the targets; its gradient equals soft cross-entropy's. ``T^2`` keeps gradient magnitudes comparable
+    across temperatures. ``weights`` (B,) scales each sample's term (FerKD); the mean is over all B.
+    """
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+    per_sample = (torch.xlogy(soft_targets, soft_targets) - soft_targets * log_student).sum(dim=-1)  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean() * temperature**2
+
+
+def ferkd_calibrate(soft_targets: torch.Tensor, labels: torch.Tensor, low: float = 0.2, high: float = 0.9,
+                    negative_smoothing: float = 0.3, negative_weight: float = 1.0,
+                    easy_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """FerKD: calibrate each crop's soft target by the teacher's confidence ``p = targets[gt]``.
+
+    * ``p < low`` (hard negative: the crop shows mostly background or another object): the teacher's soft
+      label is unreliable; it is replaced by a softened hard label, ``(1 - s) * onehot(gt) + s / C``, which
+      keeps the crop as context instead of teaching noise; its loss weight is ``negative_weight``.
+    * ``low <= p < high`` (hard positive): the teacher's soft label is kept (weight 1).
+    * ``p >= high`` (easy positive): kept, weight ``easy_weight`` (< 1 down-weights crops that teach little).
+
+    Returns:
+        ``(targets (B, C), weights (B,))``.
+    """
+    if not 0.0 <= low <= high <= 1.0:
+        raise ConfigError(f"FerKD thresholds need 0 <= low <= high <= 1, got low={low}, high={high}")
+    num_classes = soft_targets.shape[-1]
+    confidence = soft_targets.gather(1, labels.long()[:, None]).squeeze(1)  # (B,)
+    softened = F.one_hot(labels.long(), num_classes).float() * (1.0 - negative_smoothing) + negative_smoothing / num_classes
+    negative = confidence < low
+    targets = torch.where(negative[:, None], softened, soft_targets)
+    weights = torch.ones_like(confidence)
+    weights = torch.where(negative, torch.full_like(weights, negative_weight), weights)
+    weights = torch.where(confidence >= high, torch.full_like(weights, easy_weight), weights)
+    return targets, weights
+
+
+# --- teachers --------------------------------------------------------------------------------------
+def freeze(module: nn.Module) -> nn.Module:
+    """``requires_grad=False`` on every parameter, eval mode; returns the module."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_teacher(spec: str | nn.Module, num_classes: int, image_size: int | None = None,
+                  kwargs: dict | None = None) -> nn.Module:
+    """A frozen teacher from a visionlab classifier checkpoint path, a timm name (random init) or a module.
+
+    A checkpoint is rebuilt from its ``hyper_parameters`` (``backbone``, ``backbone_kwargs``,
+    ``num_classes``, ``image_size``) and loaded strictly from its ``backbone.*`` weights.
+    """
+    if isinstance(spec, nn.Module):
+        return freeze(spec)
+    path = Path(spec).expanduser()
+    if not (path.suffix in {".ckpt", ".pt", ".pth"} or path.exists()):
+        return freeze(create_backbone(spec, num_classes=num_classes, image_size=image_size, **(kwargs or {})))
+    if not path.is_file():
+        raise ConfigError(f"teacher checkpoint {path} does not exist: train a teacher first (visionlab fit) and pass its .ckpt")
+    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    if "backbone" not in hparams:
+        raise ConfigError(f"teacher checkpoint {path} has no hyper_parameters.backbone: pass a classifier checkpoint written by visionlab fit")
+    trained_for = hparams.get("num_classes", num_classes)
+    if trained_for != num_classes:
+        raise ConfigError(f"teacher {path} predicts {trained_for} classes but the data has {num_classes}: use a teacher trained on the same classes")
+    teacher = create_backbone(hparams["backbone"], num_classes=num_classes, image_size=hparams.get("image_size", image_size),
+                              **(hparams.get("backbone_kwargs") or {}))
+    load_state_dict_strict(teacher, backbone_state_dict(path), f"teacher checkpoint {path}")
+    return freeze(teacher)
+
+
+# --- features --------------------------------------------------------------------------------------
+def feature_tokens(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A timm model's feature map as tokens ``(B, N, D)``: ViT prefix tokens dropped, NCHW/NHWC flattened."""
+    if features.ndim == 3:
+        return features[:, getattr(model, "num_prefix_tokens", 0):]
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        features = features.permute(0, 3, 1, 2)
+    return features.flatten(2).transpose(1, 2)  # (B, H*W, C)
+
+
+def _square_grid(num_tokens: int) -> tuple[int, int]:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ConfigError(f"feature KD needs a square token grid, got {num_tokens} tokens")
+    return side, side
+
+
+class LinearProjector(nn.Module):
+    """Per-token linear map to the teacher width, then bilinear resampling onto the teacher's token grid.
+
+    The token form of a 1x1-conv projector for CNN features: ``(B, N_s, D_s) -> (B, N_t, D_t)``.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, student_tokens: int, teacher_tokens: int):
+        super().__init__()
+        self.student_grid, self.teacher_grid = _square_grid(student_tokens), _square_grid(teacher_tokens)
+        self.proj = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return resize_tokens(self.proj(tokens), self.student_grid, self.teacher_grid)  # (B, N_t, D_t)
+
+
+class CrossAttentionProjector(nn.Module):
+    """ScaleKD-style projector: one learnable query per teacher token cross-attends over the student tokens.
+
+    Works for any student (CNN maps or ViT tokens, any grid) and aligns it to a ViT teacher's token
+    sequence: ``(B, N_s, D_s) -> (B, N_t, D_t)``.
+
+    Args:
+        student_dim: D_s.
+        teacher_dim: D_t (also the attention width).
+        teacher_tokens: N_t, the number of queries.
+        num_heads: attention heads (reduced to a divisor of ``teacher_dim`` if needed).
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, teacher_tokens: int, num_heads: int = 4):
+        super().__init__()
+        heads = max(h for h in range(1, num_heads + 1) if teacher_dim % h == 0)
+        self.queries = nn.Parameter(torch.randn(1, teacher_tokens, teacher_dim) * 0.02)
+        self.key_value = nn.Sequential(nn.Linear(student_dim, teacher_dim), nn.LayerNorm(teacher_dim))
+        self.attention = nn.MultiheadAttention(teacher_dim, heads, batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(teacher_dim), nn.Linear(teacher_dim, teacher_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        memory = self.key_value(tokens)  # (B, N_s, D_t)
+        queries = self.queries.expand(tokens.shape[0], -1, -1)  # (B, N_t, D_t)
+        attended, _ = self.attention(queries, memory, memory, need_weights=False)
+        return self.out(attended + queries)  # (B, N_t, D_t)
+
+
+# --- MEAL V2 discriminator -------------------------------------------------------------------------
+class Discriminator(nn.Module):
+    """MEAL V2 output discriminator: a small MLP telling teacher (1) from student (0) probability vectors."""
+
+    def __init__(self, num_classes: int, hidden_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_classes, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.net(probs).squeeze(-1)  # (B,) logits
+
+    def loss(self, student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the discriminator; the student's gradient through it is reversed.
+
+        One optimizer minimises this: the discriminator learns to tell the outputs apart while the
+        reversed gradient pushes the student's outputs towards the teacher's distribution.
+        """
+        student_probs = _ScaleGradient.apply(student_probs, -1.0)
+        logits = self(torch.cat([teacher_probs.detach(), student_probs]))  # (2B,)
+        truth = torch.cat([torch.ones(len(teacher_probs)), torch.zeros(len(student_probs))]).to(logits)
+        return F.binary_cross_entropy_with_logits(logits, truth)
