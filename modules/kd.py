@@ -113,6 +113,7 @@ class DistillationModule(VisionModule):
             self.val_metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.teacher_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._teacher_evaluated = False
+        self.train()  # Lightning keeps the modes it finds: the teachers must start in eval mode
 
     # --- construction --------------------------------------------------------------------------
     def _probe(self) -> torch.Tensor:

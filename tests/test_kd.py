@@ -1,0 +1,201 @@
+"""Knowledge distillation: soft targets and losses against hand values, FerKD, projectors, frozen teachers."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from modules.components.distill import (
+    CrossAttentionProjector,
+    Discriminator,
+    LinearProjector,
+    build_teacher,
+    ensemble_soft_targets,
+    ferkd_calibrate,
+    kd_loss,
+    sparse_soft_targets,
+)
+from modules.components.errors import ConfigError
+from modules.components.optim import OptimConfig
+from modules.kd import DistillationModule
+from tests.conftest import cli_args
+
+
+# --- pure functions --------------------------------------------------------------------------------
+def test_ensemble_target_is_mean_of_softmaxes_by_hand():
+    first = torch.tensor([[0.0, math.log(3.0)]])  # softmax (1/4, 3/4)
+    second = torch.tensor([[0.0, 0.0]])  # softmax (1/2, 1/2)
+    assert torch.allclose(ensemble_soft_targets([first, second]), torch.tensor([[0.375, 0.625]]))
+    # T = 2 halves the logits: softmax(0, ln 3 / 2) = (1, sqrt 3) / (1 + sqrt 3)
+    expected = torch.tensor([[1.0, math.sqrt(3.0)]]) / (1 + math.sqrt(3.0))
+    assert torch.allclose(ensemble_soft_targets([first], temperature=2.0), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_loss_zero_iff_student_equals_teacher_and_scaled_by_t_squared(temperature):
+    torch.manual_seed(0)
+    teacher, student = torch.randn(8, 10) * 3, torch.randn(8, 10) * 3
+    targets = ensemble_soft_targets([teacher], temperature)
+    assert kd_loss(teacher.clone(), targets, temperature).abs() < 1e-6
+    loss = kd_loss(student, targets, temperature)
+    q = (student / temperature).softmax(-1)
+    by_hand = (targets * (targets.log() - q.log())).sum(-1).mean() * temperature**2
+    assert loss > 1e-3 and torch.allclose(loss, by_hand, rtol=1e-5)
+
+
+def test_kd_loss_handles_zero_target_entries_and_weights():
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    per_sample = torch.tensor([math.log(3.0), math.log(3.0) - math.log(2.0)])
+    assert torch.allclose(kd_loss(logits, targets), per_sample.mean())
+    weights = torch.tensor([0.0, 2.0])
+    assert torch.allclose(kd_loss(logits, targets, weights=weights), (per_sample * weights).mean())
+
+
+def test_sparse_targets_from_topk():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6)
+    values, indices = logits.topk(6, dim=-1)
+    assert torch.allclose(sparse_soft_targets(values, indices, 6, 2.0), (logits / 2.0).softmax(-1), atol=1e-7)
+    values, indices = logits.topk(2, dim=-1)
+    targets = sparse_soft_targets(values.half(), indices, 6)
+    assert torch.allclose(targets.sum(-1), torch.ones(4))
+    assert (targets > 0).sum(-1).tolist() == [2, 2, 2, 2]
+    assert torch.allclose(targets.gather(1, indices), values.half().float().softmax(-1))
+    smoothed = sparse_soft_targets(values, indices, 6, rest_mass=0.2)
+    outside = smoothed.scatter(1, indices, 0.0)
+    assert torch.allclose(outside.sum(-1), torch.full((4,), 0.2)) and torch.allclose(smoothed.sum(-1), torch.ones(4))
+
+
+def test_ferkd_calibration_hand_case():
+    targets = torch.tensor([
+        [0.05, 0.90, 0.05, 0.00],  # true class 0, confidence 0.05: hard negative
+        [0.10, 0.50, 0.40, 0.00],  # true class 1, confidence 0.5: hard positive, kept
+        [0.00, 0.00, 0.95, 0.05],  # true class 2, confidence 0.95: easy positive, kept, easy weight
+    ])
+    labels = torch.tensor([0, 1, 2])
+    calibrated, weights = ferkd_calibrate(targets, labels, low=0.2, high=0.9, negative_smoothing=0.4,
+                                          negative_weight=0.5, easy_weight=0.25)
+    assert torch.allclose(calibrated[0], torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    assert torch.equal(calibrated[1:], targets[1:])
+    assert weights.tolist() == [0.5, 1.0, 0.25]
+    with pytest.raises(ConfigError):
+        ferkd_calibrate(targets, labels, low=0.9, high=0.2)
+
+
+def test_projector_shapes():
+    tokens = torch.randn(3, 9, 16)  # a 3x3 student map with 16 channels
+    assert CrossAttentionProjector(16, 24, teacher_tokens=64, num_heads=5).forward(tokens).shape == (3, 64, 24)
+    assert LinearProjector(16, 24, student_tokens=9, teacher_tokens=16)(tokens).shape == (3, 16, 24)
+
+
+def test_discriminator_reverses_the_students_gradient():
+    torch.manual_seed(0)
+    disc = Discriminator(5, hidden_dim=8)
+    teacher = torch.rand(4, 5).softmax(-1)
+    student = torch.rand(4, 5).softmax(-1).requires_grad_()
+    disc.loss(student, teacher).backward()
+    plain = student.detach().clone().requires_grad_()
+    logits = disc(plain)
+    nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros(4)).div(2).backward()
+    assert torch.allclose(student.grad, -plain.grad, atol=1e-6) and plain.grad.abs().sum() > 0
+
+
+def test_teacher_from_a_classifier_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    trained = build_teacher("test_resnet", num_classes=4)
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()},
+                "hyper_parameters": {"backbone": "test_resnet", "backbone_kwargs": None, "num_classes": 4, "image_size": 32}}, path)
+    teacher = build_teacher(str(path), num_classes=4)
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(teacher(images), trained(images))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ConfigError, match="predicts 4 classes"):
+        build_teacher(str(path), num_classes=10)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_teacher(str(tmp_path / "missing.ckpt"), num_classes=4)
+
+
+# --- the LightningModule ---------------------------------------------------------------------------
+class ArmedTeacher(nn.Module):
+    """A teacher that raises once armed: proves a code path never runs it."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.linear, self.armed = nn.Linear(1, num_classes), False
+
+    def forward(self, images):
+        if self.armed:
+            raise AssertionError("the teacher ran")
+        return self.linear(images.mean(dim=(1, 2, 3))[:, None])
+
+
+def _loader(n: int = 32, stored: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+    tensors = [images, labels]
+    if stored:
+        values, indices = torch.randn(n, 10, generator=generator).topk(3, dim=-1)
+        tensors += [values, indices]
+    return DataLoader(TensorDataset(*tensors), batch_size=8)
+
+
+def _fit(model: DistillationModule, tmp_path, stored: bool = False, **trainer_kwargs) -> pl.Trainer:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **trainer_kwargs)
+    trainer.fit(model, _loader(stored=stored), _loader(16) if trainer_kwargs.get("limit_val_batches", 1) else None)
+    return trainer
+
+
+@pytest.mark.parametrize("options", [{}, {"feature_weight": 1.0, "discriminator_weight": 0.1, "ferkd": True, "hard_weight": 0.5}])
+def test_teachers_frozen_in_eval_out_of_optimizer_and_checkpoint(tmp_path, options):
+    torch.manual_seed(0)
+    model = DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=["test_resnet", "test_vit"],
+                               optim=OptimConfig(name="sgd", lr=0.5, warmup_epochs=0), **options)
+    before = {k: v.clone() for k, v in model.teachers.state_dict().items()}  # BN running stats included
+    student_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainer = _fit(model, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.teachers.state_dict().items())
+    assert any(not torch.equal(student_before[k], v) for k, v in model.backbone.state_dict().items())
+    assert not model.teachers.training and model.backbone.training
+    model.train()
+    assert not any(t.training for t in model.teachers.modules())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in model.teachers.parameters())
+    assert len(optimized) == len(list(model.backbone.parameters())) + sum(
+        len(list(m.parameters())) for m in (model.projector, model.discriminator) if m is not None)
+    trainer.save_checkpoint(tmp_path / "kd.ckpt")
+    saved = torch.load(tmp_path / "kd.ckpt", weights_only=False)["state_dict"]
+    assert saved and not any(k.startswith("teachers.") for k in saved)
+    reloaded = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False)
+    assert torch.equal(reloaded.backbone.conv1[0].weight, model.backbone.conv1[0].weight)
+
+
+def test_stored_logits_mode_runs_no_teacher(tmp_path):
+    teacher = ArmedTeacher(10)
+    model = DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=[teacher])
+    teacher.armed = True
+    trainer = _fit(model, tmp_path, stored=True, limit_val_batches=0)
+    assert trainer.global_step == 4
+    no_teacher = DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=[])
+    assert _fit(no_teacher, tmp_path, stored=True).global_step == 4
+    with pytest.raises(ConfigError, match="no teachers"):
+        _fit(DistillationModule("test_resnet", num_classes=10, image_size=32), tmp_path)
+
+
+def test_bad_teachers_fail_with_config_errors():
+    with pytest.raises(ConfigError, match="outputs 5 classes"):
+        DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=[ArmedTeacher(5)])
+    with pytest.raises(ConfigError, match="online teacher"):
+        DistillationModule("test_resnet", num_classes=10, image_size=32, feature_weight=1.0)
+
+
+def test_cli_fast_dev_run_debug_yaml(run_cli, tmp_path, beton_cache):
+    assert run_cli(cli_args(tmp_path, beton_cache, "--trainer.fast_dev_run", "true", model="kd/debug.yaml")) == 0
