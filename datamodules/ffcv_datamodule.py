@@ -108,10 +108,9 @@ class FFCVDataModule(ImageDataModule):
         trainer = self.trainer
         return bool(trainer is not None and trainer.world_size > 1)
 
-    def make_loader(self, split: str, train: bool, indices=None):
-        """An ``ffcv.loader.Loader`` over ``split`` with train (RRC+flip) or eval (centre crop) decoding."""
+    def pipelines(self, split: str, train: bool) -> dict:
+        """FFCV pipelines per output field: train (RRC+flip) or eval (centre crop) images, and labels."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
         hp, size = self.hparams, (self.image_size, self.image_size)
@@ -122,6 +121,12 @@ class FFCVDataModule(ImageDataModule):
         else:
             image_pipeline = [CenterCropRGBImageDecoder(size, ratio=hp.val_crop_ratio)]
         image_pipeline += [ToTensor(), ToTorchImage(channels_last=False)]
+        return {"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+
+    def make_loader(self, split: str, train: bool, indices=None):
+        """An ``ffcv.loader.Loader`` over ``split`` with the ``pipelines`` of ``split``/``train``."""
+        from ffcv.loader import Loader, OrderOption
+
         order = OrderOption.SEQUENTIAL
         if train and self.order == "random":
             order = OrderOption.RANDOM
@@ -136,7 +141,7 @@ class FFCVDataModule(ImageDataModule):
             distributed=self._distributed(),
             seed=self.seed,
             indices=indices,
-            pipelines={"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]},
+            pipelines=self.pipelines(split, train),
             drop_last=train,
             batches_ahead=self.batches_ahead,
         ))

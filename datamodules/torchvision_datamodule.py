@@ -62,10 +62,13 @@ class TorchvisionDataModule(ImageDataModule):
         for split in ("train", "val"):
             self.get_source(split)
 
+    def dataset(self, split: str, train: bool) -> Dataset:
+        """``split`` as ``(uint8 (3, S, S) image, label)`` items with train or eval transforms."""
+        return _SourceDataset(self.get_source(split), self.transform(train))
+
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = _SourceDataset(self.get_source(split), self.transform(train))
         return DataLoader(
-            dataset,
+            self.dataset(split, train),
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train,

@@ -1,0 +1,137 @@
+"""``visionlab store-logits``: a teacher's top-k logits over K augmented epochs, for replay (FKD / TinyViT).
+
+Walks the training split once; for every batch and each of the K epochs it draws the crop/flip of each
+sample from ``(seed, sample index, epoch)``, crops on the device with ``datamodules.replay.apply_crops``
+(the function the student's replay calls), runs the frozen teacher and keeps the top-k logits. Writes one
+file (``modules.components.sparse_logits`` format) atomically::
+
+    visionlab store-logits --config configs/data/fashion_mnist.yaml --teacher runs/teacher/checkpoints/last.ckpt \\
+        --epochs 10 --topk 10 --output runs/teacher/train_logits.vlsl
+
+Then train a student with ``data.class_path: datamodules.replay.ReplayDataModule`` and
+``data.init_args.logits_path`` set to that file (same data settings).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from torch import nn
+
+from datamodules.replay import apply_crops, replay_datamodule
+from modules.components.distill import build_teacher
+from modules.components.errors import ConfigError, VisionlabError
+from modules.components.sparse_logits import SparseLogits, save_sparse_logits
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output: str | Path,
+                 device: str | torch.device | None = None, teacher_name: str = "") -> SparseLogits:
+    """Store ``teacher``'s top-k logits on ``epochs`` augmented passes over ``datamodule``'s training split.
+
+    Args:
+        datamodule: an FFCV or torchvision DataModule (or its replay variant); its augmentation settings
+            (``seed``, ``rrc_scale``, ``rrc_ratio``, ``hflip``, ``image_size``) define the crops.
+        teacher: image classifier taking normalised (B, 3, S, S) and returning (B, num_classes) logits.
+        epochs: K, the augmented epochs stored (student epoch e replays stored epoch e % K).
+        topk: logits kept per crop.
+        output: the file to write (atomically).
+        device: where the teacher and the crops run (default: CUDA when available).
+        teacher_name: recorded in the file's metadata.
+
+    Returns:
+        What was written (arrays in memory).
+    """
+    if epochs < 1 or topk < 1:
+        raise ConfigError(f"--epochs {epochs} and --topk {topk} must be at least 1")
+    dm = replay_datamodule(datamodule)
+    if topk > dm.num_classes:
+        raise ConfigError(f"--topk {topk} exceeds the {dm.num_classes} classes: use --topk {dm.num_classes} or less")
+    device = torch.device(device) if device is not None else default_device()
+    teacher = teacher.to(device).eval()
+    hp = dm.hparams
+    meta = {**dm.replay_meta(), "teacher": teacher_name or type(teacher).__name__, "seed": dm.seed,
+            "rrc_scale": list(hp.rrc_scale), "rrc_ratio": list(hp.rrc_ratio), "hflip": hp.hflip}
+    num_samples = meta["num_samples"]
+    stored = SparseLogits.empty(num_samples, epochs, topk, dm.num_classes, meta)
+    seen = np.zeros(num_samples, bool)
+    for images, _, indices in dm.full_image_loader():
+        images, rows = images.to(device, non_blocking=True), indices.cpu().numpy()  # (B, 3, H, W) uint8, (B,)
+        height, width = images.shape[-2:]
+        stored.meta["decoded_hw"] = [int(height), int(width)]
+        for epoch in range(epochs):
+            boxes, flips = dm.crop_params(rows, epoch, height, width)  # (B, 4), (B,)
+            crops = apply_crops(images, torch.from_numpy(boxes), torch.from_numpy(flips), dm.image_size)
+            logits = teacher(dm.normalize(crops)).float()  # (B, C)
+            if logits.shape[1] != dm.num_classes:
+                raise ConfigError(f"the teacher predicts {logits.shape[1]} classes, the data has {dm.num_classes}: "
+                                  "use a teacher trained on these classes")
+            values, classes = logits.topk(topk, dim=1)  # (B, k), descending
+            stored.crop_boxes[rows, epoch] = boxes
+            stored.flips[rows, epoch] = flips
+            stored.topk_values[rows, epoch] = values.cpu().numpy().astype(np.float16)
+            stored.topk_indices[rows, epoch] = classes.cpu().numpy()
+        seen[rows] = True
+    if not seen.all():
+        raise RuntimeError(f"the loader skipped {int((~seen).sum())} training samples")
+    save_sparse_logits(stored, output)
+    return stored
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="visionlab store-logits", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="data (and trainer) YAML; repeatable")
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.add_argument("--trainer", type=Optional[dict], default=None, help="accepted and ignored (shared configs)")
+    parser.add_argument("--seed_everything", type=Optional[int], default=None, help="accepted and ignored")
+    parser.add_argument("--teacher", type=str, required=True, help="visionlab classifier checkpoint (.ckpt)")
+    parser.add_argument("--epochs", type=int, default=10, help="K augmented epochs to store")
+    parser.add_argument("--topk", type=int, default=10, help="logits kept per crop")
+    parser.add_argument("--output", type=str, required=True, help="file to write, e.g. runs/x/train_logits.vlsl")
+    parser.add_argument("--batch_size", type=Optional[int], default=None, help="overrides data.batch_size")
+    parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    return parser
+
+
+def main(args: list[str] | None = None) -> SparseLogits:
+    """``visionlab store-logits`` entry point; prints a one-line summary and returns what it stored."""
+    from app.cli import _user_error
+
+    parser = build_parser()
+    cfg = parser.parse_args(args)
+    try:
+        datamodule = parser.instantiate_classes(cfg).data
+        if cfg.batch_size:
+            datamodule.batch_size = cfg.batch_size
+        datamodule = replay_datamodule(datamodule)
+        datamodule.prepare_data()
+        datamodule.setup("predict")
+        teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
+        start = time.perf_counter()
+        stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher)
+        seconds = time.perf_counter() - start
+    except Exception as err:
+        user_error = err if isinstance(err, VisionlabError) else _user_error(err)
+        if user_error is None:
+            raise
+        print(f"visionlab: error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+    size_mb = Path(cfg.output).stat().st_size / 2**20
+    print(f"store-logits: wrote {cfg.output} ({size_mb:.2f} MiB): {stored.num_samples} samples x {stored.epochs} epochs, "
+          f"top-{stored.topk} of {stored.meta['num_classes']} classes, teacher {stored.meta['teacher']}, {seconds:.1f} s")
+    return stored
+
+
+if __name__ == "__main__":
+    main()

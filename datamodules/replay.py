@@ -1,0 +1,306 @@
+"""Replayable augmentation for stored sparse teacher logits (FKD / TinyViT dataset reinforcement).
+
+The loaders here yield *full* decoded images with their sample index; the random-resized crop and flip
+happen on the device, from parameters that are a pure function of ``(seed, sample index, epoch)``. The
+``visionlab store-logits`` tool draws those parameters, crops, runs the teacher and stores parameters and
+top-k logits; ``ReplayDataModule`` later reads them back and calls the same ``apply_crops`` on the same
+decoded pixels, so the student sees bit-for-bit the crop the teacher saw (on the same device type).
+
+* ``sample_crop_params``: torchvision's ``RandomResizedCrop.get_params`` (10 tries, then a centre crop)
+  vectorised over a batch, with uniforms from a counter-based hash instead of a stateful generator.
+* ``apply_crops``: one batched kornia ``crop_and_resize`` (bilinear) + flips, uint8 in and out.
+* ``ReplayDataModule`` (FFCV) and ``TorchvisionReplayDataModule``: train batches reach the module as
+  ``[images (B, 3, S, S) normalised float, labels (B,), topk_values (B, k) float32, topk_indices (B, k) int64]``;
+  validation batches are the parents' ``(images, labels)``. Training epoch e replays stored epoch e % K.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.torchvision_datamodule import CenterCropRatio, TorchvisionDataModule, _SourceDataset
+from modules.components.errors import ConfigError
+from modules.components.sparse_logits import SparseLogits, load_sparse_logits
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+RRC_ATTEMPTS = 10
+
+
+# --- parameters ------------------------------------------------------------------------------------
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic): a fast, well-mixed hash."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, indices: np.ndarray, count: int) -> np.ndarray:
+    """``count`` uniforms in [0, 1) per sample, a pure function of ``(seed, epoch, index)``: (B, count) float64."""
+    key = _splitmix64(np.full(1, seed, np.uint64))
+    key = _splitmix64(key ^ np.uint64(epoch))
+    key = _splitmix64(key ^ np.asarray(indices, np.uint64).reshape(-1))  # (B,)
+    counters = key[:, None] ^ np.arange(1, count + 1, dtype=np.uint64)[None] * np.uint64(0xD1B54A32D192ED03)
+    return (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * 2.0**-53  # (B, count)
+
+
+def sample_crop_params(seed: int, indices, epoch: int, height: int, width: int,
+                       scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                       hflip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Random-resized-crop boxes and flips, deterministic per ``(seed, sample index, epoch)``.
+
+    The same rule as torchvision's ``RandomResizedCrop.get_params`` (area fraction in ``scale``, log-uniform
+    aspect ratio in ``ratio``, 10 tries, else the largest centre crop within ``ratio``) and a fair coin
+    for the flip, computed for the whole batch at once.
+
+    Args:
+        seed: augmentation seed (the DataModule's ``seed``).
+        indices: (B,) sample indices in the split.
+        epoch: augmented epoch number.
+        height: decoded image height (all images of a split share it).
+        width: decoded image width.
+        scale: crop area range as fractions of the image.
+        ratio: aspect-ratio (w / h) range.
+        hflip: draw flips; ``False`` gives none.
+
+    Returns:
+        boxes: int64 (B, 4) top, left, height, width; flips: bool (B,).
+    """
+    draws = uniforms(seed, epoch, indices, 4 * RRC_ATTEMPTS + 1)  # (B, 41)
+    tries = draws[:, :-1].reshape(-1, RRC_ATTEMPTS, 4)  # (B, 10, 4)
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * tries[..., 0])
+    aspect = np.exp(log_lo + (log_hi - log_lo) * tries[..., 1])
+    crop_w = np.round(np.sqrt(target_area * aspect)).astype(np.int64)
+    crop_h = np.round(np.sqrt(target_area / aspect)).astype(np.int64)
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)  # (B, 10)
+    first = fits.argmax(axis=1)  # first try that fits
+    rows = np.arange(len(first))
+    crop_h, crop_w, pick = crop_h[rows, first], crop_w[rows, first], tries[rows, first]
+    top = np.floor(pick[:, 2] * (height - crop_h + 1)).astype(np.int64)
+    left = np.floor(pick[:, 3] * (width - crop_w + 1)).astype(np.int64)
+
+    # fallback (no try fits): the largest centre crop with an aspect ratio inside ``ratio``
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = int(round(height * ratio[1])), height
+    else:
+        fallback_w, fallback_h = width, height
+    none_fit = ~fits.any(axis=1)
+    crop_h = np.where(none_fit, fallback_h, crop_h)
+    crop_w = np.where(none_fit, fallback_w, crop_w)
+    top = np.where(none_fit, (height - fallback_h) // 2, top)
+    left = np.where(none_fit, (width - fallback_w) // 2, left)
+    flips = (draws[:, -1] < 0.5) if hflip else np.zeros(len(rows), bool)
+    return np.stack([top, left, crop_h, crop_w], axis=1), flips
+
+
+# --- cropping --------------------------------------------------------------------------------------
+def apply_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its box, resize to ``size`` (bilinear), flip where asked: uint8 in, uint8 out.
+
+    The one crop implementation for teacher (when storing) and student (when replaying), so both see
+    the same pixels for the same parameters. Runs on the images' device (batched kornia warp).
+
+    Args:
+        images: uint8 (B, 3, H, W) full decoded images.
+        boxes: (B, 4) integer top, left, height, width.
+        flips: (B,) bool, horizontal flip after cropping.
+        size: output side S.
+
+    Returns:
+        uint8 (B, 3, S, S).
+    """
+    from kornia.geometry.transform import crop_and_resize
+
+    boxes = boxes.to(images.device, torch.float32)
+    top, left, height, width = boxes.unbind(1)  # (B,) each
+    right, bottom = left + width - 1, top + height - 1
+    corners = torch.stack([torch.stack([left, top], 1), torch.stack([right, top], 1),
+                           torch.stack([right, bottom], 1), torch.stack([left, bottom], 1)], 1)  # (B, 4, 2) as (x, y)
+    crops = crop_and_resize(images.float(), corners, (size, size), mode="bilinear", align_corners=True)  # (B, 3, S, S)
+    crops = torch.where(flips.to(images.device).view(-1, 1, 1, 1), crops.flip(-1), crops)
+    return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# --- loaders of full images with their index -------------------------------------------------------
+def _ffcv_index_decoder():
+    """An FFCV decoder for any scalar field that outputs the sample's index in the .beton instead of its value."""
+    from ffcv.fields.basics import IntDecoder
+
+    class IndexDecoder(IntDecoder):
+        def generate_code(self):
+            def decode(indices, destination, metadata, storage_state):
+                for position, sample_id in enumerate(indices):
+                    destination[position] = sample_id
+                return destination[:len(indices)]
+
+            return decode
+
+    return IndexDecoder()
+
+
+class _IndexedDataset(_SourceDataset):
+    def __getitem__(self, index: int):
+        return (*super().__getitem__(index), index)
+
+
+class _Replay:
+    """The replay logic both back-ends share (mixed into a DataModule that sets ``_init_replay``)."""
+
+    def _init_replay(self, logits_path: str | None, decode_size: int | None) -> None:
+        self.logits_path = logits_path
+        self.decode_size = decode_size
+        self.replay_epoch = 0  # used when no Trainer is attached (scripts, tests)
+        self.stored: SparseLogits | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The training epoch: the Trainer's when attached, else ``replay_epoch``."""
+        return self.trainer.current_epoch if self.trainer is not None else self.replay_epoch
+
+    def crop_params(self, indices, epoch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Freshly drawn ``(boxes (B, 4), flips (B,))`` of this data config for ``indices`` at ``epoch``."""
+        hp = self.hparams
+        return sample_crop_params(self.seed, np.asarray(indices), epoch, height, width, hp.rrc_scale, hp.rrc_ratio, hp.hflip)
+
+    def replay_meta(self) -> dict:
+        """What a stored-logits file must match to be replayed with this data config."""
+        source = self.get_source("train")
+        return {"num_samples": len(source), "source_fingerprint": source.fingerprint, "image_size": self.image_size,
+                "decode_size": self.decode_size}
+
+    def load_stored(self) -> SparseLogits:
+        """Open ``logits_path`` and check it was made from this training split (ConfigError otherwise)."""
+        if not self.logits_path:
+            raise ConfigError("data.logits_path is not set: run `visionlab store-logits --output FILE` and pass FILE")
+        stored = load_sparse_logits(self.logits_path)
+        for key, expected in self.replay_meta().items():
+            if stored.meta.get(key) != expected:
+                raise ConfigError(
+                    f"{self.logits_path} was stored with {key}={stored.meta.get(key)!r} but this data config has "
+                    f"{expected!r}: use the data settings of the store-logits run or store logits again")
+        self.stored = stored
+        return stored
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.load_stored()
+
+    def full_image_loader(self):
+        """The training split as ``(full uint8 images, labels, indices)`` batches in index order, none dropped."""
+        raise NotImplementedError
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if len(batch) != 3:  # validation: the parent's centre-cropped (images, labels)
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+        images, labels, indices = batch  # (B, 3, H, W) uint8, (B,), (B,)
+        stored = self.stored if self.stored is not None else self.load_stored()
+        decoded = list(images.shape[-2:])
+        if stored.meta.get("decoded_hw") != decoded:
+            raise ConfigError(f"{self.logits_path} was stored from {stored.meta.get('decoded_hw')} px decoded images, "
+                              f"the loader gives {decoded}: use the store-logits run's data settings")
+        rows, column = indices.cpu().numpy(), self.epoch % stored.epochs
+        crops = apply_crops(images, torch.from_numpy(stored.crop_boxes[rows, column].astype(np.int64)),
+                            torch.from_numpy(stored.flips[rows, column].astype(bool)), self.image_size)
+        device = images.device
+        values = torch.from_numpy(stored.topk_values[rows, column].astype(np.float32)).to(device)  # (B, k)
+        classes = torch.from_numpy(stored.topk_indices[rows, column].astype(np.int64)).to(device)  # (B, k)
+        return [self.normalize(crops), labels.long().view(-1), values, classes]
+
+
+class ReplayDataModule(_Replay, FFCVDataModule):
+    """FFCV DataModule whose training batches replay stored crops and carry stored top-k teacher logits.
+
+    The training loader decodes whole images (``SimpleRGBImageDecoder`` when all images share one size,
+    else a centre square resized to ``decode_size``) and an index field decoded from the label column;
+    ``on_after_batch_transfer`` crops on the device with the stored parameters.
+
+    Args:
+        logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
+        decode_size: decode every training image as its centre square resized to this side; ``None``
+            when all images already share one size (the embedded Fashion-MNIST).
+        **kwargs: the ``FFCVDataModule`` arguments.
+    """
+
+    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_replay(logits_path, decode_size)
+
+    def pipelines(self, split: str, train: bool) -> dict:
+        if split != "train":
+            return super().pipelines(split, train)
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+        if self.decode_size is None:
+            decoder = SimpleRGBImageDecoder()
+        else:
+            decoder = CenterCropRGBImageDecoder((self.decode_size, self.decode_size), ratio=1.0)
+        return {
+            "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
+            "label": [IntDecoder(), ToTensor(), Squeeze()],
+            "index": PipelineSpec("label", decoder=_ffcv_index_decoder(), transforms=[ToTensor(), Squeeze()]),
+        }
+
+    def make_loader(self, split: str, train: bool, indices=None):
+        try:
+            return super().make_loader(split, train, indices)
+        except TypeError as err:
+            if "constant image" not in str(err):
+                raise
+            raise ConfigError("training images differ in size: set data.decode_size (e.g. 256) to decode them at one size") from err
+
+    def full_image_loader(self):
+        return self.make_loader("train", train=False)
+
+
+class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
+    """``ReplayDataModule`` through torch.utils.data (same crops, same batches reaching the module).
+
+    Args:
+        logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
+        decode_size: centre square resized to this side before cropping; ``None`` keeps images as they are
+            (they must then share one size).
+        **kwargs: the ``TorchvisionDataModule`` arguments.
+    """
+
+    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_replay(logits_path, decode_size)
+
+    def dataset(self, split: str, train: bool) -> Dataset:
+        if split != "train":
+            return super().dataset(split, train)
+        ops = [] if self.decode_size is None else [CenterCropRatio(self.decode_size, 1.0)]
+        return _IndexedDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]))
+
+    def full_image_loader(self):
+        return self._loader("train", train=False)
+
+
+def replay_datamodule(datamodule, logits_path: str | None = None) -> _Replay:
+    """``datamodule`` itself when it replays, else the replay DataModule of its back-end with its settings."""
+    if isinstance(datamodule, _Replay):
+        return datamodule
+    settings = dict(datamodule.hparams)
+    if logits_path is not None:
+        settings["logits_path"] = logits_path
+    if isinstance(datamodule, FFCVDataModule):
+        return ReplayDataModule(**settings)
+    if isinstance(datamodule, TorchvisionDataModule):
+        return TorchvisionReplayDataModule(**settings)
+    raise ConfigError(f"{type(datamodule).__name__} cannot replay augmentations: use an FFCV or torchvision data config")
