@@ -1,0 +1,277 @@
+"""Stored sparse teacher logits: deterministic crops, exact replay (FFCV and torchvision), the file format, the tool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from app.store_logits import store_logits
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.replay import (ReplayDataModule, TorchvisionReplayDataModule, apply_crops, replay_datamodule,
+                                sample_crop_params)
+from modules.components import sparse_logits
+from modules.components.errors import ConfigError, DataError
+from modules.components.sparse_logits import SparseLogits, load_sparse_logits, save_sparse_logits
+
+from .conftest import CONFIGS
+
+EPOCHS, TOPK, BATCH = 3, 4, 16
+DATA = dict(source="fashion_mnist", image_size=32, batch_size=BATCH, num_workers=1, train_limit=64, val_limit=16,
+            rrc_scale=(0.35, 1.0), mean=(0.286,) * 3, std=(0.353,) * 3, seed=3)
+
+
+# --- parameters and crops --------------------------------------------------------------------------
+def test_crop_params_are_a_function_of_seed_index_epoch():
+    indices = np.arange(200)
+    boxes, flips = sample_crop_params(0, indices, 5, 28, 28, (0.08, 1.0))
+    again, again_flips = sample_crop_params(0, indices[::-1], 5, 28, 28, (0.08, 1.0))  # other batch order
+    np.testing.assert_array_equal(boxes, again[::-1])
+    np.testing.assert_array_equal(flips, again_flips[::-1])
+    alone, _ = sample_crop_params(0, [17], 5, 28, 28, (0.08, 1.0))
+    np.testing.assert_array_equal(alone[0], boxes[17])
+    next_epoch, _ = sample_crop_params(0, indices, 6, 28, 28, (0.08, 1.0))
+    other_seed, _ = sample_crop_params(1, indices, 5, 28, 28, (0.08, 1.0))
+    assert (next_epoch != boxes).any(axis=1).mean() > 0.9
+    assert (other_seed != boxes).any(axis=1).mean() > 0.9
+    assert 0.3 < flips.mean() < 0.7
+    top, left, height, width = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 28).all() and (left + width <= 28).all()
+    area = height * width / 28**2
+    assert area.min() >= 0.06 and area.max() <= 1.0 and area.std() > 0.1
+    assert not sample_crop_params(0, indices, 5, 28, 28, hflip=False)[1].any()
+
+
+def test_crop_params_fall_back_to_a_centre_crop():
+    """An area range no crop can meet gives torchvision's fallback: the largest centre crop within ``ratio``."""
+    boxes, _ = sample_crop_params(0, np.arange(4), 0, 20, 40, scale=(2.0, 3.0), ratio=(0.75, 1.5))
+    np.testing.assert_array_equal(boxes, [[0, 5, 20, 30]] * 4)
+
+
+def test_apply_crops_copies_pixels_for_unscaled_boxes():
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 28, 28], [3, 5, 12, 12], [16, 0, 12, 12], [0, 16, 12, 12]])
+    flips = torch.tensor([True, False, True, False])
+    whole = apply_crops(images[:1], boxes[:1], flips[:1], 28)
+    assert torch.equal(whole[0], images[0].flip(-1))
+    crops = apply_crops(images[1:], boxes[1:], flips[1:], 12)
+    for crop, image, (top, left, height, width), flip in zip(crops, images[1:], boxes[1:].tolist(), flips[1:]):
+        expected = image[:, top:top + height, left:left + width]
+        assert torch.equal(crop, expected.flip(-1) if flip else expected)
+    resized = apply_crops(images, boxes, flips, 32)
+    assert resized.shape == (4, 3, 32, 32) and resized.dtype == torch.uint8
+
+
+# --- the file --------------------------------------------------------------------------------------
+def _random_logits(num_samples=10, epochs=3, topk=5, num_classes=1000, seed=0) -> SparseLogits:
+    rng = np.random.default_rng(seed)
+    stored = SparseLogits.empty(num_samples, epochs, topk, num_classes, {"teacher": "t", "image_size": 32})
+    stored.crop_boxes[:] = rng.integers(0, 500, stored.crop_boxes.shape)
+    stored.flips[:] = rng.integers(0, 2, stored.flips.shape)
+    stored.topk_values[:] = (rng.normal(size=stored.topk_values.shape) * 20).astype(np.float16)
+    stored.topk_values[0, 0, :3] = [np.float16(65504), np.float16(-6e-8), np.float16(0.1)]  # extremes, subnormal
+    stored.topk_indices[:] = rng.integers(0, num_classes, stored.topk_indices.shape)
+    return stored
+
+
+def test_file_round_trips_bit_exactly(tmp_path):
+    stored = _random_logits()
+    save_sparse_logits(stored, tmp_path / "train.vlsl")
+    loaded = load_sparse_logits(tmp_path / "train.vlsl")
+    for name, array in stored.arrays().items():
+        read = getattr(loaded, name)
+        assert read.dtype == array.dtype and read.shape == array.shape
+        assert read.tobytes() == array.tobytes(), name  # bit-identical (float16 included)
+    assert loaded.meta == stored.meta and loaded.meta["num_classes"] == 1000
+    assert loaded.topk_indices.dtype == np.uint16
+    assert SparseLogits.empty(1, 1, 1, 70000).topk_indices.dtype == np.int32
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "train.vlsl"
+    save_sparse_logits(_random_logits(seed=1), path)
+    before = path.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt  # e.g. Ctrl-C after the arrays were written, before the rename
+
+    monkeypatch.setattr(sparse_logits.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_sparse_logits(_random_logits(seed=2), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.vlsl"]  # no temp file left behind
+    load_sparse_logits(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "not_ours"])
+def test_damaged_file_is_a_one_line_data_error(tmp_path, damage):
+    path = tmp_path / "train.vlsl"
+    save_sparse_logits(_random_logits(), path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    elif damage == "flipped_byte":
+        data[-100] ^= 0xFF  # inside topk_indices
+    else:
+        data = bytearray(b"PK\x03\x04" + bytes(100))
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        load_sparse_logits(path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "store-logits" in message
+
+
+# --- store, then replay ----------------------------------------------------------------------------
+class RecordingTeacher(nn.Module):
+    """A fixed random linear classifier that keeps every input batch it is given."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(3 * 32 * 32, num_classes)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, images):
+        self.inputs.append(images.clone())
+        return self.head(images.flatten(1)) * 10
+
+
+@pytest.fixture(scope="module")
+def stored_run(tmp_path_factory):
+    """Logits stored through the FFCV path; the teacher's inputs indexed by (sample, epoch)."""
+    cache = tmp_path_factory.mktemp("replay-beton")
+    datamodule = FFCVDataModule(cache_dir=str(cache), **DATA)
+    datamodule.prepare_data()
+    teacher = RecordingTeacher()
+    output = tmp_path_factory.mktemp("logits") / "train.vlsl"
+    stored = store_logits(datamodule, teacher, EPOCHS, TOPK, output, device="cpu", teacher_name="recording")
+    seen = {}  # (index, epoch) -> the normalised crop the teacher saw; the store loader runs in index order
+    for call, inputs in enumerate(teacher.inputs):
+        batch, epoch = divmod(call, EPOCHS)
+        for row, image in enumerate(inputs):
+            seen[batch * BATCH + row, epoch] = image
+    return cache, output, stored, seen, teacher
+
+
+@pytest.mark.parametrize("backend", [ReplayDataModule, TorchvisionReplayDataModule])
+def test_replayed_crops_equal_what_the_teacher_saw(stored_run, backend):
+    """Replayed crops are bit-identical to the teacher's inputs, through FFCV and torchvision alike."""
+    cache, output, stored, seen, teacher = stored_run
+    assert len(seen) == 64 * EPOCHS
+    extra = {"cache_dir": str(cache)} if backend is ReplayDataModule else {}
+    datamodule = backend(logits_path=str(output), **DATA, **extra)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    for epoch in (1, EPOCHS + 1):  # the second pass replays stored epoch 1 again
+        datamodule.replay_epoch = epoch
+        checked = 0
+        for images, labels, indices in datamodule.train_dataloader():
+            replayed = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+            crops, _, values, classes = replayed
+            assert values.dtype == torch.float32 and classes.dtype == torch.int64 and values.shape == (BATCH, TOPK)
+            for row, index in enumerate(indices.tolist()):
+                assert torch.equal(crops[row], seen[index, epoch % EPOCHS])
+            logits = teacher.head(crops.flatten(1)) * 10
+            expected_values, expected_classes = logits.topk(TOPK, dim=1)
+            torch.testing.assert_close(values, expected_values.half().float(), rtol=0, atol=0)
+            assert torch.equal(classes, expected_classes)
+            checked += len(indices)
+        assert checked == 64  # drop_last keeps whole batches: 64 = 4 x 16
+    val_images, val_labels = datamodule.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
+    assert val_images.shape == (BATCH, 3, 32, 32) and val_images.dtype == torch.float32
+
+
+def test_stored_epochs_differ_and_follow_the_seed(stored_run):
+    _, _, stored, _, _ = stored_run
+    assert stored.meta["seed"] == DATA["seed"] and stored.meta["decoded_hw"] == [28, 28]
+    assert (stored.crop_boxes[:, 0] != stored.crop_boxes[:, 1]).any(axis=1).mean() > 0.8
+    boxes, flips = sample_crop_params(DATA["seed"], np.arange(64), 2, 28, 28, DATA["rrc_scale"])
+    np.testing.assert_array_equal(stored.crop_boxes[:, 2], boxes)
+    np.testing.assert_array_equal(stored.flips[:, 2], flips)
+
+
+def test_logits_of_another_subset_are_refused(stored_run):
+    cache, output, _, _, _ = stored_run
+    datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), **{**DATA, "train_limit": 48})
+    datamodule.prepare_data()
+    with pytest.raises(ConfigError, match="num_samples=64 but this data config has 48"):
+        datamodule.setup("fit")
+    bigger = TorchvisionReplayDataModule(logits_path=str(output), **{**DATA, "image_size": 24})
+    with pytest.raises(ConfigError, match="image_size"):
+        bigger.setup("fit")
+
+
+class _RecordTargets(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 10)
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels, values, classes = batch
+        self.seen.append((self.current_epoch, values.clone()))
+        return self.layer(images.mean((2, 3))).logsumexp(1).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_trainer_epoch_e_replays_stored_epoch_e_mod_k(stored_run):
+    cache, output, stored, _, _ = stored_run
+    datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), order="sequential", **DATA)
+    module = _RecordTargets()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=EPOCHS + 1, limit_train_batches=1, limit_val_batches=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=datamodule)
+    assert [epoch for epoch, _ in module.seen] == list(range(EPOCHS + 1))
+    for epoch, values in module.seen:  # sequential order: the first batch is samples 0..15
+        np.testing.assert_array_equal(values.numpy(), stored.topk_values[:BATCH, epoch % EPOCHS].astype(np.float32))
+
+
+# --- the tool --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A tiny classifier checkpoint in visionlab's format (``backbone.*`` weights + hyper_parameters)."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", num_classes=10)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    hparams = {"backbone": "test_resnet", "backbone_kwargs": {}, "num_classes": 10, "image_size": 32}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "hyper_parameters": hparams}, path)
+    return path
+
+
+def _tool_args(cache: Path, teacher: Path, output: Path, *extra: str) -> list[str]:
+    return ["store-logits", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/fashion_mnist.yaml"),
+            "--data.init_args.cache_dir", str(cache), "--data.init_args.train_limit", "64",
+            "--data.init_args.val_limit", "16", "--data.init_args.num_workers", "1",
+            "--teacher", str(teacher), "--output", str(output), "--batch_size", "32", *extra]
+
+
+def test_store_logits_tool_end_to_end(run_cli, stored_run, teacher_checkpoint, tmp_path, capsys):
+    cache = stored_run[0]
+    output = tmp_path / "out" / "train.vlsl"
+    assert run_cli(_tool_args(cache, teacher_checkpoint, output, "--epochs", "2", "--topk", "3")) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith(f"store-logits: wrote {output}") and "64 samples x 2 epochs" in summary
+    stored = load_sparse_logits(output)
+    assert stored.crop_boxes.shape == (64, 2, 4) and stored.topk_values.shape == (64, 2, 3)
+    assert stored.meta["teacher"] == str(teacher_checkpoint) and stored.meta["num_classes"] == 10
+    assert (np.diff(stored.topk_values.astype(np.float32), axis=2) <= 0).all()  # descending
+    assert all(len(set(row)) == 3 for row in stored.topk_indices.reshape(-1, 3).tolist())
+    # the file replays through the student's data config
+    replay = replay_datamodule(FFCVDataModule(**{**DATA, "seed": 0, "rrc_scale": (0.6, 1.0)}, cache_dir=str(cache)), str(output))
+    replay.setup("fit")
+    assert replay.stored.epochs == 2
+
+
+def test_store_logits_tool_reports_a_missing_teacher(run_cli, stored_run, tmp_path, capsys):
+    code = run_cli(_tool_args(stored_run[0], tmp_path / "missing.ckpt", tmp_path / "x.vlsl", "--epochs", "1"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "visionlab: error:" in err and "missing.ckpt" in err
+    assert not (tmp_path / "x.vlsl").exists()
