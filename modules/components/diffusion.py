@@ -44,13 +44,13 @@ class NoiseSchedule(nn.Module):
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - previous) / (1 - alphas_cumprod)  # beta_tilde_t
-        for name, value in (("betas", betas), ("alphas_cumprod", alphas_cumprod), ("posterior_variance", posterior_variance)):
+        for name, value in (("betas", betas), ("alphas_cumprod", alphas_cumprod), ("posterior_variance", posterior_variance),
+                            ("alpha_bar_from_minus_1", torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod]))):
             self.register_buffer(name, value.float(), persistent=False)
 
     def alpha_bar(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """alpha_bar at integer steps ``t`` (B,), shaped (B, 1, ..., 1) to broadcast over ``ndim``-d tensors; t=-1 gives 1."""
-        padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
-        return padded[t + 1].view(-1, *([1] * (ndim - 1)))
+        return self.alpha_bar_from_minus_1[t + 1].view(-1, *([1] * (ndim - 1)))
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
