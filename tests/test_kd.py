@@ -23,7 +23,7 @@ from modules.components.distill import (
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
 from modules.kd import DistillationModule
-from tests.conftest import cli_args
+from tests.conftest import CONFIGS, cli_args
 
 
 # --- pure functions --------------------------------------------------------------------------------
@@ -199,3 +199,19 @@ def test_bad_teachers_fail_with_config_errors():
 
 def test_cli_fast_dev_run_debug_yaml(run_cli, tmp_path, beton_cache):
     assert run_cli(cli_args(tmp_path, beton_cache, "--trainer.fast_dev_run", "true", model="kd/debug.yaml")) == 0
+
+
+def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_cache):
+    teacher = build_teacher("test_resnet", num_classes=10)
+    checkpoint = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+                "hyper_parameters": {"backbone": "test_resnet", "num_classes": 10, "image_size": 32}}, checkpoint)
+    limits = ["--data.init_args.cache_dir", str(beton_cache), "--data.init_args.train_limit", "256",
+              "--data.init_args.val_limit", "128"]
+    logits = tmp_path / "train_logits.vlsl"
+    assert run_cli(["store-logits", "--config", str(CONFIGS / "data/fashion_mnist.yaml"), *limits, "--teacher", str(checkpoint),
+                    "--epochs", "2", "--topk", "3", "--output", str(logits), "--device", "cpu"]) == 0
+    args = cli_args(tmp_path, beton_cache, *limits[2:], "--data.init_args.logits_path", str(logits),
+                    "--model.init_args.student", "test_resnet", "--trainer.max_epochs", "2", model="kd/stored_logits.yaml")
+    assert run_cli(args) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2  # trainer/debug.yaml: 2 epochs x 1 batch

@@ -1,0 +1,221 @@
+"""Knowledge distillation at small scale on the embedded Fashion-MNIST (32 px).
+
+Trains resnet18 teacher(s) with ``ClassificationModule`` on a larger subset, then a small student
+(timm ``test_resnet``, 0.37M parameters) at an equal budget (same images x epochs, same data pipeline) in
+each variant: trained alone on hard labels; MEAL V2 (mean softmax of the teachers, no hard labels); an
+online single teacher (full run only); stored sparse top-k logits replayed with their crops
+(``visionlab store-logits`` + ``ReplayDataModule``, no teacher forward); FerKD calibration; feature KD
+(cross-attention projector on an intermediate feature map, plus the logit loss). Prints top-1 on the test
+images and the training wall time per epoch (validation excluded).
+
+    python benchmarks/kd.py --quick   # ~3-5 min on 2 shared cores (1 teacher)
+    python benchmarks/kd.py           # ~25-35 min on 2 shared cores (2 teachers)
+
+Teacher checkpoints are cached under ``--root`` per settings, so a rerun only trains the students.
+The CPU is shared with other jobs: wall times are noisy, ratios more than absolute seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.store_logits import store_logits  # noqa: E402
+from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
+from datamodules.replay import replay_datamodule  # noqa: E402
+from modules.classification import ClassificationModule  # noqa: E402
+from modules.components.distill import build_teacher  # noqa: E402
+from modules.components.optim import OptimConfig  # noqa: E402
+from modules.kd import DistillationModule  # noqa: E402
+
+TEACHER, STUDENT = "resnet18", "test_resnet"
+DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
+            mean=(0.286,) * 3, std=(0.353,) * 3)
+TOPK = 5
+
+
+class EpochTimer(pl.Callback):
+    """Training wall time per epoch: epoch start to the end of its last batch (validation excluded)."""
+
+    def __init__(self):
+        self.times, self._start, self._last = [], 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._last = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(self._last - self._start)
+
+    @property
+    def seconds(self) -> float:
+        """Median epoch after the first (FFCV compiles its pipeline in the first epoch)."""
+        return statistics.median(self.times[1:] or self.times)
+
+
+def trainer(root: Path, epochs: int, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        check_val_every_n_epoch=epochs, default_root_dir=root, callbacks=list(callbacks),
+    )
+
+
+def data(root: Path, train_limit: int, args) -> FFCVDataModule:
+    return FFCVDataModule(cache_dir=str(root / "beton"), train_limit=train_limit, val_limit=args.val_images,
+                          batch_size=args.batch_size, **DATA)
+
+
+def train_teacher(root: Path, seed: int, args) -> tuple[Path, dict]:
+    """A resnet18 classifier (cached per settings): ``(checkpoint, {"acc", "epoch_s"})``."""
+    path = root / f"teacher-{TEACHER}-seed{seed}-{args.teacher_images}x{args.teacher_epochs}-val{args.val_images}.ckpt"
+    info = path.with_suffix(".json")
+    if path.is_file() and info.is_file():
+        return path, {**json.loads(info.read_text()), "cached": True}
+    pl.seed_everything(seed, verbose=False)
+    model = ClassificationModule(backbone=TEACHER, num_classes=10, image_size=32, label_smoothing=0.1,
+                                 optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.3))
+    timer = EpochTimer()
+    run = trainer(root / f"teacher{seed}", args.teacher_epochs, [timer])
+    run.fit(model, datamodule=data(root, args.teacher_images, args))
+    run.save_checkpoint(path)
+    result = {"acc": float(run.callback_metrics["val/acc1"]), "epoch_s": timer.seconds}
+    info.write_text(json.dumps(result))
+    return path, {**result, "cached": False}
+
+
+def student_optim(weight_decay: float) -> OptimConfig:
+    return OptimConfig(name="adamw", lr=3e-3, weight_decay=weight_decay, warmup_epochs=0.3)
+
+
+def fit_student(root: Path, name: str, model: pl.LightningModule, dm, args) -> dict:
+    timer = EpochTimer()
+    run = trainer(root / name, args.epochs, [timer])
+    run.fit(model, datamodule=dm)
+    metrics = run.callback_metrics
+    row = {"name": name, "acc": float(metrics["val/acc1"]), "epoch_s": timer.seconds}
+    if "val/teacher_acc1" in metrics:
+        row["teacher_acc"] = float(metrics["val/teacher_acc1"])
+    if "train/ferkd_negatives" in metrics:
+        row["note"] = f"hard negatives in last batch: {float(metrics['train/ferkd_negatives']):.0%}"
+    return row
+
+
+def kd_student(teachers: list[Path], **options) -> DistillationModule:
+    return DistillationModule(student=STUDENT, num_classes=10, image_size=32, teachers=[str(t) for t in teachers],
+                              optim=student_optim(0.0), **options)
+
+
+def run_variants(root: Path, teachers: list[Path], args) -> list[dict]:
+    rows = []
+
+    def student_data():
+        return data(root, args.images, args)
+
+    def variant(key, make_model, dm=None, name=None):
+        if key in args.variants:
+            pl.seed_everything(0, verbose=False)
+            rows.append(fit_student(root, name or key, make_model(), dm or student_data(), args))
+            print(f"  {rows[-1]['name']}: top-1 {rows[-1]['acc']:.4f}, {rows[-1]['epoch_s']:.1f} s/epoch", flush=True)
+
+    variant("alone", lambda: ClassificationModule(backbone=STUDENT, num_classes=10, image_size=32, label_smoothing=0.1,
+                                                  optim=student_optim(0.05)))
+    variant("meal_v2", lambda: kd_student(teachers), name=f"meal_v2 ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})")
+    if len(teachers) > 1:
+        variant("meal_v2", lambda: kd_student(teachers[:1]), name="kd_online (teacher 1)")
+    if "stored" in args.variants:
+        dm = student_data()
+        dm.prepare_data()
+        dm = replay_datamodule(dm, logits_path=str(root / f"logits-{args.images}x{args.epochs}-top{TOPK}.vlsl"))
+        dm.prepare_data()
+        dm.setup("predict")
+        teacher = build_teacher(str(teachers[0]), 10, 32)
+        start = time.perf_counter()
+        store_logits(dm, teacher, epochs=args.epochs, topk=TOPK, output=dm.logits_path, device="cpu")
+        store_s = time.perf_counter() - start
+        variant("stored", lambda: DistillationModule(student=STUDENT, num_classes=10, image_size=32, teachers=[],
+                                                     optim=student_optim(0.0)), dm)
+        if rows and rows[-1]["name"] == "stored":
+            rows[-1]["note"] = f"top-{TOPK} of 10 logits, {args.epochs} stored epochs written once in {store_s:.0f} s"
+            rows[-1]["store_s"] = store_s
+    variant("ferkd", lambda: kd_student(teachers[:1], ferkd=True, ferkd_low=0.2, ferkd_high=0.9, ferkd_smoothing=0.3))
+    variant("feature_kd", lambda: kd_student(teachers[:1], feature_weight=1.0, feature_layer=2, projector="cross_attention"))
+    return rows
+
+
+def main() -> None:
+    names = ["alone", "meal_v2", "stored", "ferkd", "feature_kd"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small budget, 1 teacher (~3-5 min)")
+    parser.add_argument("--root", default="runs/bench/kd", help="run folder (teacher checkpoints, logits, .beton cache)")
+    parser.add_argument("--variants", nargs="*", default=names, choices=names)
+    args = parser.parse_args()
+    if args.quick:
+        args.teacher_images, args.teacher_epochs, args.num_teachers = 6000, 2, 1
+        args.images, args.epochs, args.val_images, args.batch_size = 3000, 3, 1000, 128
+    else:
+        args.teacher_images, args.teacher_epochs, args.num_teachers = 15000, 3, 2
+        args.images, args.epochs, args.val_images, args.batch_size = 5000, 6, 3000, 128
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    start = time.time()
+    teachers = []
+    for seed in range(args.num_teachers):
+        path, info = train_teacher(root, seed, args)
+        teachers.append(path)
+        print(f"teacher {seed + 1}: {TEACHER} (seed {seed}) on {args.teacher_images} images x {args.teacher_epochs} epochs: "
+              f"top-1 {info['acc']:.4f}, {info['epoch_s']:.1f} s/epoch{' (cached)' if info['cached'] else ''}", flush=True)
+    print(f"students: {STUDENT}, {args.images} train images x {args.epochs} epochs each, batch {args.batch_size}", flush=True)
+    rows = run_variants(root, teachers, args)
+
+    print(f"\ntop-1 on {args.val_images} Fashion-MNIST test images; s/epoch = training wall time per epoch (shared CPU: noisy)")
+    print(f"{'variant':<24}{'top-1':>8}{'s/epoch':>9}  notes")
+    for r in rows:
+        note = r.get("note", "")
+        if "teacher_acc" in r:
+            note = f"teacher(s) top-1 {r['teacher_acc']:.4f}" + (f"; {note}" if note else "")
+        print(f"{r['name']:<24}{r['acc']:>8.4f}{r['epoch_s']:>9.1f}  {note}")
+    by = {r["name"].split(" ")[0]: r for r in rows}
+    print()
+    if "alone" in by:
+        for r in rows:
+            if r["name"] != "alone":
+                print(f"{r['name'].split(' ')[0]}_vs_alone: {100 * (r['acc'] - by['alone']['acc']):+.1f} pts")
+    online = by.get("kd_online") or by.get("meal_v2")
+    if "stored" in by and online is not None:
+        stored = by["stored"]
+        saved = online["epoch_s"] - stored["epoch_s"]
+        print(f"stored_vs_online_epoch_time: {online['epoch_s'] / stored['epoch_s']:.1f}x faster "
+              f"({saved:.1f} s saved per epoch vs {online['name']}; the one-time store took {stored['store_s']:.0f} s "
+              f"= {stored['store_s'] / max(saved, 1e-9):.1f} student epochs' savings)")
+    if "alone" in by:
+        distilled = [r for r in rows if r["name"] != "alone"]
+        held = all(r["acc"] > by["alone"]["acc"] for r in distilled)
+        print(f"direction (every distilled student > alone at equal budget): {'holds' if held else 'FAILS'}")
+    if "stored" in by and online is not None:
+        print(f"direction (stored logits faster per epoch than an online teacher): "
+              f"{'holds' if by['stored']['epoch_s'] < online['epoch_s'] else 'FAILS'}")
+    if args.quick:
+        print("(--quick is a smoke run: 1 teacher, a few dozen student steps; judge the direction on the full run)")
+    print(f"\ntotal {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
