@@ -1,0 +1,178 @@
+"""Class-conditional diffusion at small scale on the embedded Fashion-MNIST (32 px, pixel space).
+
+1. Train the feature classifier (``ClassificationModule``, timm ``test_resnet``, 96-d features) on all classes.
+2. DiT and DiMR from scratch on all 10 classes at the same number of steps.
+3. Pretrain a DiT on classes 0-4, then transfer it to classes 5-9 with DiffFit and with full fine-tuning.
+
+Each row reports ``fd_classifier`` (Frechet distance in the classifier's feature space, NOT Inception-FID;
+lower is better) and ``sample_acc`` (the classifier's accuracy on class-conditional samples) at the middle
+and the end of training, the trainable share of the denoiser and the median training-step time.
+
+    python benchmarks/diffusion.py --quick   # a few minutes on 2 cores
+    python benchmarks/diffusion.py           # ~30 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
+from modules.classification import ClassificationModule  # noqa: E402
+from modules.components.optim import OptimConfig  # noqa: E402
+from modules.diffusion import DiffusionModule  # noqa: E402
+
+DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0),
+            hflip=False, val_crop_ratio=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+ALL, PRETRAIN, TRANSFER = list(range(10)), [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+
+
+class Recorder(pl.Callback):
+    """Median training-step time after warm-up, and the validation metrics at each validation."""
+
+    def __init__(self, skip: int = 5):
+        self.skip, self.step_times, self.evaluations, self._start = skip, [], [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self.skip:
+            self.step_times.append(time.perf_counter() - self._start)
+
+    def on_validation_end(self, trainer, pl_module):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.evaluations.append((trainer.global_step, metrics))
+
+
+def data(root: Path, classes: list[int], train_limit: int, val_limit: int, batch_size: int) -> FFCVDataModule:
+    return FFCVDataModule(cache_dir=str(root / "beton"), classes=classes, train_limit=train_limit, val_limit=val_limit,
+                          batch_size=batch_size, **DATA)
+
+
+def trainer(root: Path, epochs: int, val_every: int, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      check_val_every_n_epoch=val_every, gradient_clip_val=1.0, default_root_dir=root,
+                      callbacks=list(callbacks))
+
+
+def train_classifier(root: Path, args) -> tuple[Path, float]:
+    pl.seed_everything(0, verbose=False)
+    model = ClassificationModule(backbone="test_resnet", num_classes=10, image_size=32, label_smoothing=0.0,
+                                 optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, warmup_epochs=0.2))
+    run = trainer(root / "classifier", args.classifier_epochs, args.classifier_epochs)
+    run.fit(model, datamodule=data(root, ALL, args.classifier_images, args.val_images, 128))
+    path = root / "classifier.ckpt"
+    run.save_checkpoint(path)
+    return path, float(run.callback_metrics["val/acc1"])
+
+
+def train_diffusion(root: Path, name: str, classes: list[int], images: int, epochs: int, args, save: bool = False,
+                    **options) -> dict:
+    """Fit one diffusion variant, validating (distance + sample accuracy) at mid-training and at the end."""
+    pl.seed_everything(0, verbose=False)
+    options.setdefault("denoiser_kwargs", args.denoiser)
+    model = DiffusionModule(num_classes=len(classes), image_size=32, schedule="cosine", sample_steps=args.sample_steps,
+                            guidance_scale=2.0, ema_decay=0.999, eval_samples_per_class=args.samples // len(classes),
+                            feature_classifier=str(root / "classifier.ckpt"), classifier_classes=classes, **options)
+    recorder = Recorder()
+    run = trainer(root / name, epochs, max(1, epochs // 2), [recorder])
+    start = time.time()
+    run.fit(model, datamodule=data(root, classes, images, args.val_images, args.batch_size))
+    if save:
+        run.save_checkpoint(root / f"{name}.ckpt")
+    trainable, total = (sum(p.numel() for p in model.denoiser.parameters() if p.requires_grad),
+                        sum(p.numel() for p in model.denoiser.parameters()))
+    (mid_step, mid), (end_step, end) = recorder.evaluations[0], recorder.evaluations[-1]
+    row = dict(name=name, params=total, pct=100 * trainable / total, step_ms=1000 * statistics.median(recorder.step_times),
+               mid_step=mid_step, end_step=end_step, fd_mid=mid["val/fd_classifier"], fd=end["val/fd_classifier"],
+               acc_mid=mid["val/sample_acc"], acc=end["val/sample_acc"], loss=end["val/loss"], seconds=time.time() - start)
+    print(f"  {name}: fd {row['fd_mid']:.2f} -> {row['fd']:.2f}, sample acc {row['acc_mid']:.3f} -> {row['acc']:.3f} "
+          f"({row['seconds']:.0f} s)", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smallest meaningful size (a few minutes)")
+    parser.add_argument("--root", default="runs/bench/diffusion", help="run folder (checkpoints, .beton cache)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.quick:
+        args.denoiser = dict(patch_size=4, dim=64, depth=3, heads=4)
+        args.classifier_images, args.classifier_epochs, args.val_images, args.batch_size = 8000, 1, 500, 64
+        args.images, args.epochs, args.transfer_images, args.transfer_epochs = 3200, 4, 1600, 4
+        args.samples, args.sample_steps = 100, 20
+    else:
+        args.denoiser = dict(patch_size=4, dim=128, depth=6, heads=4)
+        args.classifier_images, args.classifier_epochs, args.val_images, args.batch_size = 30000, 2, 1000, 64
+        args.images, args.epochs, args.transfer_images, args.transfer_epochs = 12800, 8, 6400, 6
+        args.samples, args.sample_steps = 200, 25
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+
+    start = time.time()
+    _, classifier_acc = train_classifier(root, args)
+    print(f"feature classifier: test_resnet, {args.classifier_images} images x {args.classifier_epochs} epochs: "
+          f"val top-1 {classifier_acc:.4f} ({time.time() - start:.0f} s)", flush=True)
+    dit = dict(architecture="dit", optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25))
+    dimr = dict(architecture="dimr", denoiser_kwargs={**args.denoiser, "conv_depth": 1},
+                optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25))
+    rows = [train_diffusion(root, "dit_scratch", ALL, args.images, args.epochs, args, **dit),
+            train_diffusion(root, "dimr_scratch", ALL, args.images, args.epochs, args, **dimr)]
+    train_diffusion(root, "dit_pretrain_0-4", PRETRAIN, args.images, args.epochs, args, save=True, **dit)
+    pretrained = str(root / "dit_pretrain_0-4.ckpt")
+    transfer = dict(architecture="dit", init_checkpoint=pretrained)
+    rows += [
+        train_diffusion(root, "difffit_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, method="difffit",
+                        optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_epochs=0.25), **transfer),
+        train_diffusion(root, "full_ft_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, method="full",
+                        optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25), **transfer),
+        train_diffusion(root, "dit_scratch_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, **dit),
+    ]
+
+    print(f"\nfd_classifier: Frechet distance in the feature space of the test_resnet classifier (not Inception-FID), "
+          f"{args.samples} samples ({args.sample_steps} DDIM steps, guidance 2, EMA) vs {args.val_images} test images; "
+          f"sample_acc: that classifier's accuracy on the samples. mid = first validation, end = last.")
+    print(f"{'variant':<17}{'params':>9}{'train %':>9}{'step ms':>9}{'steps':>11}{'fd mid':>9}{'fd end':>9}"
+          f"{'acc mid':>9}{'acc end':>9}{'val loss':>10}")
+    for r in rows:
+        print(f"{r['name']:<17}{r['params']:>9,}{r['pct']:>8.2f}%{r['step_ms']:>9.1f}{r['mid_step']:>5}/{r['end_step']:<5}"
+              f"{r['fd_mid']:>9.2f}{r['fd']:>9.2f}{r['acc_mid']:>9.3f}{r['acc']:>9.3f}{r['loss']:>10.4f}")
+    by = {r["name"]: r for r in rows}
+    print()
+    print(f"dimr_vs_dit fd (dit/dimr, >1 = DiMR better): {by['dit_scratch']['fd'] / by['dimr_scratch']['fd']:.2f}x")
+    print(f"difffit_vs_full fd (full/difffit, 1 = equal): {by['full_ft_5-9']['fd'] / by['difffit_5-9']['fd']:.2f}x")
+    print(f"difffit_vs_full sample_acc (difffit/full): {by['difffit_5-9']['acc'] / max(by['full_ft_5-9']['acc'], 1e-9):.2f}x")
+    print(f"difffit_vs_full step time (full/difffit): {by['full_ft_5-9']['step_ms'] / by['difffit_5-9']['step_ms']:.2f}x")
+    print(f"difffit_vs_full trainable params (full/difffit): {by['full_ft_5-9']['pct'] / by['difffit_5-9']['pct']:.2f}x")
+    print(f"pretrain_vs_scratch fd on 5-9 (scratch/difffit): {by['dit_scratch_5-9']['fd'] / by['difffit_5-9']['fd']:.2f}x")
+    for r in rows:
+        print(f"{r['name']} fd over training (mid/end, >1 = improving): {r['fd_mid'] / r['fd']:.2f}x")
+    difffit, full = by["difffit_5-9"], by["full_ft_5-9"]
+    close = difffit["fd"] <= 1.5 * full["fd"] and difffit["acc"] >= full["acc"] - 0.1
+    improving = sum(r["fd"] < r["fd_mid"] for r in rows)
+    print(f"\ndirection: DiffFit close to full FT (fd within 1.5x, sample acc within 0.1) with {difffit['pct']:.2f}% "
+          f"(< 5%) of the parameters -> {'holds' if close and difffit['pct'] < 5 else 'FAILS'}; "
+          f"fd improves from mid to end of training in {improving}/{len(rows)} runs")
+    if args.quick:
+        print("(--quick: a few hundred steps of a 3-block model; judge the direction on the full run)")
+    print(f"timings on a shared 2-core CPU ({args.threads} torch threads); total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
