@@ -214,4 +214,4 @@ def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_c
     args = cli_args(tmp_path, beton_cache, *limits[2:], "--data.init_args.logits_path", str(logits),
                     "--model.init_args.student", "test_resnet", "--trainer.max_epochs", "2", model="kd/stored_logits.yaml")
     assert run_cli(args) == 0
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2  # trainer/debug.yaml: 2 epochs x 1 batch
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4  # 2 epochs x 2 batches of 128
