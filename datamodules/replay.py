@@ -179,7 +179,12 @@ class _Replay:
         """What a stored-logits file must match to be replayed with this data config."""
         source = self.get_source("train")
         return {"num_samples": len(source), "source_fingerprint": source.fingerprint, "image_size": self.image_size,
-                "decode_size": self.decode_size}
+                "decoded_pixels": self.decoded_pixels()}
+
+    def decoded_pixels(self) -> str:
+        """What the full images the crops are cut from are: ``source`` when they are the source's own pixels
+        (lossless, identical through either back-end), else a description of the lossy/resizing decode."""
+        raise NotImplementedError
 
     def load_stored(self) -> SparseLogits:
         """Open ``logits_path`` and check it was made from this training split (ConfigError otherwise)."""
@@ -267,6 +272,12 @@ class ReplayDataModule(_Replay, FFCVDataModule):
     def full_image_loader(self):
         return self.make_loader("train", train=False)
 
+    def decoded_pixels(self) -> str:
+        if self.write_mode == "raw" and self.max_resolution is None and self.decode_size is None:
+            return "source"
+        quality = self.jpeg_quality if self.write_mode != "raw" else None
+        return f"ffcv {self.write_mode} q{quality} max{self.max_resolution} centre{self.decode_size}"
+
 
 class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
     """``ReplayDataModule`` through torch.utils.data (same crops, same batches reaching the module).
@@ -290,6 +301,9 @@ class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
 
     def full_image_loader(self):
         return self._loader("train", train=False)
+
+    def decoded_pixels(self) -> str:
+        return "source" if self.decode_size is None else f"torchvision centre{self.decode_size}"
 
 
 def replay_datamodule(datamodule, logits_path: str | None = None) -> _Replay:

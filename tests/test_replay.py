@@ -141,20 +141,47 @@ class RecordingTeacher(nn.Module):
         return self.head(images.flatten(1)) * 10
 
 
-@pytest.fixture(scope="module")
-def stored_run(tmp_path_factory):
-    """Logits stored through the FFCV path; the teacher's inputs indexed by (sample, epoch)."""
-    cache = tmp_path_factory.mktemp("replay-beton")
-    datamodule = FFCVDataModule(cache_dir=str(cache), **DATA)
-    datamodule.prepare_data()
-    teacher = RecordingTeacher()
-    output = tmp_path_factory.mktemp("logits") / "train.vlsl"
-    stored = store_logits(datamodule, teacher, EPOCHS, TOPK, output, device="cpu", teacher_name="recording")
+def _store_recording(datamodule, output: Path, num_classes: int = 10, topk: int = TOPK):
+    """Store with a ``RecordingTeacher``; returns what was stored, the teacher, and its inputs by (index, epoch)."""
+    teacher = RecordingTeacher(num_classes)
+    stored = store_logits(datamodule, teacher, EPOCHS, topk, output, device="cpu", teacher_name="recording")
     seen = {}  # (index, epoch) -> the normalised crop the teacher saw; the store loader runs in index order
     for call, inputs in enumerate(teacher.inputs):
         batch, epoch = divmod(call, EPOCHS)
         for row, image in enumerate(inputs):
             seen[batch * BATCH + row, epoch] = image
+    assert len(seen) == stored.num_samples * EPOCHS
+    return stored, teacher, seen
+
+
+def _assert_replay_is_exact(datamodule, teacher: RecordingTeacher, seen: dict, epochs=(1, EPOCHS + 1)) -> None:
+    """Every replayed crop equals the teacher's input for its (index, epoch % K); the logits are the teacher's."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    topk = datamodule.stored.topk
+    for epoch in epochs:
+        datamodule.replay_epoch = epoch
+        checked = 0
+        for images, labels, indices in datamodule.train_dataloader():
+            crops, _, values, classes = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+            assert values.dtype == torch.float32 and classes.dtype == torch.int64 and values.shape == (BATCH, topk)
+            for row, index in enumerate(indices.tolist()):
+                assert torch.equal(crops[row], seen[index, epoch % EPOCHS])
+            expected_values, expected_classes = (teacher.head(crops.flatten(1)) * 10).topk(topk, dim=1)
+            torch.testing.assert_close(values, expected_values.half().float(), rtol=0, atol=0)
+            assert torch.equal(classes, expected_classes)
+            checked += len(indices)
+        assert checked == datamodule.stored.num_samples // BATCH * BATCH  # drop_last keeps whole batches
+
+
+@pytest.fixture(scope="module")
+def stored_run(tmp_path_factory):
+    """Logits stored through the FFCV path."""
+    cache = tmp_path_factory.mktemp("replay-beton")
+    datamodule = FFCVDataModule(cache_dir=str(cache), **DATA)
+    datamodule.prepare_data()
+    output = tmp_path_factory.mktemp("logits") / "train.vlsl"
+    stored, teacher, seen = _store_recording(datamodule, output)
     return cache, output, stored, seen, teacher
 
 
@@ -162,28 +189,28 @@ def stored_run(tmp_path_factory):
 def test_replayed_crops_equal_what_the_teacher_saw(stored_run, backend):
     """Replayed crops are bit-identical to the teacher's inputs, through FFCV and torchvision alike."""
     cache, output, stored, seen, teacher = stored_run
-    assert len(seen) == 64 * EPOCHS
     extra = {"cache_dir": str(cache)} if backend is ReplayDataModule else {}
     datamodule = backend(logits_path=str(output), **DATA, **extra)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    for epoch in (1, EPOCHS + 1):  # the second pass replays stored epoch 1 again
-        datamodule.replay_epoch = epoch
-        checked = 0
-        for images, labels, indices in datamodule.train_dataloader():
-            replayed = datamodule.on_after_batch_transfer([images, labels, indices], 0)
-            crops, _, values, classes = replayed
-            assert values.dtype == torch.float32 and classes.dtype == torch.int64 and values.shape == (BATCH, TOPK)
-            for row, index in enumerate(indices.tolist()):
-                assert torch.equal(crops[row], seen[index, epoch % EPOCHS])
-            logits = teacher.head(crops.flatten(1)) * 10
-            expected_values, expected_classes = logits.topk(TOPK, dim=1)
-            torch.testing.assert_close(values, expected_values.half().float(), rtol=0, atol=0)
-            assert torch.equal(classes, expected_classes)
-            checked += len(indices)
-        assert checked == 64  # drop_last keeps whole batches: 64 = 4 x 16
+    _assert_replay_is_exact(datamodule, teacher, seen)  # epoch K + 1 replays stored epoch 1 again
     val_images, val_labels = datamodule.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
     assert val_images.shape == (BATCH, 3, 32, 32) and val_images.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", [ReplayDataModule, TorchvisionReplayDataModule])
+def test_replay_of_mixed_size_image_folder(image_folder, beton_cache, tmp_path, backend):
+    """Images of several sizes are decoded as centre squares of ``decode_size``; replay stays exact."""
+    settings = {**DATA, "source": str(image_folder), "train_limit": None, "val_limit": None}
+    if backend is ReplayDataModule:
+        settings["cache_dir"] = str(beton_cache)
+        unsized = ReplayDataModule(**settings)
+        unsized.prepare_data()
+        with pytest.raises(ConfigError, match="decode_size"):
+            unsized.full_image_loader()
+    storing = backend(decode_size=36, **settings)
+    storing.prepare_data()
+    stored, teacher, seen = _store_recording(storing, tmp_path / "train.vlsl", num_classes=3, topk=2)
+    assert stored.meta["decoded_hw"] == [36, 36]
+    _assert_replay_is_exact(backend(logits_path=str(tmp_path / "train.vlsl"), decode_size=36, **settings), teacher, seen, (2,))
 
 
 def test_stored_epochs_differ_and_follow_the_seed(stored_run):
@@ -204,6 +231,9 @@ def test_logits_of_another_subset_are_refused(stored_run):
     bigger = TorchvisionReplayDataModule(logits_path=str(output), **{**DATA, "image_size": 24})
     with pytest.raises(ConfigError, match="image_size"):
         bigger.setup("fit")
+    resized = TorchvisionReplayDataModule(logits_path=str(output), decode_size=32, **DATA)  # other pixels
+    with pytest.raises(ConfigError, match="decoded_pixels='source' but this data config has 'torchvision centre32'"):
+        resized.setup("fit")
 
 
 class _RecordTargets(pl.LightningModule):
