@@ -111,10 +111,9 @@ def main(args: list[str] | None = None) -> SparseLogits:
     parser = build_parser()
     cfg = parser.parse_args(args)
     try:
-        datamodule = parser.instantiate_classes(cfg).data
+        datamodule = replay_datamodule(parser.instantiate_classes(cfg).data)
         if cfg.batch_size:
             datamodule.batch_size = cfg.batch_size
-        datamodule = replay_datamodule(datamodule)
         datamodule.prepare_data()
         datamodule.setup("predict")
         teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
