@@ -38,7 +38,9 @@ class DistillationModule(VisionModule):
     sparse teacher logits: then no teacher runs and ``teachers`` may be empty. With ``ferkd`` the targets are
     calibrated per crop by the teacher's confidence on the true class. The student is ``self.backbone``
     (checkpoint keys ``backbone.*``, loadable by any technique's ``init_checkpoint`` or as a teacher).
-    Teachers are frozen, always in eval mode, outside the optimizer and not saved in checkpoints.
+    Teachers are frozen, always in eval mode, outside the optimizer and not saved in checkpoints: reloading
+    rebuilds them from their specs; ``load_from_checkpoint(path, teachers=[])`` gives the student alone
+    (not with feature KD, whose projector is sized from its teacher).
 
     Args:
         student: timm model name of the student.

@@ -176,6 +176,9 @@ def test_teachers_frozen_in_eval_out_of_optimizer_and_checkpoint(tmp_path, optio
     assert saved and not any(k.startswith("teachers.") for k in saved)
     reloaded = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False)
     assert torch.equal(reloaded.backbone.conv1[0].weight, model.backbone.conv1[0].weight)
+    if model.projector is None:  # a feature projector is sized from its teacher
+        student_only = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False, teachers=[])
+        assert len(student_only.teachers) == 0 and torch.equal(student_only.backbone.fc.weight, model.backbone.fc.weight)
 
 
 def test_stored_logits_mode_runs_no_teacher(tmp_path):
