@@ -116,6 +116,10 @@ def test_teacher_from_a_classifier_checkpoint(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(teacher(images), trained(images))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    student_path = tmp_path / "student.ckpt"  # a distilled student's checkpoint teaches too
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in trained.state_dict().items()},
+                "hyper_parameters": {"student": "test_resnet", "num_classes": 4, "image_size": 32}}, student_path)
+    assert torch.equal(build_teacher(str(student_path), num_classes=4)(images), trained(images))
     with pytest.raises(ConfigError, match="predicts 4 classes"):
         build_teacher(str(path), num_classes=10)
     with pytest.raises(ConfigError, match="does not exist"):

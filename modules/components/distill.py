@@ -115,8 +115,9 @@ def build_teacher(spec: str | nn.Module, num_classes: int, image_size: int | Non
                   kwargs: dict | None = None) -> nn.Module:
     """A frozen teacher from a visionlab classifier checkpoint path, a timm name (random init) or a module.
 
-    A checkpoint is rebuilt from its ``hyper_parameters`` (``backbone``, ``backbone_kwargs``,
-    ``num_classes``, ``image_size``) and loaded strictly from its ``backbone.*`` weights.
+    A checkpoint (a classifier's, or a distilled student's) is rebuilt from its ``hyper_parameters``
+    (``backbone``/``student``, their ``*_kwargs``, ``num_classes``, ``image_size``) and loaded strictly from
+    its ``backbone.*`` weights.
     """
     if isinstance(spec, nn.Module):
         return freeze(spec)
@@ -126,13 +127,14 @@ def build_teacher(spec: str | nn.Module, num_classes: int, image_size: int | Non
     if not path.is_file():
         raise ConfigError(f"teacher checkpoint {path} does not exist: train a teacher first (visionlab fit) and pass its .ckpt")
     hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    if "backbone" not in hparams:
+    name = hparams.get("backbone") or hparams.get("student")  # a classifier's or a distilled student's
+    if not isinstance(name, str):
         raise ConfigError(f"teacher checkpoint {path} has no hyper_parameters.backbone: pass a classifier checkpoint written by visionlab fit")
     trained_for = hparams.get("num_classes", num_classes)
     if trained_for != num_classes:
         raise ConfigError(f"teacher {path} predicts {trained_for} classes but the data has {num_classes}: use a teacher trained on the same classes")
-    teacher = create_backbone(hparams["backbone"], num_classes=num_classes, image_size=hparams.get("image_size", image_size),
-                              **(hparams.get("backbone_kwargs") or {}))
+    kwargs = hparams.get("backbone_kwargs") or hparams.get("student_kwargs") or {}
+    teacher = create_backbone(name, num_classes=num_classes, image_size=hparams.get("image_size", image_size), **kwargs)
     load_state_dict_strict(teacher, backbone_state_dict(path), f"teacher checkpoint {path}")
     return freeze(teacher)
 
