@@ -63,15 +63,16 @@ def output_dir(trainer: pl.Trainer, path: str | None) -> Path:
 class QuantizationAwareTraining(Callback):
     """Fake-quant int8 training from ``start_epoch`` on, then conversion to a real int8 CPU model.
 
-    Weights are fake-quantized per output channel (symmetric), activations per tensor (affine), with conv+BN
-    folded, for CNNs and for the Linear layers of ViTs. The optimizer keeps the same Parameter objects. At the
-    end of fit the fake-quant network is converted (x86 int8 kernels) into ``self.int8_model`` and saved as
-    ``int8.pt`` (a pickled module: ``torch.load(path, weights_only=False)``).
+    torchao's pt2e QAT flow: the backbone is exported and weights are fake-quantized per output channel
+    (symmetric), activations per tensor (affine), with conv+BN folded, for CNNs and for the Linear layers of
+    ViTs; the optimizer is rebuilt if export created new Parameter objects. At the end of fit the fake-quant
+    network is converted into ``self.int8_model`` and saved as ``int8.pt2`` (``torch.export.load(path).module()``;
+    ``quant.compile_int8`` lowers it to x86 int8 kernels).
     Checkpoints written after ``start_epoch`` hold the fake-quant graph's keys; resuming them is not supported.
 
     Args:
         start_epoch: epoch at whose start fake quantization is inserted.
-        output: folder for ``int8.pt`` (default ``<default_root_dir>/quantized``).
+        output: folder for ``int8.pt2`` (default ``<default_root_dir>/quantized``).
     """
 
     def __init__(self, start_epoch: int = 0, output: str | None = None):
@@ -93,23 +94,26 @@ class QuantizationAwareTraining(Callback):
         prepared = target_module(pl_module)
         if not isinstance(prepared, torch.fx.GraphModule):
             return
-        self.int8_model = quant.convert_int8(prepared.cpu())
+        self.int8_model = quant.convert_int8(prepared)
         if trainer.is_global_zero:
-            path = output_dir(trainer, self.output) / "int8.pt"
-            torch.save(self.int8_model, path)
+            path = output_dir(trainer, self.output) / "int8.pt2"
+            quant.save_int8(self.int8_model, example_input(pl_module).cpu(), path)
             rank_zero_info(f"QAT: int8 model ({quant.model_bytes(self.int8_model)} bytes) saved to {path}")
 
 
 class PostTrainingQuantization(Callback):
-    """int8 PTQ at the end of fit: calibration over ``calibration_batches`` training batches, then conversion.
+    """int8 PTQ at the end of fit (torchao pt2e): calibration over ``calibration_batches`` training batches.
+
+    The result (``self.int8_model``) is saved as ``int8.pt2``, a torch.export program.
 
     Args:
         calibration_batches: batches the activation observers see.
         layerwise: first tune each Linear/Conv2d so its int8 output matches its float output (AdaQuant).
         layerwise_steps: Adam steps per layer for ``layerwise``.
-        dynamic: dynamic int8 Linear layers instead of static int8 (default: for models without convolutions,
-            e.g. ViTs, whose activation outliers make static per-tensor int8 inaccurate without QAT).
-        output: folder for ``int8.pt``.
+        dynamic: int8 Linear layers with activation ranges computed per token at run time instead of calibrated
+            (default: for models without convolutions, e.g. ViTs, whose activation outliers make static
+            per-tensor int8 inaccurate).
+        output: folder for ``int8.pt2``.
     """
 
     def __init__(self, calibration_batches: int = 16, layerwise: bool = False, layerwise_steps: int = 100,
@@ -125,7 +129,7 @@ class PostTrainingQuantization(Callback):
         if self.layerwise:
             quant.calibrate_layerwise(model, images, steps=self.layerwise_steps, skip=())
         if self.dynamic or (self.dynamic is None and not quant.is_convolutional(model)):
-            return quant.quantize_dynamic_int8(model)
+            return quant.quantize_linear_dynamic_int8(model)
         prepared = quant.prepare_int8(model, images[0])
         quant.calibrate(prepared, images)
         return quant.convert_int8(prepared)
@@ -134,8 +138,8 @@ class PostTrainingQuantization(Callback):
         images = [x for x, _ in training_batches(trainer, self.calibration_batches)]
         self.int8_model = self.quantize(target_module(pl_module), images)
         if trainer.is_global_zero:
-            path = output_dir(trainer, self.output) / "int8.pt"
-            torch.save(self.int8_model, path)
+            path = output_dir(trainer, self.output) / "int8.pt2"
+            quant.save_int8(self.int8_model, images[0].cpu(), path)
             rank_zero_info(f"PTQ: int8 model ({quant.model_bytes(self.int8_model)} bytes) saved to {path}")
 
 

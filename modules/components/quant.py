@@ -2,8 +2,9 @@
 
 * BitNet b1.58 (The Era of 1-bit LLMs; BitNet b1.58 Reloaded): ternary weights {-1, 0, +1} times a per-output-
   channel scale (absmean, or the median variant), 8-bit absmax activations, straight-through gradients.
-* int8: fake-quant (per-channel symmetric weights, per-tensor affine activations) and conversion to a real int8
-  CPU model with the x86 backend (FX graph mode; dynamic int8 Linear where a model cannot be traced).
+* int8: torchao's pt2e flow (``torch.export`` + x86 Inductor quantizer): fake-quant QAT or calibrated PTQ with
+  per-channel symmetric weights and per-tensor affine (static or dynamic) activations, converted to int8
+  weights and lowered to int8 CPU kernels by ``torch.compile``.
 * Mixed precision (HAWQ-v2): Hutchinson estimate of each layer's Hessian trace, then per-layer bit-widths that
   minimise sum(trace_i / n_i * ||Q_b(W_i) - W_i||^2) under a model-size budget.
 * Layer-wise calibration (Improving Post Training Neural Quantization, AdaQuant): per layer, tune the weight so
@@ -243,14 +244,12 @@ def calibrate_layerwise(model: nn.Module, batches: Sequence[torch.Tensor], bits:
         return {name: calibrate_layer(layers[name], x, bits, steps, lr) for name, x in inputs.items()}
 
 
-# --- int8 (x86 backend) --------------------------------------------------------------------------
-def _ao():
-    """torch.ao.quantization (deprecated in torch 2.14 but the fast eager int8 CPU path without compile)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torch.ao.quantization as ao
-        from torch.ao.quantization import quantize_fx
-    return ao, quantize_fx
+# --- int8 through torchao's pt2e flow (x86 Inductor quantizer) ---------------------------------
+def _pt2e():
+    from torchao.quantization.pt2e import quantize_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+
+    return quantize_pt2e, x86_inductor_quantizer
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -260,43 +259,49 @@ def is_convolutional(model: nn.Module) -> bool:
     return conv > linear
 
 
-def int8_qconfig_mapping(model: nn.Module, qat: bool = False):
-    """x86 int8: per-channel symmetric weights, per-tensor affine activations.
+def int8_quantizer(qat: bool = False):
+    """torchao's x86 quantizer: per-channel symmetric int8 weights, per-tensor affine int8 activations.
 
-    CNNs quantize every supported op; models without convolutions (ViTs) quantize their Linear layers only
-    (attention softmax, LayerNorm and GELU stay float).
+    It annotates convolutions and Linear layers (with their fusable neighbours); attention softmax, LayerNorm
+    and GELU stay float.
     """
-    ao, _ = _ao()
-    torch.backends.quantized.engine = "x86"
-    if is_convolutional(model):
-        return ao.get_default_qat_qconfig_mapping("x86") if qat else ao.get_default_qconfig_mapping("x86")
-    qconfig = ao.get_default_qat_qconfig("x86") if qat else ao.get_default_qconfig("x86")
-    return ao.QConfigMapping().set_object_type(nn.Linear, qconfig)
+    _, x86 = _pt2e()
+    return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=qat))
+
+
+def export_model(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``torch.export`` graph of ``model`` with a dynamic batch dimension (ConfigError if it cannot be exported)."""
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    except Exception as err:  # data-dependent control flow and friends
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise ConfigError(f"{type(model).__name__} cannot be exported with torch.export for int8 "
+                          f"({type(err).__name__}: {first}): quantize a traceable backbone") from err
 
 
 def prepare_int8(model: nn.Module, example: torch.Tensor, qat: bool = False) -> nn.Module:
-    """Insert observers (PTQ, model in eval) or fake-quant modules (QAT, model in train) by FX tracing.
+    """Export ``model`` and insert observers (PTQ, eval mode) or fake-quant modules (QAT, train mode).
 
-    For QAT the returned graph module keeps the original Parameter objects (conv+BN are fused into
-    ConvBn modules that share them), so an existing optimizer goes on updating the same tensors.
-    Raises ConfigError when the model cannot be traced (use :func:`quantize_dynamic_int8` instead).
+    QAT folds BatchNorm into the preceding convolution's fake-quantized weight as in the paper recipe.
+    ``.train()``/``.eval()`` keep working on the result, so Lightning can validate mid-training.
     """
-    _, quantize_fx = _ao()
-    mapping = int8_qconfig_mapping(model, qat)
-    if qat:  # all-zero BN gammas (timm zero_init_last) make the fused per-channel fake-quant fail
+    quantize_pt2e, _ = _pt2e()
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    if qat:  # all-zero BN gammas (timm zero_init_last) give a zero per-channel weight range when folded
         with torch.no_grad():
             for bn in model.modules():
                 if isinstance(bn, nn.BatchNorm2d) and bn.weight is not None:
                     bn.weight[bn.weight == 0] = 1e-3
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if qat:
-                return quantize_fx.prepare_qat_fx(model.train(), mapping, (example,))
-            return quantize_fx.prepare_fx(model.eval(), mapping, (example,))
-    except Exception as err:  # torch.fx TraceError and friends: data-dependent control flow
-        raise ConfigError(f"{type(model).__name__} cannot be traced for static int8 ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:120]}): use dynamic int8 for its Linear layers") from err
+    exported = export_model(model.train(qat), example)
+    quantizer = int8_quantizer(qat=qat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_pt2e.prepare_qat_pt2e(exported, quantizer) if qat else quantize_pt2e.prepare_pt2e(exported, quantizer)
+    return allow_exported_model_train_eval(prepared)
 
 
 @torch.no_grad()
@@ -307,21 +312,72 @@ def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         prepared(images)
 
 
-def convert_int8(prepared: nn.Module) -> nn.Module:
-    """A real int8 model (quantized kernels, x86 engine) from a prepared/QAT graph module; the input is kept."""
-    _, quantize_fx = _ao()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_fx.convert_fx(copy.deepcopy(prepared).eval())
+def _drop_unused_attributes(graph: torch.fx.GraphModule) -> None:
+    """Delete parameters/buffers no graph node reads (the float weights that int8 constants replaced)."""
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name in [n for n, _ in graph.named_parameters()] + [n for n, _ in graph.named_buffers()]:
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            delattr(graph.get_submodule(owner) if owner else graph, leaf)
 
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 Linear layers (per-channel weights, activations quantized per batch at run time)."""
-    ao, _ = _ao()
-    torch.backends.quantized.engine = "x86"
+def convert_int8(prepared: nn.Module) -> torch.fx.GraphModule:
+    """The int8 model of a prepared/QAT graph: int8 weight constants with quantize/dequantize around each op.
+
+    Run as is, the ops execute in reference (float) arithmetic; :func:`compile_int8` lowers the same graph
+    to fused x86 int8 kernels. The prepared model is left unchanged.
+    """
+    quantize_pt2e, _ = _pt2e()
+    from torchao.quantization.pt2e import allow_exported_model_train_eval, move_exported_model_to_eval
+
+    model = copy.deepcopy(prepared).cpu()
+    move_exported_model_to_eval(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ao.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+        converted = quantize_pt2e.convert_pt2e(model)
+    _drop_unused_attributes(converted)
+    return allow_exported_model_train_eval(converted)
+
+
+def quantize_linear_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Linear layers hold int8 weights (per channel) and quantize their inputs per
+    token at run time (torchao ``quantize_``): PTQ without calibration for ViTs, whose activation outliers make
+    static per-tensor ranges inaccurate. Convolutions (a ViT's patch embedding) stay float.
+    """
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = copy.deepcopy(model).cpu().eval()
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+def compile_int8(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Inductor-compiled int8 model with frozen weights: the x86 int8 (oneDNN) kernels run on CPU.
+
+    Weight freezing is what lets Inductor pre-pack the int8 weights; passing it through
+    ``torch.compile(options=...)`` fails in torch 2.14, so the config is patched around each call instead
+    (compilation happens on the first one). Inference only: calls run under ``no_grad``.
+    """
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return compiled(images)
+
+    return run
+
+
+def save_int8(model: nn.Module, example: torch.Tensor, path) -> None:
+    """Write ``model`` as a torch.export program (``torch.export.load(path).module()`` gives it back)."""
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example.cpu(),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
 
 
 def model_bytes(model: nn.Module) -> int:
