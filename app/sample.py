@@ -29,7 +29,8 @@ def load_diffusion(path: str, device: str = "cpu"):
         raise ConfigError(f"{path} is not a diffusion checkpoint: pass one written with configs/diffusion/*.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = DiffusionModule.load_from_checkpoint(path, map_location=device, init_checkpoint=None, feature_classifier=None)
+        model = DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=False, init_checkpoint=None,
+                                                     feature_classifier=None)
     return model.eval()
 
 

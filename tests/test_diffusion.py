@@ -89,8 +89,8 @@ def test_q_sample_statistics():
 
 def test_ddim_timesteps_cover_the_range():
     assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
-    steps = ddim_timesteps(1000, 10)
-    assert len(steps) == 10 and steps[0] == 999 and steps[-1] == 0
+    assert ddim_timesteps(1000, 10) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert ddim_timesteps(100, 3) == [66, 33, 0]
     with pytest.raises(ConfigError):
         ddim_timesteps(100, 0)
 

@@ -106,10 +106,14 @@ def ddpm_sample(eps_fn: EpsFn, noise: torch.Tensor, schedule: NoiseSchedule, gen
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """``steps`` evenly spaced training timesteps, descending, always ending at 0 (and starting at T-1 when steps=T)."""
+    """DDIM's uniform sub-sequence ``i * T / steps`` (i < steps), descending: every step when steps=T.
+
+    Never T-1 for fewer steps: with the cosine schedule alpha_bar(T-1) ~ 1e-9, and a DDIM jump from there
+    multiplies the eps error by sqrt(alpha_bar(t_prev) / alpha_bar(T-1)) ~ 10^3.
+    """
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"sampling steps {steps} must be between 1 and the {timesteps} training timesteps")
-    return sorted({round(i * (timesteps - 1) / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
+    return [i * timesteps // steps for i in reversed(range(steps))]
 
 
 @torch.no_grad()
