@@ -2,12 +2,13 @@
 
 Trains resnet18 teacher(s) with ``ClassificationModule`` on a larger subset, then a small student
 (timm ``test_resnet``, 0.37M parameters) at an equal budget (same images x epochs, same seed) in each
-variant, on few labelled images (the regime where a teacher has something to add; ``--images 4000
---epochs 5`` shows the gains shrinking into the noise as the student's own data grows): trained alone on hard labels; MEAL V2 (mean softmax of the teachers, no hard labels);
-stored sparse top-k logits replayed with their crops (``visionlab store-logits`` + ``ReplayDataModule``,
-no teacher forward) next to the same replayed crops with teacher 1 run online (the timing baseline);
-FerKD calibration; feature KD (cross-attention projector on an intermediate feature map + logit loss). Prints top-1 on the test
-images and the training wall time per epoch (validation excluded).
+variant, on few labelled images: the regime where a teacher has something to add (``--images 4000
+--epochs 5`` shows the gains shrinking into the noise as the student's own data grows). Variants: trained
+alone on hard labels; MEAL V2 (mean softmax of the teachers, no hard labels); stored sparse top-k logits
+replayed with their crops (``visionlab store-logits`` + ``ReplayDataModule``, no teacher forward) next to
+the same replayed crops with teacher 1 run online (the timing baseline); FerKD calibration; feature KD
+(cross-attention projector on an intermediate feature map + logit loss). Prints top-1 on the test images
+and the training wall time per epoch (validation excluded).
 
     python benchmarks/kd.py --quick   # ~6 min on 2 shared cores (1 teacher; ~2.5 min once cached)
     python benchmarks/kd.py           # ~17 min on 2 shared cores (2 teachers; ~5 min once cached)
