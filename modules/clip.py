@@ -6,10 +6,10 @@ Attentive Mask CLIP token keeping (Yang et al., 2023).
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -98,7 +98,10 @@ class CLIPModule(VisionModule):
         max_logit_scale: the inverse temperature never exceeds this (CLIP: 100).
         mask_ratio: share of image patch tokens dropped in training (0 = none; FLIP uses 0.5-0.75).
         masking: ``random`` (FLIP) or ``attentive`` (keep the tokens an EMA image encoder attends to most).
-        ema_decay: EMA decay of the attentive scorer.
+        ema_decay: EMA decay of the attentive scorer (timm ``ModelEmaV3``).
+        ema_warmup: ramp the decay up from 0 (timm's ``1 - (1 + step)^(-2/3)``), so that early in training the
+            scorer follows the live encoder instead of ranking tokens with its random initialisation (which
+            would keep the same positions in every image).
         optim: optimizer and schedule.
     """
 
@@ -119,6 +122,7 @@ class CLIPModule(VisionModule):
         mask_ratio: float = 0.0,
         masking: str = "random",
         ema_decay: float = 0.998,
+        ema_warmup: bool = True,
         optim: OptimConfig | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
@@ -134,7 +138,7 @@ class CLIPModule(VisionModule):
         self.mask_ratio, self.masking, self.ema_decay = mask_ratio, masking, ema_decay
         self.ema_image_encoder = None
         if mask_ratio > 0 and masking == "attentive":
-            self.ema_image_encoder = copy.deepcopy(image_encoder).requires_grad_(False).eval()
+            self.ema_image_encoder = ModelEmaV3(image_encoder, decay=ema_decay, use_warmup=ema_warmup).eval()
         self.zeroshot_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.retrieval = RetrievalRecall((1, 5))
         self._zero_shot_head: torch.Tensor | None = None
@@ -150,7 +154,7 @@ class CLIPModule(VisionModule):
         num_tokens = self.model.image_encoder.patch_embed.num_patches
         keep = num_kept(num_tokens, self.mask_ratio)
         if self.masking == "attentive":
-            return attentive_keep_index(vit_cls_attention(self.ema_image_encoder, images), keep)
+            return attentive_keep_index(vit_cls_attention(self.ema_image_encoder.module, images), keep)
         return random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -167,11 +171,7 @@ class CLIPModule(VisionModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.model.logit_scale.clamp_()
         if self.ema_image_encoder is not None:
-            with torch.no_grad():
-                for ema, live in zip(self.ema_image_encoder.parameters(), self.model.image_encoder.parameters()):
-                    ema.lerp_(live.detach(), 1.0 - self.ema_decay)
-                for ema, live in zip(self.ema_image_encoder.buffers(), self.model.image_encoder.buffers()):
-                    ema.copy_(live)
+            self.ema_image_encoder.update(self.model.image_encoder, step=self.global_step)
 
     def train(self, mode: bool = True):
         super().train(mode)

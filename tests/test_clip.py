@@ -158,13 +158,30 @@ def test_attentive_module_keeps_ema_top_tokens_and_ema_is_not_optimised():
                         text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.75, masking="attentive")
     images = torch.randn(2, 3, 32, 32)
     index = module.keep_index(images)
-    expected = vit_cls_attention(module.ema_image_encoder, images).topk(16, dim=1).indices.sort(1).values
+    expected = vit_cls_attention(module.ema_image_encoder.module, images).topk(16, dim=1).indices.sort(1).values
     assert torch.equal(index, expected)
     optimised = {id(p) for p in module.trainable_parameters()}
     assert not any(id(p) in optimised for p in module.ema_image_encoder.parameters())
     assert id(module.model.logit_scale.log_scale) in optimised
     with pytest.raises(Exception, match="ViT"):
         CLIPModule("test_resnet", 3, 32, mask_ratio=0.5, vocab_size=100, text_width=16, text_heads=2)
+
+
+def test_attentive_scorer_ema_warms_up_from_the_live_encoder():
+    from modules.clip import CLIPModule
+
+    torch.manual_seed(0)
+    module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16,
+                        text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.5, masking="attentive",
+                        ema_decay=0.999)
+    live, ema = module.model.image_encoder, module.ema_image_encoder
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(1.0)
+    ema.update(live, step=1)  # first update: decay 0, the scorer becomes the live encoder
+    for a, b in zip(ema.module.parameters(), live.parameters()):
+        torch.testing.assert_close(a, b)
+    assert ema.get_decay(10) < 0.9 < ema.get_decay(10_000) <= 0.999  # then ramps up to ema_decay
 
 
 # --- zero-shot and retrieval ---------------------------------------------------------------------
