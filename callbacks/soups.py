@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,8 +87,14 @@ def make_soup(module: pl.LightningModule, datamodule: pl.LightningDataModule, st
 
 def save_soup(module: pl.LightningModule, report: dict, path: str | Path) -> None:
     """A checkpoint that ``init_checkpoint``/``read_state_dict`` accept: ``state_dict`` plus the soup report."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "soup": report}, path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:  # an interrupted save never leaves a truncated file under the final name
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "soup": report}, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class ModelSoup(Callback):
