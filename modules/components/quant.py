@@ -362,7 +362,7 @@ def compile_int8(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=False)  # one specialised graph per batch shape: the fast kernels
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with inductor_config.patch(freezing=True), torch.no_grad():
