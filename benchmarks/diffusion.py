@@ -98,7 +98,7 @@ def train_diffusion(root: Path, name: str, classes: list[int], images: int, epoc
     trainable, total = (sum(p.numel() for p in model.denoiser.parameters() if p.requires_grad),
                         sum(p.numel() for p in model.denoiser.parameters()))
     (mid_step, mid), (end_step, end) = recorder.evaluations[0], recorder.evaluations[-1]
-    row = dict(name=name, params=total, pct=100 * trainable / total, step_ms=1000 * statistics.median(recorder.step_times),
+    row = dict(name=name, classes=len(classes), params=total, pct=100 * trainable / total, step_ms=1000 * statistics.median(recorder.step_times),
                mid_step=mid_step, end_step=end_step, fd_mid=mid["val/fd_classifier"], fd=end["val/fd_classifier"],
                acc_mid=mid["val/sample_acc"], acc=end["val/sample_acc"], loss=end["val/loss"], seconds=time.time() - start)
     print(f"  {name}: fd {row['fd_mid']:.2f} -> {row['fd']:.2f}, sample acc {row['acc_mid']:.3f} -> {row['acc']:.3f} "
@@ -172,6 +172,10 @@ def main() -> None:
     print(f"\ndirection: DiffFit close to full FT (fd within 1.5x, sample acc within 0.1) with {difffit['pct']:.2f}% "
           f"(< 5%) of the parameters -> {'holds' if close and difffit['pct'] < 5 else 'FAILS'}; "
           f"fd improves from mid to end of training in {improving}/{len(rows)} runs")
+    weak = [r["name"] for r in rows if r["acc"] < 2 / r["classes"]]
+    if weak:
+        print(f"caution: sample_acc under 2x chance for {', '.join(weak)}: samples are not yet class-recognisable, "
+              "so quality rests on fd alone (class conditioning needs far more steps than this CPU budget)")
     if args.quick:
         print("(--quick: a few hundred steps of a 3-block model: samples are still noisy blobs; judge on the full run)")
     print(f"timings on a shared 2-core CPU ({args.threads} torch threads); total {time.time() - start:.0f} s")
