@@ -102,6 +102,9 @@ class CLIPModule(VisionModule):
         ema_warmup: ramp the decay up from 0 (timm's ``1 - (1 + step)^(-2/3)``), so that early in training the
             scorer follows the live encoder instead of ranking tokens with its random initialisation (which
             would keep the same positions in every image).
+        unmasked_tuning: share of the training steps, at the end, that see every token (FLIP's unmasked
+            tuning): closes the gap between masked training and full-image evaluation, which is large for
+            attentive masking because the dropped tokens are always the same kind (background).
         optim: optimizer and schedule.
     """
 
@@ -123,6 +126,7 @@ class CLIPModule(VisionModule):
         masking: str = "random",
         ema_decay: float = 0.998,
         ema_warmup: bool = True,
+        unmasked_tuning: float = 0.0,
         optim: OptimConfig | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
@@ -135,7 +139,10 @@ class CLIPModule(VisionModule):
             raise ConfigError(f"token masking needs a ViT image tower; '{backbone}' has no patch tokens: set model.mask_ratio 0")
         text_encoder = TextTransformer(vocab_size, text_max_length, text_width, text_depth, text_heads)
         self.model = DualEncoder(image_encoder, text_encoder, embed_dim, init_logit_scale, max_logit_scale)
+        if not 0.0 <= unmasked_tuning <= 1.0:
+            raise ConfigError(f"model.unmasked_tuning {unmasked_tuning} must be a share of the steps in [0, 1]")
         self.mask_ratio, self.masking, self.ema_decay = mask_ratio, masking, ema_decay
+        self.unmasked_tuning = unmasked_tuning
         self.ema_image_encoder = None
         if mask_ratio > 0 and masking == "attentive":
             self.ema_image_encoder = ModelEmaV3(image_encoder, decay=ema_decay, use_warmup=ema_warmup).eval()
@@ -149,13 +156,20 @@ class CLIPModule(VisionModule):
     # --- training --------------------------------------------------------------------------------
     def keep_index(self, images: torch.Tensor) -> torch.Tensor | None:
         """Patch tokens the image tower sees this step (None = all).  # (B, K)"""
-        if self.mask_ratio <= 0:
+        if self.mask_ratio <= 0 or self.in_unmasked_tuning():
             return None
         num_tokens = self.model.image_encoder.patch_embed.num_patches
         keep = num_kept(num_tokens, self.mask_ratio)
         if self.masking == "attentive":
             return attentive_keep_index(vit_cls_attention(self.ema_image_encoder.module, images), keep)
         return random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
+
+    def in_unmasked_tuning(self) -> bool:
+        """True in the final ``unmasked_tuning`` share of the training steps."""
+        if self.unmasked_tuning <= 0 or self._trainer is None:
+            return False
+        total = self.trainer.estimated_stepping_batches
+        return self.global_step >= (1.0 - self.unmasked_tuning) * total
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, tokens = batch[0], batch[1]

@@ -184,6 +184,22 @@ def test_attentive_scorer_ema_warms_up_from_the_live_encoder():
     assert ema.get_decay(10) < 0.9 < ema.get_decay(10_000) <= 0.999  # then ramps up to ema_decay
 
 
+def test_unmasked_tuning_sees_every_token_in_the_final_share_of_steps():
+    from types import SimpleNamespace
+
+    from modules.clip import CLIPModule
+
+    module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16,
+                        text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.5, unmasked_tuning=0.25)
+    images = torch.randn(2, 3, 32, 32)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=74)
+    assert module.keep_index(images).shape == (2, 32)
+    module._trainer.global_step = 75
+    assert module.keep_index(images) is None
+    with pytest.raises(Exception, match="unmasked_tuning"):
+        CLIPModule("test_vit", 3, 32, {"patch_size": 4}, vocab_size=100, text_width=16, text_heads=2, unmasked_tuning=2)
+
+
 # --- zero-shot and retrieval ---------------------------------------------------------------------
 def test_zero_shot_head_classifies_separable_set_perfectly():
     g = torch.Generator().manual_seed(0)
