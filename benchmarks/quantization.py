@@ -50,14 +50,17 @@ def top1(model, batches) -> float:
 
 
 @torch.no_grad()
-def latency_ms(model, images, repeats) -> float:
-    model(images)
-    times = []
+def latencies_ms(runs: dict, images, repeats) -> dict[str, float]:
+    """Median ms per batch of each callable, timed in interleaved rounds so that load changes hit all alike."""
+    for run in runs.values():
+        run(images)  # warm-up (and compilation for this batch shape)
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(images)
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(images)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def main() -> None:
@@ -111,17 +114,17 @@ def main() -> None:
         "weights simulated")
 
     images = batches[0][0]
-    repeats = 5 if args.quick else 20
+    repeats = 7 if args.quick else 21
     print(f"\n{args.backbone} at 32 px, Fashion-MNIST: train {train_limit}, val {val_limit}; batch {len(images)}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'variant':22s} {'top-1':>7s} {'bytes':>11s} {'ms/batch':>9s}  note")
     base_acc, base_bytes = results["fp32"][0], results["fp32"][1]
-    base_ms = None
+    timed = latencies_ms({name: row[4] for name, row in results.items()}, images, repeats)
+    base_ms = timed["fp32"]
     lines = []
     for name, (acc, size, model, note, run) in results.items():
         size = size if size is not None else quant.model_bytes(model)
-        ms = latency_ms(run, images, repeats)
-        base_ms = base_ms or ms
+        ms = timed[name]
         print(f"{name:22s} {acc:7.2f} {size:11d} {ms:9.1f}  {note}")
         lines.append(f"{name}: top-1 {acc - base_acc:+.2f} pts, size {base_bytes / size:.2f}x smaller, "
                      f"speed {base_ms / ms:.2f}x")
