@@ -165,8 +165,8 @@ class CLIPModule(VisionModule):
         return random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
 
     def in_unmasked_tuning(self) -> bool:
-        """True in the final ``unmasked_tuning`` share of the training steps."""
-        if self.unmasked_tuning <= 0 or self._trainer is None:
+        """True in the final ``unmasked_tuning`` share of the training steps (of a fit)."""
+        if self.unmasked_tuning <= 0 or self._trainer is None or not self.trainer.training:
             return False
         total = self.trainer.estimated_stepping_batches
         return self.global_step >= (1.0 - self.unmasked_tuning) * total

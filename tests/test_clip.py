@@ -192,10 +192,12 @@ def test_unmasked_tuning_sees_every_token_in_the_final_share_of_steps():
     module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16,
                         text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.5, unmasked_tuning=0.25)
     images = torch.randn(2, 3, 32, 32)
-    module._trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=74)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=74, training=True)
     assert module.keep_index(images).shape == (2, 32)
     module._trainer.global_step = 75
     assert module.keep_index(images) is None
+    module._trainer.training = False  # validate/test: the module's own masking rule, no step count needed
+    assert module.keep_index(images).shape == (2, 32)
     with pytest.raises(Exception, match="unmasked_tuning"):
         CLIPModule("test_vit", 3, 32, {"patch_size": 4}, vocab_size=100, text_width=16, text_heads=2, unmasked_tuning=2)
 
