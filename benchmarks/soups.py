@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 ingredients on small subsets (~2-3 min)")
     parser.add_argument("--backbone", default="resnet18")
     args = parser.parse_args()
-    n, train_limit, val_limit, base_epochs, ft_epochs = (3, 3000, 2000, 1, 1) if args.quick else (6, 12000, 10000, 2, 1)
+    n, train_limit, val_limit, base_epochs, ft_epochs = (3, 4000, 2000, 2, 1) if args.quick else (6, 12000, 10000, 2, 1)
     dm = TorchvisionDataModule(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2,
                                train_limit=train_limit, val_limit=val_limit, rrc_scale=[0.6, 1.0], val_crop_ratio=1.0,
                                mean=[0.286] * 3, std=[0.353] * 3)
