@@ -7,7 +7,9 @@ Batches reach the module as ``[images (B, 3, H, W) float, tokens (B, L) int64, l
   ImageFolder); the caption of an image is its class name in a prompt template, a random template per
   training image and the first template for validation. The ``.beton`` files are the classifier's: the
   label -> caption mapping is a table lookup on the batch, so nothing is rewritten.
-* ``CaptionFolderDataModule``: an ImageFolder tree plus a captions file (one or more per image).
+* ``CaptionFolderDataModule`` / ``FFCVCaptionFolderDataModule``: an ImageFolder tree plus a captions file
+  (one or more per image). The loaders yield each sample's index; its captions are a table lookup on the
+  batch (so the FFCV ``.beton`` files are again the classifier's).
 
 Every one of them exposes ``class_prompt_tokens()`` (C classes x T templates x L) for zero-shot heads.
 """
@@ -20,7 +22,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.ffcv_datamodule import FFCVDataModule, index_decoder
 from datamodules.torchvision_datamodule import TorchvisionDataModule, _SourceDataset
 from modules.components.errors import ConfigError, DataError
 from modules.components.text import ClipTokenizer
@@ -124,12 +126,93 @@ class _IndexedDataset(_SourceDataset):
         return image, label, index
 
 
-class CaptionFolderDataModule(TorchvisionCaptionDataModule):
+class _CaptionTable:
+    """Every caption of a split, tokenised once: sample i owns rows ``starts[i] : starts[i] + counts[i]``.
+
+    Args:
+        tokens: (M, L) token ids of all M captions, grouped by sample.
+        counts: (N,) captions per sample (at least one each).
+        text_ids: (M,) per caption, the row of the first caption with the same text, so identical texts
+            share an id (and with one distinct caption per image it is the sample index).
+    """
+
+    def __init__(self, tokens: torch.Tensor, counts: torch.Tensor, text_ids: torch.Tensor):
+        self.tokens, self.counts, self.text_ids = tokens, counts, text_ids
+        self.starts = torch.cumsum(counts, 0) - counts  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def rows(self, indices: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+        """Caption rows of samples ``indices`` (B,): a uniform pick per sample, or each one's first when ``None``."""
+        starts = self.starts[indices]
+        if uniforms is None:
+            return starts
+        return starts + (uniforms * self.counts[indices]).long().clamp_max(self.counts[indices] - 1)
+
+
+class _FolderCaptions:
+    """Mixin: per-image captions from a captions file, looked up by sample index on the batch.
+
+    The host DataModule's loaders yield ``[images, labels, indices]`` where ``indices`` are positions in
+    ``get_source(split)``; ``on_after_batch_transfer`` turns them into ``[images, tokens, labels, caption_ids]``
+    with a random caption of each image for training and its first for validation.
+    """
+
+    def _init_folder_captions(self, captions_file: str) -> None:
+        if self.is_embedded:
+            raise ConfigError(f"{type(self).__name__} needs an ImageFolder source: use a class-prompt caption DataModule for fashion_mnist")
+        self.captions_file = captions_file
+        self._tables: dict[str, _CaptionTable] = {}
+
+    def caption_table(self, split: str) -> _CaptionTable:
+        """The (cached) captions of ``split``, in the order of ``get_source(split)``."""
+        if split not in self._tables:
+            captions, root = read_captions(self.captions_file), Path(self.source).expanduser()
+            texts, counts, missing = [], [], []
+            for file in self.get_source(split).files:
+                keys = [file.relative_to(root).as_posix()] + [
+                    file.relative_to(root / s).as_posix() for s in ("train", "val") if file.is_relative_to(root / s)
+                ]
+                found = next((captions[k] for k in keys if k in captions), None)
+                if found is None:
+                    missing.append(keys[0])
+                    continue
+                texts += found
+                counts.append(len(found))
+            if missing:
+                raise DataError(f"{len(missing)} {split} images have no caption in {self.captions_file} (e.g. {missing[:3]})")
+            first_row: dict[str, int] = {}
+            text_ids = torch.tensor([first_row.setdefault(text, row) for row, text in enumerate(texts)])  # (M,)
+            self._tables[split] = _CaptionTable(self.tokenizer(texts), torch.tensor(counts), text_ids)
+        return self._tables[split]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        for split in ("train", "val"):
+            self.caption_table(split)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch[0], batch[1].long().view(-1)
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        train = self._training()
+        table = self.caption_table("train" if train else "val")
+        # The table stays in host memory: only the batch's (B, L) rows travel to the device.
+        indices = batch[2].long().view(-1).cpu()  # (B,)
+        uniforms = torch.rand(len(indices), generator=self._template_rng) if train else None
+        rows = table.rows(indices, uniforms)  # (B,)
+        tokens = table.tokens[rows].to(images.device)  # (B, L)
+        return [images, tokens, labels, table.text_ids[rows].to(labels.device)]
+
+
+class CaptionFolderDataModule(_FolderCaptions, TorchvisionCaptionDataModule):
     """An ImageFolder tree with a captions file: each image's own caption(s) instead of class prompts.
 
     The file holds ``<image path relative to source>\\t<caption>`` lines; an image with several lines gets
     a random one per training step and its first for validation. Class folders still name the classes of
-    the zero-shot head. ``caption_ids`` are sample indices, so retrieval is scored on the exact pair.
+    the zero-shot head. ``caption_ids`` mark identical caption texts as the same id (with distinct
+    captions, the sample index), so retrieval is scored on the exact pair.
 
     Args:
         captions_file: the TSV of captions.
@@ -140,34 +223,7 @@ class CaptionFolderDataModule(TorchvisionCaptionDataModule):
 
     def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
         super().__init__(templates=templates, context_length=context_length, **kwargs)
-        if self.is_embedded:
-            raise ConfigError("CaptionFolderDataModule needs an ImageFolder source: use TorchvisionCaptionDataModule for fashion_mnist")
-        self.captions_file = captions_file
-        self._split_tokens: dict[str, list[torch.Tensor]] = {}
-
-    def _tokens_of(self, split: str) -> list[torch.Tensor]:
-        """Per sample of ``split``: its captions' token ids (n_captions, L)."""
-        if split not in self._split_tokens:
-            captions, root = read_captions(self.captions_file), Path(self.source).expanduser()
-            per_sample, missing = [], []
-            for file in self.get_source(split).files:
-                keys = [file.relative_to(root).as_posix()] + [
-                    file.relative_to(root / s).as_posix() for s in ("train", "val") if file.is_relative_to(root / s)
-                ]
-                found = next((captions[k] for k in keys if k in captions), None)
-                if found is None:
-                    missing.append(keys[0])
-                    continue
-                per_sample.append(self.tokenizer(found))
-            if missing:
-                raise DataError(f"{len(missing)} {split} images have no caption in {self.captions_file} (e.g. {missing[:3]})")
-            self._split_tokens[split] = per_sample
-        return self._split_tokens[split]
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        for split in ("train", "val"):
-            self._tokens_of(split)
+        self._init_folder_captions(captions_file)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         return DataLoader(
@@ -177,15 +233,29 @@ class CaptionFolderDataModule(TorchvisionCaptionDataModule):
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = self.normalize(batch[0]) if batch[0].dtype == torch.uint8 else batch[0], batch[1].long()
-        indices = batch[2].long().tolist()
-        train = self._training()
-        per_sample = self._tokens_of("train" if train else "val")
-        rows = []
-        for index in indices:
-            options = per_sample[index]
-            pick = int(torch.randint(len(options), (1,), generator=self._template_rng)) if train else 0
-            rows.append(options[pick])
-        tokens = torch.stack(rows).to(images.device)  # (B, L)
-        return [images, tokens, labels, batch[2].long()]
+
+class FFCVCaptionFolderDataModule(_FolderCaptions, FFCVCaptionDataModule):
+    """``CaptionFolderDataModule`` through FFCV: the classifier's ``.beton`` files plus a caption lookup.
+
+    The ``.beton`` files hold images and labels only (shared with ``FFCVDataModule`` on the same source);
+    an extra loader field decodes each sample's ``.beton`` index from the label column, and the captions
+    of that index are looked up on the batch. Indices are global, so DDP sharding keeps them right.
+
+    Args:
+        captions_file: the TSV of ``<image path relative to source>\\t<caption>`` lines (one or more per image).
+        templates: prompt templates for the zero-shot head.
+        context_length: token ids per caption.
+        **kwargs: the ``FFCVDataModule`` arguments (source must be an ImageFolder path).
+    """
+
+    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(templates=templates, context_length=context_length, **kwargs)
+        self._init_folder_captions(captions_file)
+
+    def pipelines(self, split: str, train: bool) -> dict:
+        """The parent's image and label pipelines plus ``index``: each sample's position in the ``.beton``."""
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import Squeeze, ToTensor
+
+        index = PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()])
+        return {**super().pipelines(split, train), "index": index}

@@ -41,6 +41,26 @@ def _require_ffcv():
         ) from err
 
 
+def index_decoder():
+    """An FFCV decoder for any scalar field that outputs the sample's index in the ``.beton`` instead of its value.
+
+    Use it in an extra pipeline, e.g. ``PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(),
+    Squeeze()])``; the indices are global ``.beton`` indices, also under ``distributed=True`` sharding.
+    """
+    from ffcv.fields.basics import IntDecoder
+
+    class IndexDecoder(IntDecoder):
+        def generate_code(self):
+            def decode(indices, destination, metadata, storage_state):
+                for position, sample_id in enumerate(indices):
+                    destination[position] = sample_id
+                return destination[:len(indices)]
+
+            return decode
+
+    return IndexDecoder()
+
+
 class FFCVDataModule(ImageDataModule):
     """Labelled images through FFCV: random-resized-crop + flip for train, centre crop for val.
 

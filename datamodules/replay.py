@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.ffcv_datamodule import FFCVDataModule, index_decoder
 from datamodules.torchvision_datamodule import CenterCropRatio, TorchvisionDataModule, _SourceDataset
 from modules.components.errors import ConfigError
 from modules.components.sparse_logits import SparseLogits, load_sparse_logits
@@ -135,22 +135,6 @@ def apply_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, 
 
 
 # --- loaders of full images with their index -------------------------------------------------------
-def _ffcv_index_decoder():
-    """An FFCV decoder for any scalar field that outputs the sample's index in the .beton instead of its value."""
-    from ffcv.fields.basics import IntDecoder
-
-    class IndexDecoder(IntDecoder):
-        def generate_code(self):
-            def decode(indices, destination, metadata, storage_state):
-                for position, sample_id in enumerate(indices):
-                    destination[position] = sample_id
-                return destination[:len(indices)]
-
-            return decode
-
-    return IndexDecoder()
-
-
 class _IndexedDataset(_SourceDataset):
     def __getitem__(self, index: int):
         return (*super().__getitem__(index), index)
@@ -258,7 +242,7 @@ class ReplayDataModule(_Replay, FFCVDataModule):
         return {
             "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
             "label": [IntDecoder(), ToTensor(), Squeeze()],
-            "index": PipelineSpec("label", decoder=_ffcv_index_decoder(), transforms=[ToTensor(), Squeeze()]),
+            "index": PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()]),
         }
 
     def make_loader(self, split: str, train: bool, indices=None):

@@ -281,3 +281,105 @@ def test_debug_config_runs_through_cli(run_cli, tmp_path, beton_cache):
     assert {"train/loss", "val/loss", "val/zeroshot_acc1", "val/i2t_recall@1", "val/i2t_recall@5",
             "val/t2i_recall@1", "val/t2i_recall@5"} <= tags
     assert any(k.startswith("ema_image_encoder.") for k in checkpoint["state_dict"])  # resumes with its scorer
+
+
+# --- FFCV ImageFolder + captions file ------------------------------------------------------------
+def _captions_with_repeats(image_folder, tmp_path) -> tuple:
+    """A captions file where every 3rd image has two captions and odd images share one of three texts."""
+    files = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    per_image = {}
+    for i, f in enumerate(files):
+        texts = [f"shared caption {i % 3}" if i % 2 else f"image number {i}"]
+        if i % 3 == 0:
+            texts.append(f"second caption of image {i}")
+        per_image[f.relative_to(image_folder).as_posix()] = texts
+    path = tmp_path / "captions.tsv"
+    path.write_text("# path\tcaption\n" + "".join(f"{key}\t{text}\n" for key, texts in per_image.items() for text in texts))
+    return path, per_image
+
+
+def _ffcv_caption_folder(image_folder, captions, beton_cache, **kwargs):
+    from datamodules.captions import FFCVCaptionFolderDataModule
+
+    dm = FFCVCaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), cache_dir=str(beton_cache),
+                                     batch_size=8, num_workers=1, val_fraction=0.25, context_length=16, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_ffcv_caption_folder_yields_each_images_captions_like_the_torchvision_one(image_folder, tmp_path, beton_cache):
+    from datamodules.captions import CaptionFolderDataModule
+
+    captions, per_image = _captions_with_repeats(image_folder, tmp_path)
+    dm = _ffcv_caption_folder(image_folder, captions, beton_cache)
+    assert dm.class_prompt_tokens().shape == (3, 5, 16)
+    source = dm.get_source("val")
+    batches = [dm.on_after_batch_transfer(batch, 0) for batch in dm.val_dataloader()]
+    images = torch.cat([b[0] for b in batches])
+    tokens, labels, caption_ids = (torch.cat([b[i] for b in batches]) for i in (1, 2, 3))
+    assert images.dtype == torch.float32 and images.shape == (len(source), 3, 32, 32)
+    assert tokens.dtype == torch.int64 and tokens.shape == (len(source), 16)
+    texts = [per_image[f.relative_to(image_folder).as_posix()][0] for f in source.files]  # validation: first caption
+    assert torch.equal(tokens, dm.tokenizer(texts))  # sequential val order = source order = .beton order
+    assert torch.equal(labels, torch.as_tensor(source.labels))
+    same_text = torch.tensor([[a == b for b in texts] for a in texts])
+    assert torch.equal(caption_ids[:, None] == caption_ids[None], same_text)
+    assert len(set(texts)) < len(texts)  # the check above saw shared texts
+
+    reference = CaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), batch_size=8,
+                                        num_workers=0, val_fraction=0.25, context_length=16)
+    reference.setup("fit")
+    expected = [reference.on_after_batch_transfer(batch, 0) for batch in reference.val_dataloader()]
+    for i, got in ((1, tokens), (2, labels), (3, caption_ids)):
+        assert torch.equal(torch.cat([b[i] for b in expected]), got)
+
+
+def test_ffcv_caption_folder_training_picks_among_an_images_captions(image_folder, tmp_path, beton_cache):
+    captions, per_image = _captions_with_repeats(image_folder, tmp_path)
+    dm = _ffcv_caption_folder(image_folder, captions, beton_cache)
+    dm._training = lambda: True  # as under trainer.fit
+    source = dm.get_source("train")
+    seen: dict[int, set[str]] = {}
+    text_of_id: dict[int, str] = {}
+    decode = {tuple(dm.tokenizer([t])[0].tolist()): t for texts in per_image.values() for t in texts}
+    for batch in dm.train_dataloader():
+        for _ in range(12):
+            _, tokens, _, caption_ids = dm.on_after_batch_transfer(batch, 0)
+            for index, row, caption_id in zip(batch[2].tolist(), tokens, caption_ids.tolist()):
+                text = decode[tuple(row.tolist())]
+                assert text in per_image[source.files[index].relative_to(image_folder).as_posix()]
+                assert text_of_id.setdefault(caption_id, text) == text  # one id, one text
+                seen.setdefault(index, set()).add(text)
+    multi = [i for i in seen if len(per_image[source.files[i].relative_to(image_folder).as_posix()]) == 2]
+    assert multi and all(len(seen[i]) == 2 for i in multi)  # both captions drawn over 12 steps
+    assert all(len(seen[i]) == 1 for i in seen if i not in multi)
+
+
+def test_caption_folders_reject_missing_captions(image_folder, tmp_path, beton_cache):
+    from datamodules.captions import FFCVCaptionFolderDataModule
+    from modules.components.errors import ConfigError, DataError
+
+    kwargs = dict(source=str(image_folder), cache_dir=str(beton_cache), num_workers=0)
+    with pytest.raises(ConfigError, match="not found"):
+        FFCVCaptionFolderDataModule(captions_file=str(tmp_path / "absent.tsv"), **kwargs).caption_table("train")
+    captions, _ = _captions_with_repeats(image_folder, tmp_path)
+    captions.write_text(captions.read_text().splitlines()[1] + "\n")
+    with pytest.raises(DataError, match="have no caption"):
+        FFCVCaptionFolderDataModule(captions_file=str(captions), **kwargs).caption_table("train")
+    with pytest.raises(ConfigError, match="ImageFolder source"):
+        FFCVCaptionFolderDataModule(captions_file=str(captions), source="fashion_mnist", cache_dir=str(beton_cache))
+
+
+@pytest.mark.slow
+def test_ffcv_caption_folder_config_fits_through_cli(run_cli, tmp_path, beton_cache, image_folder):
+    captions, _ = _captions_with_repeats(image_folder, tmp_path)
+    tiny = ["--model.init_args.backbone", "test_vit", "--model.init_args.backbone_kwargs", '{"patch_size": 4, "depth": 2}',
+            "--model.init_args.embed_dim", "32", "--model.init_args.text_width", "32", "--model.init_args.text_depth", "1",
+            "--model.init_args.text_heads", "2"]
+    data = ["--data.init_args.source", str(image_folder), "--data.init_args.captions_file", str(captions),
+            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "8", "--data.init_args.context_length", "16",
+            "--data.init_args.write_mode", "raw", "--data.init_args.max_resolution", "null"]
+    args = cli_args(tmp_path / "run", beton_cache, *tiny, *data, "--trainer.fast_dev_run", "true",
+                    model="clip/imagefolder_captions_ffcv.yaml", data="data/imagefolder.yaml")
+    assert run_cli(args) == 0
