@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ from datamodules import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_between_tests():
+    """Run finalizers (FFCV's numba dispatchers) here, not inside a later test's parsing (see pyproject)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
