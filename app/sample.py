@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from modules.components.errors import ConfigError, VisionlabError
+from modules.components.files import write_atomic
 
 
 def load_diffusion(path: str, device: str = "cpu"):
@@ -37,12 +37,8 @@ def load_diffusion(path: str, device: str = "cpu"):
 def save_png(image: torch.Tensor, path: Path) -> None:
     """Write a (C, H, W) image in [-1, 1] atomically (temporary file + rename)."""
     pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    image = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_samples(model, out: Path, per_class: int, steps: int | None = None, guidance_scale: float | None = None,

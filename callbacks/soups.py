@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import glob
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from modules.components.checkpoints import read_state_dict
 from modules.components.errors import ConfigError, VisionlabError
+from modules.components.files import write_atomic
 from modules.components.soup import greedy_soup, has_batchnorm, recompute_batchnorm, uniform_soup
 
 
@@ -87,14 +87,8 @@ def make_soup(module: pl.LightningModule, datamodule: pl.LightningDataModule, st
 
 def save_soup(module: pl.LightningModule, report: dict, path: str | Path) -> None:
     """A checkpoint that ``init_checkpoint``/``read_state_dict`` accept: ``state_dict`` plus the soup report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:  # an interrupted save never leaves a truncated file under the final name
-        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "soup": report}, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    payload = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "soup": report}
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 class ModelSoup(Callback):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from modules.components.errors import DataError
+from modules.components.files import write_atomic
 
 
 def check_beton(path: Path, expected_samples: int | None = None) -> None:
@@ -30,22 +28,6 @@ def check_beton(path: Path, expected_samples: int | None = None) -> None:
         raise DataError(f"{path} is truncated ({size} bytes, data runs to {end}): {fix}")
     if expected_samples is not None and int(reader.num_samples) != expected_samples:
         raise DataError(f"{path} holds {int(reader.num_samples)} samples, the source has {expected_samples}: {fix}")
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_path)`` then rename onto ``path``; the temp file is removed on any failure.
-
-    An existing ``path`` is only replaced by a completely written file (``os.replace`` is atomic).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 class _GuardedDataset:

@@ -7,11 +7,8 @@ import torch
 from modules.base import MaskedPretrainingModule
 from modules.components.masking import reconstruction_rows
 from modules.components.mim_parts import (
-    MAEDecoder,
+    mae_encoder_decoder,
     mae_reconstruct,
-    pretraining_backbone,
-    require_vit,
-    vit_geometry,
 )
 from modules.components.optim import OptimConfig
 
@@ -53,12 +50,8 @@ class MAEModule(MaskedPretrainingModule):
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.save_hyperparameters()
-        self.backbone = require_vit(pretraining_backbone(backbone, num_classes, image_size, backbone_kwargs), "MAE")
-        grid, patch = vit_geometry(self.backbone)
-        self.decoder = MAEDecoder(
-            self.backbone.embed_dim, grid[0] * grid[1], patch * patch * 3, self.backbone.num_prefix_tokens,
-            dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
-        )
+        self.backbone, self.decoder, _ = mae_encoder_decoder(backbone, num_classes, image_size, backbone_kwargs, "MAE",
+                                                             decoder_dim, decoder_depth, decoder_heads)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.log_every = log_images_every_n_steps

@@ -8,14 +8,11 @@ from torch import nn
 from modules.base import MaskedPretrainingModule
 from modules.components.masking import gather_tokens, reconstruction_rows
 from modules.components.mim_parts import (
-    MAEDecoder,
     feature_mimic_loss,
     frozen_encoder,
+    mae_encoder_decoder,
     mae_reconstruct,
-    pretraining_backbone,
-    require_vit,
     teacher_tokens,
-    vit_geometry,
 )
 from modules.components.optim import OptimConfig
 
@@ -70,12 +67,8 @@ class MRMAEModule(MaskedPretrainingModule):
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.save_hyperparameters()
-        self.backbone = require_vit(pretraining_backbone(backbone, num_classes, image_size, backbone_kwargs), "MR-MAE")
-        self.grid_size, patch = vit_geometry(self.backbone)
-        self.decoder = MAEDecoder(
-            self.backbone.embed_dim, self.grid_size[0] * self.grid_size[1], patch * patch * 3,
-            self.backbone.num_prefix_tokens, dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
-        )
+        self.backbone, self.decoder, self.grid_size = mae_encoder_decoder(
+            backbone, num_classes, image_size, backbone_kwargs, "MR-MAE", decoder_dim, decoder_depth, decoder_heads)
         self.teacher = frozen_encoder(teacher, image_size, teacher_checkpoint, teacher_kwargs)
         dim, teacher_dim = self.backbone.embed_dim, self.teacher.num_features
         if projection_dim:

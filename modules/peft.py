@@ -26,6 +26,7 @@ from modules.base import VisionModule
 from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.checkpoints import backbone_state_dict
 from modules.components.errors import ConfigError, VisionlabError
+from modules.components.files import write_atomic
 from modules.components.optim import OptimConfig
 from modules.components.peft import (
     AdapterConfig,
@@ -171,15 +172,7 @@ class PEFTModule(VisionModule):
             if hp.get(key) is not None and not isinstance(hp[key], dict):
                 hp[key] = asdict(hp[key])
         payload = {"format": TASK_FORMAT, "config": hp, "params": params, "quantized": quantized}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path.stat().st_size
+        return write_atomic(path, lambda tmp: torch.save(payload, tmp)).stat().st_size
 
     @torch.no_grad()
     def load_task_state(self, params: dict[str, torch.Tensor], quantized: dict[str, dict]) -> None:
@@ -288,9 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.out:
                 plain = model.method in ("ssf", "linear_probe", "full")
                 state = model.merged_backbone().state_dict() if plain else model.state_dict()
-                tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp{os.getpid()}")
-                torch.save(state, tmp)
-                os.replace(tmp, args.out)
+                write_atomic(args.out, lambda tmp: torch.save(state, tmp))
                 print(f"peft: saved {'plain timm' if plain else 'PEFTModule'} state dict to {args.out}")
     except VisionlabError as err:
         print(f"peft: error: {err}", file=sys.stderr)

@@ -232,6 +232,17 @@ def pretraining_backbone(name: str, num_classes: int, image_size: int | None, kw
     return backbone
 
 
+def mae_encoder_decoder(name: str, num_classes: int, image_size: int | None, kwargs: dict | None, technique: str,
+                        decoder_dim: int, decoder_depth: int, decoder_heads: int,
+                        ) -> tuple[VisionTransformer, MAEDecoder, tuple[int, int]]:
+    """The ViT encoder, its pixel decoder and the patch grid of an MAE-style technique (MAE, MR-MAE)."""
+    backbone = require_vit(pretraining_backbone(name, num_classes, image_size, kwargs), technique)
+    grid, patch = vit_geometry(backbone)
+    decoder = MAEDecoder(backbone.embed_dim, grid[0] * grid[1], patch * patch * 3, backbone.num_prefix_tokens,
+                         dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads)
+    return backbone, decoder, grid
+
+
 def frozen_encoder(name: str, image_size: int | None = None, checkpoint: str | None = None,
                    kwargs: dict | None = None) -> nn.Module:
     """A headless timm model built by name (no download), optionally loaded from a visionlab checkpoint, frozen.

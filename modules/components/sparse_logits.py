@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from modules.components.errors import DataError
+from modules.components.files import write_atomic
 
 MAGIC, END = b"VLSPARSE", b"VLSPEND!"
 FORMAT_VERSION = 1
@@ -129,11 +129,10 @@ def save_sparse_logits(logits: SparseLogits, path: str | Path) -> Path:
     """
     logits.validate()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {name: np.ascontiguousarray(a) for name, a in logits.arrays().items()}
     header, offsets = _layout(arrays, logits.meta)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(MAGIC + len(header).to_bytes(8, "little") + header)
             for array, start in zip(arrays.values(), offsets):
@@ -142,10 +141,8 @@ def save_sparse_logits(logits: SparseLogits, path: str | Path) -> Path:
             f.write(b"\0" * (_aligned(f.tell()) - f.tell()) + END)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
     directory = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
         os.fsync(directory)
