@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from modules.components.checkpoints import allowlisted, checkpoint_hparams
 from modules.components.errors import ConfigError, VisionlabError
 from modules.components.files import write_atomic
 
@@ -24,12 +25,12 @@ def load_diffusion(path: str, device: str = "cpu"):
 
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path} does not exist: pass a .ckpt written by visionlab fit with configs/diffusion/*.yaml")
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hparams = checkpoint_hparams(path)
     if "architecture" not in hparams:
         raise ConfigError(f"{path} is not a diffusion checkpoint: pass one written with configs/diffusion/*.yaml")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), allowlisted():
         warnings.simplefilter("ignore")
-        model = DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=False, init_checkpoint=None,
+        model = DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=True, init_checkpoint=None,
                                                      feature_classifier=None)
     return model.eval()
 

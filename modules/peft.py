@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from modules.base import VisionModule
 from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict
+from modules.components.checkpoints import allowlisted, backbone_state_dict, load_checkpoint
 from modules.components.errors import ConfigError, VisionlabError
 from modules.components.files import write_atomic
 from modules.components.optim import OptimConfig
@@ -233,11 +233,8 @@ class PEFTModule(VisionModule):
 
 def load_task_file(path: str | os.PathLike, init_checkpoint: str | None = None) -> PEFTModule:
     """Rebuild backbone (from ``init_checkpoint`` or the one recorded in the file) + task file, in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"task file {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != TASK_FORMAT:
+    payload = load_checkpoint(path, "task file")
+    if payload.get("format") != TASK_FORMAT:
         raise ConfigError(f"{path} is not a visionlab PEFT task file")
     config = dict(payload["config"])
     if init_checkpoint is not None:
@@ -269,9 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "export":
             if not Path(args.checkpoint).is_file():
                 raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), allowlisted():
                 warnings.simplefilter("ignore")
-                model = PEFTModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=False)
+                model = PEFTModule.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True)
             size = model.export_task_file(args.out)
             print(f"peft: wrote {args.out} ({size} bytes; method {model.method}, {model.task_bytes()} bytes of task parameters)")
         else:

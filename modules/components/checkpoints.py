@@ -1,7 +1,15 @@
-"""Reading weights out of visionlab (Lightning) checkpoints without importing any technique."""
+"""Reading visionlab (Lightning) checkpoints safely, without importing any technique.
+
+Every checkpoint the project reads goes through :func:`load_checkpoint`, which unpickles with
+``torch.load(..., weights_only=True)``: tensors, containers and primitive types only, plus the project's own
+hyper-parameter dataclasses listed in :data:`SAFE_TYPES`. A file whose pickle names any other global (a
+function to call, a class to build) is refused with one line naming it, before anything in it runs.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -9,16 +17,55 @@ import torch
 from modules.components.errors import ConfigError
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a Lightning checkpoint, or the file itself if it is a plain state dict."""
+def _safe_types() -> list[type]:
+    """The project's hyper-parameter types that checkpoints written from the Python API may hold."""
+    from modules.components.optim import OptimConfig
+    from modules.components.peft import AdapterConfig, SideConfig
+
+    return [OptimConfig, AdapterConfig, SideConfig, Path, type(Path())]
+
+
+def allowlisted():
+    """Context manager: ``torch.load(weights_only=True)`` inside it accepts the project's own types too."""
+    return torch.serialization.safe_globals(_safe_types())
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
+    """``torch.load`` of a checkpoint with ``weights_only=True`` and the project's allow-list.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or its pickle needs a type outside the allow-list
+            (the message names the type and how to allow it deliberately).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist: pass the path of a .ckpt written by visionlab fit")
+        raise ConfigError(f"{what} {path} does not exist: pass the path of a .ckpt written by visionlab fit")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with allowlisted():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        name = found.group(1) if found else "an unsupported global"
+        raise ConfigError(
+            f"{what} {path} needs {name}, which visionlab does not load (weights_only=True): if you trust this "
+            f"file, allow it deliberately with torch.serialization.add_safe_globals([{name}]) before loading"
+        ) from None
     except Exception as err:  # truncated / not a torch file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}): it is corrupt or not a checkpoint") from err
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        raise ConfigError(f"{what} {path} cannot be read ({type(err).__name__}): it is corrupt or not a checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
+    return ckpt
+
+
+def checkpoint_hparams(path: str | Path, what: str = "checkpoint") -> dict:
+    """The ``hyper_parameters`` a Lightning checkpoint records (empty for a plain state dict)."""
+    return load_checkpoint(path, what).get("hyper_parameters") or {}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, or the file itself if it is a plain state dict."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, dict):
         raise ConfigError(f"checkpoint {path} holds no state_dict")
     return state

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict
+from modules.components.checkpoints import backbone_state_dict, checkpoint_hparams
 from modules.components.contrastive import _ScaleGradient
 from modules.components.errors import ConfigError
 from modules.components.masking import resize_tokens
@@ -126,7 +126,7 @@ def build_teacher(spec: str | nn.Module, num_classes: int, image_size: int | Non
         return freeze(create_backbone(spec, num_classes=num_classes, image_size=image_size, **(kwargs or {})))
     if not path.is_file():
         raise ConfigError(f"teacher checkpoint {path} does not exist: train a teacher first (visionlab fit) and pass its .ckpt")
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hparams = checkpoint_hparams(path, "teacher checkpoint")
     name = hparams.get("backbone") or hparams.get("student")  # a classifier's or a distilled student's
     if not isinstance(name, str):
         raise ConfigError(f"teacher checkpoint {path} has no hyper_parameters.backbone: pass a classifier checkpoint written by visionlab fit")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict
+from modules.components.checkpoints import backbone_state_dict, load_checkpoint
 from modules.components.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ def load_feature_classifier(path: str | Path) -> FeatureClassifier:
     if not path.is_file():
         raise ConfigError(f"feature classifier {path} does not exist: train one with configs/classification/*.yaml "
                           "on the same data and pass its .ckpt as model.feature_classifier (or set it to null)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path, "feature classifier")
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "backbone" not in hparams or not isinstance(hparams["backbone"], str):
         raise ConfigError(f"feature classifier {path} is not a ClassificationModule checkpoint (no 'backbone' "
