@@ -12,7 +12,7 @@ from torchvision.utils import make_grid
 
 from modules.components.errors import ConfigError, NonFiniteLossError
 from modules.components.masking import fixed_generator
-from modules.components.optim import OptimConfig, build_optimizer, build_scheduler
+from modules.components.optim import OptimConfig, build_optimizer, build_scheduler, global_batch_size, peak_lr
 
 
 class VisionModule(pl.LightningModule):
@@ -60,10 +60,25 @@ class VisionModule(pl.LightningModule):
             )
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_root(), self.optim)
-        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(1, self.trainer.max_epochs or 1)))
-        scheduler = build_scheduler(optimizer, self.optim, self.trainer.estimated_stepping_batches, steps_per_epoch)
+        total_steps = self.trainer.estimated_stepping_batches  # also loads the train dataloader
+        lr = peak_lr(self.optim, self.global_batch_size() if self.optim.lr_base_batch is not None else None)
+        optimizer = build_optimizer(self.optimizer_root(), self.optim, lr=lr)
+        steps_per_epoch = max(1, math.ceil(total_steps / max(1, self.trainer.max_epochs or 1)))
+        scheduler = build_scheduler(optimizer, self.optim, total_steps, steps_per_epoch, lr=lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step: the data's per-device batch x devices x nodes x accumulation."""
+        trainer = self.trainer
+        batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if batch is None:
+            if trainer.train_dataloader is None:  # not loaded yet when max_steps fixes the step count
+                trainer.fit_loop.setup_data()  # what Trainer.estimated_stepping_batches does itself
+            batch = getattr(trainer.train_dataloader, "batch_size", None)
+        if batch is None:
+            raise ConfigError("optim.lr_base_batch scales the lr by the global batch, but the per-device batch size "
+                              "is unknown (no datamodule.batch_size or train_dataloader.batch_size): set lr_base_batch null")
+        return global_batch_size(batch, trainer.world_size, trainer.accumulate_grad_batches)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)
