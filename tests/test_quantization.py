@@ -67,6 +67,16 @@ def _int8_weights(model: nn.Module) -> int:
     return sum(v.numel() for v in model.state_dict().values() if v.dtype == torch.int8)
 
 
+def _classifier_code_step(int8: torch.fx.GraphModule) -> torch.Tensor:
+    """Per class, how much one code step of every classifier input moves the logit: s_in * ||W_j||_1."""
+    linear = next(n for n in int8.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default)
+    activation, weight = linear.args[0], linear.args[1]  # dequantize_per_tensor(x), dequantize_per_channel(W)
+    assert "dequantize_per_tensor" in str(activation.target) and "dequantize_per_channel" in str(weight.target)
+    s_in = float(activation.args[1])
+    codes, scale = (getattr(int8, a.target) for a in weight.args[:2])
+    return s_in * (codes.float() * scale.view(-1, 1)).abs().sum(dim=1)
+
+
 def test_int8_output_within_tolerance_of_fake_quant(data):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10)
@@ -83,11 +93,16 @@ def test_int8_output_within_tolerance_of_fake_quant(data):
     assert not any(p.dtype == torch.float32 and p.dim() == 4 for p in int8.state_dict().values())
     with torch.no_grad():
         fake, reference, real = prepared(images), int8(images), quant.compile_int8(int8)(images)
-    scale = fake.abs().max()
-    assert (fake - reference).abs().max() <= 0.05 * scale  # same ranges; BN folded before vs inside rounding
-    # x86 int8 kernels round intermediate results where fake-quant keeps float: close, not equal
-    assert (fake - real).abs().max() <= 0.05 * scale
-    assert (fake - real).abs().mean() <= 0.01 * scale
+    # The bound comes from int8 arithmetic, not from one CPU: the classifier sees uint8 codes of scale s, so
+    # implementations that round one intermediate value differently (x86 kernels with or without VNNI/AMX
+    # requantize fused conv+add+relu outputs directly; fake-quant folds BN before rounding) move a class
+    # logit by s * sum_i |W_ji| per code step of every input. A few steps is rounding; a wrong scale, a
+    # dropped BN or an unquantized branch moves the logits by tens of steps.
+    step = _classifier_code_step(int8)  # (classes,) logit change per code step of the classifier input
+    for other in (reference, real):
+        steps = (fake - other).abs() / step
+        assert steps.max() <= 4 and steps.mean() <= 1
+    assert (fake - real).abs().max() < 0.2 * fake.abs().max()
     assert quant.model_bytes(int8) < quant.model_bytes(model) / 2.5
 
 
