@@ -2,7 +2,8 @@
 
 Walks the training split once; for every batch and each of the K epochs it draws the crop/flip of each
 sample from ``(seed, sample index, epoch)``, crops on the device with ``datamodules.replay.apply_crops``
-(the function the student's replay calls), runs the frozen teacher and keeps the top-k logits. Writes one
+(the function the student's replay calls), runs the frozen teacher and keeps the top-k logits and the
+log-normaliser of its softmax at ``--temperature`` (what rebuilds the teacher's true tail mass). Writes one
 file (``modules.components.sparse_logits`` format) atomically::
 
     visionlab store-logits --config configs/data/fashion_mnist.yaml --teacher runs/teacher/checkpoints/last.ckpt \\
@@ -37,7 +38,7 @@ def default_device() -> torch.device:
 
 @torch.no_grad()
 def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output: str | Path,
-                 device: str | torch.device | None = None, teacher_name: str = "") -> SparseLogits:
+                 device: str | torch.device | None = None, teacher_name: str = "", temperature: float = 1.0) -> SparseLogits:
     """Store ``teacher``'s top-k logits on ``epochs`` augmented passes over ``datamodule``'s training split.
 
     Args:
@@ -49,12 +50,15 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
         output: the file to write (atomically).
         device: where the teacher and the crops run (default: CUDA when available).
         teacher_name: recorded in the file's metadata.
+        temperature: T of the stored softmax (``topk_logsumexp``); the student's KD temperature must match it.
 
     Returns:
         What was written (arrays in memory).
     """
     if epochs < 1 or topk < 1:
         raise ConfigError(f"--epochs {epochs} and --topk {topk} must be at least 1")
+    if not temperature > 0:
+        raise ConfigError(f"--temperature {temperature} must be positive")
     dm = replay_datamodule(datamodule)
     if topk > dm.num_classes:
         raise ConfigError(f"--topk {topk} exceeds the {dm.num_classes} classes: use --topk {dm.num_classes} or less")
@@ -64,7 +68,7 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
     meta = {**dm.replay_meta(), "teacher": teacher_name or type(teacher).__name__, "seed": dm.seed,
             "rrc_scale": list(hp.rrc_scale), "rrc_ratio": list(hp.rrc_ratio), "hflip": hp.hflip}
     num_samples = meta["num_samples"]
-    stored = SparseLogits.empty(num_samples, epochs, topk, dm.num_classes, meta)
+    stored = SparseLogits.empty(num_samples, epochs, topk, dm.num_classes, meta, temperature)
     seen = np.zeros(num_samples, bool)
     for images, _, indices in dm.full_image_loader():
         images, rows = images.to(device, non_blocking=True), indices.cpu().numpy()  # (B, 3, H, W) uint8, (B,)
@@ -78,10 +82,13 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
                 raise ConfigError(f"the teacher predicts {logits.shape[1]} classes, the data has {dm.num_classes}: "
                                   "use a teacher trained on these classes")
             values, classes = logits.topk(topk, dim=1)  # (B, k), descending
+            values = values.half()  # what the file keeps; the normaliser is computed with these values
+            scaled = (logits / temperature).scatter(1, classes, values.float() / temperature)  # (B, C)
             stored.crop_boxes[rows, epoch] = boxes
             stored.flips[rows, epoch] = flips
-            stored.topk_values[rows, epoch] = values.cpu().numpy().astype(np.float16)
+            stored.topk_values[rows, epoch] = values.cpu().numpy()
             stored.topk_indices[rows, epoch] = classes.cpu().numpy()
+            stored.topk_logsumexp[rows, epoch] = scaled.logsumexp(dim=1).cpu().numpy()
         seen[rows] = True
     if not seen.all():
         raise RuntimeError(f"the loader skipped {int((~seen).sum())} training samples")
@@ -98,6 +105,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--teacher", type=str, required=True, help="visionlab classifier checkpoint (.ckpt)")
     parser.add_argument("--epochs", type=int, default=10, help="K augmented epochs to store")
     parser.add_argument("--topk", type=int, default=10, help="logits kept per crop")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the stored targets")
     parser.add_argument("--output", type=str, required=True, help="file to write, e.g. runs/x/train_logits.vlsl")
     parser.add_argument("--batch_size", type=Optional[int], default=None, help="overrides data.batch_size")
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -118,7 +126,8 @@ def main(args: list[str] | None = None) -> SparseLogits:
         datamodule.setup("predict")
         teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
         start = time.perf_counter()
-        stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher)
+        stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher,
+                              cfg.temperature)
         seconds = time.perf_counter() - start
     except Exception as err:
         user_error = err if isinstance(err, VisionlabError) else _user_error(err)

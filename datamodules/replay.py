@@ -9,9 +9,11 @@ decoded pixels, so the student sees bit-for-bit the crop the teacher saw (on the
 * ``sample_crop_params``: torchvision's ``RandomResizedCrop.get_params`` (10 tries, then a centre crop)
   vectorised over a batch, with uniforms from a counter-based hash instead of a stateful generator.
 * ``apply_crops``: one batched kornia ``crop_and_resize`` (bilinear) + flips, uint8 in and out.
-* ``ReplayDataModule`` (FFCV) and ``TorchvisionReplayDataModule``: train batches reach the module as
-  ``[images (B, 3, S, S) normalised float, labels (B,), topk_values (B, k) float32, topk_indices (B, k) int64]``;
-  validation batches are the parents' ``(images, labels)``. Training epoch e replays stored epoch e % K.
+* ``ReplayDataModule`` (FFCV) and ``TorchvisionReplayDataModule``: train batches reach the module as a dict
+  ``image`` (B, 3, S, S) normalised float, ``label`` (B,), ``index`` (B,), ``topk_values`` (B, k) float32,
+  ``topk_indices`` (B, k) int64, ``topk_logsumexp`` (B,) float32 and ``logits_temperature`` (the storing
+  temperature, a float); validation batches are the parents' ``(images, labels)``. Training epoch e replays
+  stored epoch e % K.
 """
 
 from __future__ import annotations
@@ -207,7 +209,10 @@ class _Replay:
         device = images.device
         values = torch.from_numpy(stored.topk_values[rows, column].astype(np.float32)).to(device)  # (B, k)
         classes = torch.from_numpy(stored.topk_indices[rows, column].astype(np.int64)).to(device)  # (B, k)
-        return [self.normalize(crops), labels.long().view(-1), values, classes]
+        lse = torch.from_numpy(stored.topk_logsumexp[rows, column].astype(np.float32)).to(device)  # (B,)
+        return {"image": self.normalize(crops), "label": labels.long().view(-1), "index": indices.long().view(-1),
+                "topk_values": values, "topk_indices": classes, "topk_logsumexp": lse,
+                "logits_temperature": float(stored.meta["temperature"])}
 
 
 class ReplayDataModule(_Replay, FFCVDataModule):

@@ -12,15 +12,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from modules.components.distill import (
     CrossAttentionProjector,
-    Discriminator,
     LinearProjector,
     build_teacher,
     ensemble_soft_targets,
     ferkd_calibrate,
     kd_loss,
+    renormalised_sparse_targets,
     sparse_soft_targets,
+    topk_probabilities,
 )
+from modules.components.checkpoints import load_checkpoint
 from modules.components.errors import ConfigError
+from modules.components.kd_targets import FerKD, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
+from modules.components.kd_terms import FeatureKD, HardLabels, LogitDiscriminator, ProbabilityDiscriminator
 from modules.components.optim import OptimConfig
 from modules.kd import DistillationModule
 from tests.conftest import CONFIGS, cli_args
@@ -57,19 +61,54 @@ def test_kd_loss_handles_zero_target_entries_and_weights():
     assert torch.allclose(kd_loss(logits, targets, weights=weights), (per_sample * weights).mean())
 
 
-def test_sparse_targets_from_topk():
+def test_renormalised_sparse_targets_from_topk():
+    """FKD's ``marginal_renorm``: softmax over the stored top-k only (k = C: the full softmax)."""
     torch.manual_seed(0)
     logits = torch.randn(4, 6)
     values, indices = logits.topk(6, dim=-1)
-    assert torch.allclose(sparse_soft_targets(values, indices, 6, 2.0), (logits / 2.0).softmax(-1), atol=1e-7)
+    assert torch.allclose(renormalised_sparse_targets(values, indices, 6, 2.0), (logits / 2.0).softmax(-1), atol=1e-7)
     values, indices = logits.topk(2, dim=-1)
-    targets = sparse_soft_targets(values.half(), indices, 6)
+    targets = renormalised_sparse_targets(values.half(), indices, 6)
     assert torch.allclose(targets.sum(-1), torch.ones(4))
     assert (targets > 0).sum(-1).tolist() == [2, 2, 2, 2]
     assert torch.allclose(targets.gather(1, indices), values.half().float().softmax(-1))
-    smoothed = sparse_soft_targets(values, indices, 6, rest_mass=0.2)
+    smoothed = renormalised_sparse_targets(values, indices, 6, rest_mass=0.2)
     outside = smoothed.scatter(1, indices, 0.0)
     assert torch.allclose(outside.sum(-1), torch.full((4,), 0.2)) and torch.allclose(smoothed.sum(-1), torch.ones(4))
+
+
+# logits exactly representable in float16, no ties: top-5 of 10 classes
+HAND_LOGITS = [4.0, 3.0, 2.0, 1.0, 0.5, 0.0, -1.0, -1.5, -2.0, -3.0]
+
+
+def _hand_teacher(temperature: float) -> tuple[list[float], float]:
+    """The teacher's full tempered softmax and the TV distance of the true-remainder rebuild, by hand."""
+    weights = [math.exp(z / temperature) for z in HAND_LOGITS]
+    full = [w / sum(weights) for w in weights]
+    tail = full[5:]
+    rest = sum(tail) / 5  # the true remainder spread over the 5 unstored classes
+    return full, 0.5 * sum(abs(rest - p) for p in tail)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_true_remainder_target_keeps_the_teachers_mass_by_hand(temperature):
+    """Top-5 probabilities + the remainder rebuild the teacher's target up to the tail's unevenness only;
+    renormalising over the top-5 (the former default) is off by the whole tail mass."""
+    full, tv_by_hand = _hand_teacher(temperature)
+    logits = torch.tensor([HAND_LOGITS])
+    values, indices = logits.topk(5, dim=-1)
+    lse = (logits / temperature).logsumexp(-1)
+    targets = sparse_soft_targets(topk_probabilities(values, lse, temperature), indices, 10)
+    teacher = torch.tensor([full])
+    tv = 0.5 * (targets - teacher).abs().sum()
+    assert torch.allclose(targets.sum(), torch.tensor(1.0), atol=1e-6)
+    assert torch.allclose(targets[0, :5], teacher[0, :5], atol=1e-7)  # stored classes exact
+    assert abs(tv.item() - tv_by_hand) < 1e-6
+    renormalised = renormalised_sparse_targets(values, indices, 10, temperature)
+    tv_renorm = 0.5 * (renormalised - teacher).abs().sum()
+    assert abs(tv_renorm.item() - sum(full[5:])) < 1e-6  # all the tail mass moved onto the top-5
+    assert tv < tv_renorm / 2
+    assert torch.allclose(sparse_soft_targets(torch.tensor([full]), torch.arange(10)[None], 10), teacher)  # k = C
 
 
 def test_ferkd_calibration_hand_case():
@@ -94,16 +133,40 @@ def test_projector_shapes():
     assert LinearProjector(16, 24, student_tokens=9, teacher_tokens=16)(tokens).shape == (3, 16, 24)
 
 
-def test_discriminator_reverses_the_students_gradient():
+def test_probability_discriminator_reverses_the_students_gradient():
     torch.manual_seed(0)
-    disc = Discriminator(5, hidden_dim=8)
+    disc = ProbabilityDiscriminator(hidden_dim=8)
+    disc.bind(nn.Identity(), [], 5, 32)
     teacher = torch.rand(4, 5).softmax(-1)
     student = torch.rand(4, 5).softmax(-1).requires_grad_()
     disc.loss(student, teacher).backward()
     plain = student.detach().clone().requires_grad_()
-    logits = disc(plain)
+    logits = disc.net(plain).squeeze(-1)
     nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros(4)).div(2).backward()
     assert torch.allclose(student.grad, -plain.grad, atol=1e-6) and plain.grad.abs().sum() > 0
+
+
+def test_logit_discriminator_is_meal_v2s_conv_stack_minimised_jointly():
+    """MEAL V2's code: logits (not probabilities) through 1x1 convs C -> C/r -> C/r^2 -> 2 with ReLUs, BCE
+    against [1, 0] (student) / [0, 1] (teachers); the student gets the plain gradient of that same loss."""
+    torch.manual_seed(0)
+    disc = LogitDiscriminator(weight=1.0, reduction=2)
+    disc.bind(nn.Identity(), [], 20, 32)
+    convs = [m for m in disc.net if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(20, 10, (1, 1)), (10, 5, (1, 1)), (5, 2, (1, 1))]
+    student = (torch.randn(3, 20) * 3).requires_grad_()
+    teacher = torch.randn(3, 20) * 3
+    loss = disc.loss(student, teacher)
+    # by hand: the same stack as matrices, ReLU after each, BCE-with-logits against the paper's targets
+    hidden = torch.cat([student, teacher])
+    for conv in convs:
+        hidden = (hidden @ conv.weight[:, :, 0, 0].T + conv.bias).relu()
+    truth = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
+    by_hand = -(truth * nn.functional.logsigmoid(hidden) + (1 - truth) * nn.functional.logsigmoid(-hidden)).mean()
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (grad_by_hand,) = torch.autograd.grad(by_hand, student)
+    assert torch.allclose(grad, grad_by_hand, atol=1e-7) and grad.abs().sum() > 0  # not reversed
 
 
 def test_teacher_from_a_classifier_checkpoint(tmp_path):
@@ -143,11 +206,14 @@ class ArmedTeacher(nn.Module):
 def _loader(n: int = 32, stored: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
-    tensors = [images, labels]
-    if stored:
-        values, indices = torch.randn(n, 10, generator=generator).topk(3, dim=-1)
-        tensors += [values, indices]
-    return DataLoader(TensorDataset(*tensors), batch_size=8)
+    if not stored:
+        return DataLoader(TensorDataset(images, labels), batch_size=8)
+    logits = torch.randn(n, 10, generator=generator)
+    values, indices = logits.topk(3, dim=-1)
+    stored_batches = [{"image": images[i:i + 8], "label": labels[i:i + 8], "topk_values": values[i:i + 8],
+                       "topk_indices": indices[i:i + 8], "topk_logsumexp": logits[i:i + 8].logsumexp(-1),
+                       "logits_temperature": 1.0} for i in range(0, n, 8)]
+    return DataLoader(stored_batches, batch_size=None)
 
 
 def _fit(model: DistillationModule, tmp_path, stored: bool = False, **trainer_kwargs) -> pl.Trainer:
@@ -158,11 +224,18 @@ def _fit(model: DistillationModule, tmp_path, stored: bool = False, **trainer_kw
     return trainer
 
 
-@pytest.mark.parametrize("options", [{}, {"feature_weight": 1.0, "discriminator_weight": 0.1, "ferkd": True, "hard_weight": 0.5}])
+def _student(teachers=(), **parts) -> DistillationModule:
+    targets = parts.pop("targets", None) or OnlineTeachers(list(teachers))
+    return DistillationModule("test_resnet", num_classes=10, image_size=32, targets=targets, **parts)
+
+
+ALL_PARTS = {"terms": [FeatureKD(1.0), LogitDiscriminator(0.1, reduction=2), HardLabels(0.5)], "calibration": FerKD()}
+
+
+@pytest.mark.parametrize("options", [{}, ALL_PARTS])
 def test_teachers_frozen_in_eval_out_of_optimizer_and_checkpoint(tmp_path, options):
     torch.manual_seed(0)
-    model = DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=["test_resnet", "test_vit"],
-                               optim=OptimConfig(name="sgd", lr=0.5, warmup_epochs=0), **options)
+    model = _student(["test_resnet", "test_vit"], optim=OptimConfig(name="sgd", lr=0.5, warmup_epochs=0), **options)
     before = {k: v.clone() for k, v in model.teachers.state_dict().items()}  # BN running stats included
     student_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     trainer = _fit(model, tmp_path)
@@ -173,35 +246,53 @@ def test_teachers_frozen_in_eval_out_of_optimizer_and_checkpoint(tmp_path, optio
     assert not any(t.training for t in model.teachers.modules())
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized.isdisjoint(id(p) for p in model.teachers.parameters())
-    assert len(optimized) == len(list(model.backbone.parameters())) + sum(
-        len(list(m.parameters())) for m in (model.projector, model.discriminator) if m is not None)
+    assert len(optimized) == len(list(model.backbone.parameters())) + len(list(model.terms.parameters()))
+    if options:
+        assert len(list(model.terms.parameters())) > 0
     trainer.save_checkpoint(tmp_path / "kd.ckpt")
-    saved = torch.load(tmp_path / "kd.ckpt", weights_only=False)["state_dict"]
-    assert saved and not any(k.startswith("teachers.") for k in saved)
+    saved = load_checkpoint(tmp_path / "kd.ckpt")  # weights_only: the hyper-parameters are primitives
+    assert saved["state_dict"] and not any(k.startswith("targets.teachers.") for k in saved["state_dict"])
+    assert saved["hyper_parameters"]["targets"]["class_path"] == "modules.components.kd_targets.OnlineTeachers"
     reloaded = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False)
+    assert type(reloaded.calibration) is type(model.calibration) and len(reloaded.terms) == len(model.terms)
     assert torch.equal(reloaded.backbone.conv1[0].weight, model.backbone.conv1[0].weight)
-    if model.projector is None:  # a feature projector is sized from its teacher
-        student_only = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False, teachers=[])
-        assert len(student_only.teachers) == 0 and torch.equal(student_only.backbone.fc.weight, model.backbone.fc.weight)
+    student_only = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False, strict=False,
+                                                           targets=StoredLogits(), terms=[], calibration=None)
+    assert len(student_only.teachers) == 0 and torch.equal(student_only.backbone.fc.weight, model.backbone.fc.weight)
+
+
+def test_training_step_is_the_weighted_sum_of_its_terms(tmp_path):
+    """loss = kd_weight * KL + sum(weight * term), each term as its own function computes it."""
+    torch.manual_seed(0)
+    model = _student(["test_resnet"], kd_weight=0.7, terms=[HardLabels(0.5, label_smoothing=0.1), LogitDiscriminator(0.2, reduction=2)])
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        loss, logs = model.distillation_loss([images, labels])
+    with torch.no_grad():
+        logits, teacher = model.backbone(images), model.teachers[0](images)
+        targets = teacher.softmax(-1)
+        expected = (0.7 * kd_loss(logits, targets) + 0.5 * nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+                    + 0.2 * model.terms[1].loss(logits, teacher))
+    assert torch.allclose(loss, expected, atol=1e-6) and set(logs) == {"kd_loss", "hard_loss", "disc_loss"}
 
 
 def test_stored_logits_mode_runs_no_teacher(tmp_path):
-    teacher = ArmedTeacher(10)
-    model = DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=[teacher])
-    teacher.armed = True
-    trainer = _fit(model, tmp_path, stored=True, limit_val_batches=0)
-    assert trainer.global_step == 4
-    no_teacher = DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=[])
-    assert _fit(no_teacher, tmp_path, stored=True).global_step == 4
+    model = _student(targets=StoredLogits())
+    assert _fit(model, tmp_path, stored=True, limit_val_batches=0).global_step == 4
+    assert _fit(_student(targets=StoredLogitsRenormalised(rest_mass=0.1)), tmp_path, stored=True).global_step == 4
+    with pytest.raises(ConfigError, match="no stored logits"):
+        _fit(_student(targets=StoredLogits()), tmp_path)
     with pytest.raises(ConfigError, match="no teachers"):
-        _fit(DistillationModule("test_resnet", num_classes=10, image_size=32), tmp_path)
+        _fit(_student(), tmp_path)
+    with pytest.raises(ConfigError, match="stored at temperature 1.0"):
+        _fit(_student(targets=StoredLogits(), temperature=2.0), tmp_path, stored=True)
 
 
 def test_bad_teachers_fail_with_config_errors():
     with pytest.raises(ConfigError, match="outputs 5 classes"):
-        DistillationModule("test_resnet", num_classes=10, image_size=32, teachers=[ArmedTeacher(5)])
+        _student([ArmedTeacher(5)])
     with pytest.raises(ConfigError, match="online teacher"):
-        DistillationModule("test_resnet", num_classes=10, image_size=32, feature_weight=1.0)
+        _student(terms=[FeatureKD(1.0)])
 
 
 def test_cli_fast_dev_run_debug_yaml(run_cli, tmp_path, beton_cache):

@@ -16,6 +16,7 @@ from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.replay import (ReplayDataModule, TorchvisionReplayDataModule, apply_crops, replay_datamodule,
                                 sample_crop_params)
 from modules.components import sparse_logits
+from modules.components.distill import renormalised_sparse_targets, sparse_soft_targets, topk_probabilities
 from modules.components.errors import ConfigError, DataError
 from modules.components.sparse_logits import SparseLogits, load_sparse_logits, save_sparse_logits
 
@@ -76,6 +77,7 @@ def _random_logits(num_samples=10, epochs=3, topk=5, num_classes=1000, seed=0) -
     stored.topk_values[:] = (rng.normal(size=stored.topk_values.shape) * 20).astype(np.float16)
     stored.topk_values[0, 0, :3] = [np.float16(65504), np.float16(-6e-8), np.float16(0.1)]  # extremes, subnormal
     stored.topk_indices[:] = rng.integers(0, num_classes, stored.topk_indices.shape)
+    stored.topk_logsumexp[:] = rng.normal(size=stored.topk_logsumexp.shape).astype(np.float32) * 20
     return stored
 
 
@@ -106,6 +108,19 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.vlsl"]  # no temp file left behind
     load_sparse_logits(path)
+
+
+def test_format_1_file_is_refused_with_a_clear_message(tmp_path):
+    """Format 1 stored top-k logits without the normaliser: its targets lost the tail mass; it is refused."""
+    path = tmp_path / "train.vlsl"
+    save_sparse_logits(_random_logits(), path)
+    data = path.read_bytes()
+    assert sparse_logits.FORMAT_VERSION == 2 and data.count(b'"format": 2') == 1
+    path.write_bytes(data.replace(b'"format": 2', b'"format": 1'))  # same length: only the version differs
+    with pytest.raises(DataError) as err:
+        load_sparse_logits(path)
+    message = str(err.value)
+    assert "format 1" in message and "tail mass" in message and "store-logits" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "not_ours"])
@@ -163,13 +178,19 @@ def _assert_replay_is_exact(datamodule, teacher: RecordingTeacher, seen: dict, e
         datamodule.replay_epoch = epoch
         checked = 0
         for images, labels, indices in datamodule.train_dataloader():
-            crops, _, values, classes = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+            batch = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+            crops, values, classes = batch["image"], batch["topk_values"], batch["topk_indices"]
             assert values.dtype == torch.float32 and classes.dtype == torch.int64 and values.shape == (BATCH, topk)
+            assert torch.equal(batch["index"], indices) and batch["logits_temperature"] == 1.0
             for row, index in enumerate(indices.tolist()):
                 assert torch.equal(crops[row], seen[index, epoch % EPOCHS])
-            expected_values, expected_classes = (teacher.head(crops.flatten(1)) * 10).topk(topk, dim=1)
+            logits = teacher.head(crops.flatten(1)) * 10
+            expected_values, expected_classes = logits.topk(topk, dim=1)
             torch.testing.assert_close(values, expected_values.half().float(), rtol=0, atol=0)
             assert torch.equal(classes, expected_classes)
+            # the stored normaliser is the full softmax's, with the top-k at their float16 values
+            rounded = logits.scatter(1, expected_classes, expected_values.half().float())
+            torch.testing.assert_close(batch["topk_logsumexp"], rounded.logsumexp(1), rtol=1e-6, atol=1e-6)
             checked += len(indices)
         assert checked == datamodule.stored.num_samples // BATCH * BATCH  # drop_last keeps whole batches
 
@@ -222,6 +243,30 @@ def test_stored_epochs_differ_and_follow_the_seed(stored_run):
     np.testing.assert_array_equal(stored.flips[:, 2], flips)
 
 
+def test_stored_file_rebuilds_the_teachers_target_with_its_true_remainder(stored_run):
+    """From the file alone, the rebuilt target of every stored crop is the teacher's softmax (of its float16
+    top-k logits) on the stored classes, and its TV distance to that softmax is the tail's unevenness only."""
+    _, _, stored, seen, teacher = stored_run
+    rows = list(range(0, 64, 7))
+    crops = torch.stack([seen[row, 1] for row in rows])
+    with torch.no_grad():
+        logits = (teacher.head(crops.flatten(1)) * 10).double()  # (R, C)
+    values = torch.from_numpy(stored.topk_values[rows, 1].astype(np.float32))
+    classes = torch.from_numpy(stored.topk_indices[rows, 1].astype(np.int64))
+    lse = torch.from_numpy(stored.topk_logsumexp[rows, 1])
+    rebuilt = sparse_soft_targets(topk_probabilities(values, lse), classes, 10).double()
+    full = logits.scatter(1, classes, values.double()).softmax(-1)  # the teacher, top-k at float16
+    stored_mask = torch.zeros_like(full, dtype=torch.bool).scatter(1, classes, True)
+    tail = full.masked_fill(stored_mask, 0.0)
+    rest = tail.sum(1, keepdim=True) / (10 - TOPK)
+    tv_by_formula = 0.5 * ((rest - tail).abs() * ~stored_mask).sum(1)
+    tv = 0.5 * (rebuilt - full).abs().sum(1)
+    torch.testing.assert_close(rebuilt.sum(1), torch.ones(len(rows), dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(tv, tv_by_formula, rtol=0, atol=1e-6)
+    renormalised = renormalised_sparse_targets(values, classes, 10).double()
+    assert (0.5 * (renormalised - full).abs().sum(1) >= tv - 1e-6).all()
+
+
 def test_logits_of_another_subset_are_refused(stored_run):
     cache, output, _, _, _ = stored_run
     datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), **{**DATA, "train_limit": 48})
@@ -243,9 +288,8 @@ class _RecordTargets(pl.LightningModule):
         self.seen: list[tuple[int, torch.Tensor]] = []
 
     def training_step(self, batch, batch_idx):
-        images, labels, values, classes = batch
-        self.seen.append((self.current_epoch, values.clone()))
-        return self.layer(images.mean((2, 3))).logsumexp(1).mean()
+        self.seen.append((self.current_epoch, batch["topk_values"].clone()))
+        return self.layer(batch["image"].mean((2, 3))).logsumexp(1).mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)

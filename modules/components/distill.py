@@ -1,8 +1,10 @@
 """Knowledge-distillation pieces (pure torch + timm): soft targets, KD loss, FerKD calibration, projectors.
 
-Papers: MEAL V2 (Shen & Savvides 2020) ensemble soft targets + output discriminator; FKD / TinyViT
-(Shen & Xing 2022; Wu et al. 2022) stored sparse top-k teacher logits; FerKD (Sun et al. 2023) per-crop
-calibration by teacher confidence; ScaleKD (Fan et al. 2024) cross-attention feature projector.
+Papers: MEAL V2 (Shen & Savvides 2020) ensemble soft targets; FKD / TinyViT (Shen & Xing 2022; Wu et al.
+2022) stored sparse top-k teacher probabilities with the true remainder; FerKD (Zhiqiang Shen, ICCV 2023)
+per-crop calibration by teacher confidence; ScaleKD (Fan et al. 2024) cross-attention feature projector.
+The parts ``DistillationModule`` is built from live in ``kd_targets`` (target sources, calibration) and
+``kd_terms`` (extra loss terms).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from torch import nn
 
 from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.checkpoints import backbone_state_dict, checkpoint_hparams
-from modules.components.contrastive import _ScaleGradient
 from modules.components.errors import ConfigError
 from modules.components.masking import resize_tokens
 from modules.components.mim_parts import feature_mimic_loss
@@ -34,14 +35,47 @@ def ensemble_soft_targets(teacher_logits: list[torch.Tensor], temperature: float
     return (stacked / temperature).softmax(dim=-1).mean(dim=0)
 
 
-def sparse_soft_targets(topk_values: torch.Tensor, topk_indices: torch.Tensor, num_classes: int,
-                        temperature: float = 1.0, rest_mass: float = 0.0) -> torch.Tensor:
-    """Dense (B, C) targets from stored top-k teacher logits (FKD / TinyViT).
+def topk_probabilities(topk_values: torch.Tensor, topk_logsumexp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The teacher's tempered probabilities of its stored top-k classes: ``exp(z_i / T - logsumexp(z / T))``.
 
-    The k stored logits get ``softmax(values / T)`` renormalised over the k classes. With ``rest_mass = 0``
-    every class outside the top-k gets exactly 0 (so k = C reproduces ``softmax(logits / T)`` exactly);
-    ``rest_mass > 0`` moves that fraction of the mass, spread uniformly, onto the C - k unstored classes
-    (TinyViT's label-smoothing fill).
+    Args:
+        topk_values: (B, k) stored teacher logits ``z_i`` (any float dtype).
+        topk_logsumexp: (B,) stored ``logsumexp(z / T)`` over all C classes (``sparse_logits`` format 2).
+        temperature: T, the storing temperature.
+    """
+    return (topk_values.float() / temperature - topk_logsumexp.float()[:, None]).exp()  # (B, k)
+
+
+def sparse_soft_targets(topk_probs: torch.Tensor, topk_indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense (B, C) targets from the teacher's top-k probabilities with the true remainder (FKD / TinyViT).
+
+    The k stored classes keep the teacher's probabilities; each of the C - k other classes gets
+    ``(1 - sum(top-k)) / (C - k)``, the teacher's own tail mass spread evenly (FKD's
+    ``marginal_smoothing_k*`` labels, TinyViT's sparse-logit rebuild). The total mass is the teacher's,
+    and the total-variation distance to the teacher's full softmax is only the tail's unevenness.
+
+    Args:
+        topk_probs: (B, k) teacher probabilities of the stored classes (``topk_probabilities``).
+        topk_indices: (B, k) int64 class indices.
+        num_classes: C.
+    """
+    probs = topk_probs.float()
+    k = probs.shape[-1]
+    rest = (1.0 - probs.sum(dim=-1, keepdim=True)).clamp_min(0.0) / max(num_classes - k, 1)  # (B, 1)
+    targets = rest.expand(-1, num_classes).clone() if k < num_classes else torch.zeros(len(probs), num_classes, device=probs.device)
+    return targets.scatter_(1, topk_indices.long(), probs)  # (B, C)
+
+
+def renormalised_sparse_targets(topk_values: torch.Tensor, topk_indices: torch.Tensor, num_classes: int,
+                                temperature: float = 1.0, rest_mass: float = 0.0) -> torch.Tensor:
+    """Dense (B, C) targets renormalised over the stored top-k logits (FKD's ``marginal_renorm`` variant).
+
+    The k stored logits get ``softmax(values / T)`` over the k classes alone, so the teacher's tail mass
+    ``1 - sum(top-k)`` is dropped and moved onto the top-k (at k = 5 of 10 Fashion-MNIST classes about 20%
+    of the mass, a total-variation distance of that size from the teacher). It needs no log-normaliser and
+    re-tempers the stored logits at any T. ``rest_mass > 0`` instead gives a *constant* fraction of the mass,
+    spread evenly, to the C - k unstored classes: a label-smoothing-like fill the same for every crop,
+    which does not restore the teacher's own remainder (``sparse_soft_targets`` does).
 
     Args:
         topk_values: (B, k) teacher logits (any float dtype).
@@ -77,6 +111,11 @@ def kd_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, temperatur
     return per_sample.mean() * temperature**2
 
 
+def check_ferkd_thresholds(low: float, high: float) -> None:
+    if not 0.0 <= low <= high <= 1.0:
+        raise ConfigError(f"FerKD thresholds need 0 <= low <= high <= 1, got low={low}, high={high}")
+
+
 def ferkd_calibrate(soft_targets: torch.Tensor, labels: torch.Tensor, low: float = 0.2, high: float = 0.9,
                     negative_smoothing: float = 0.3, negative_weight: float = 1.0,
                     easy_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +130,7 @@ def ferkd_calibrate(soft_targets: torch.Tensor, labels: torch.Tensor, low: float
     Returns:
         ``(targets (B, C), weights (B,))``.
     """
-    if not 0.0 <= low <= high <= 1.0:
-        raise ConfigError(f"FerKD thresholds need 0 <= low <= high <= 1, got low={low}, high={high}")
+    check_ferkd_thresholds(low, high)
     num_classes = soft_targets.shape[-1]
     confidence = soft_targets.gather(1, labels.long()[:, None]).squeeze(1)  # (B,)
     softened = F.one_hot(labels.long(), num_classes).float() * (1.0 - negative_smoothing) + negative_smoothing / num_classes
@@ -149,6 +187,25 @@ def feature_tokens(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).transpose(1, 2)  # (B, H*W, C)
 
 
+def student_tokens_and_logits(model: nn.Module, images: torch.Tensor, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(feature tokens (B, N, D), logits (B, C))`` of a timm model in one forward pass; ``layer`` indexes
+    ``forward_intermediates`` (``None``: the final feature map)."""
+    if layer is None:
+        features = model.forward_features(images)
+        return feature_tokens(model, features), model.forward_head(features)
+    final, (inter,) = model.forward_intermediates(images, indices=[layer])
+    return feature_tokens(model, inter), model.forward_head(final)
+
+
+@torch.no_grad()
+def teacher_tokens(model: nn.Module, images: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """A frozen teacher's feature tokens ``(B, N_t, D_t)`` at ``layer`` (``None``: the final feature map)."""
+    if layer is None:
+        return feature_tokens(model, model.forward_features(images))
+    (inter,) = model.forward_intermediates(images, indices=[layer], intermediates_only=True)
+    return feature_tokens(model, inter)
+
+
 def _square_grid(num_tokens: int) -> tuple[int, int]:
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
@@ -197,27 +254,3 @@ class CrossAttentionProjector(nn.Module):
         queries = self.queries.expand(tokens.shape[0], -1, -1)  # (B, N_t, D_t)
         attended, _ = self.attention(queries, memory, memory, need_weights=False)
         return self.out(attended + queries)  # (B, N_t, D_t)
-
-
-# --- MEAL V2 discriminator -------------------------------------------------------------------------
-class Discriminator(nn.Module):
-    """MEAL V2 output discriminator: a small MLP telling teacher (1) from student (0) probability vectors."""
-
-    def __init__(self, num_classes: int, hidden_dim: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_classes, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.ReLU(), nn.Linear(hidden_dim, 1))
-
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        return self.net(probs).squeeze(-1)  # (B,) logits
-
-    def loss(self, student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy of the discriminator; the student's gradient through it is reversed.
-
-        One optimizer minimises this: the discriminator learns to tell the outputs apart while the
-        reversed gradient pushes the student's outputs towards the teacher's distribution.
-        """
-        student_probs = _ScaleGradient.apply(student_probs, -1.0)
-        logits = self(torch.cat([teacher_probs.detach(), student_probs]))  # (2B,)
-        truth = torch.cat([torch.ones(len(teacher_probs)), torch.zeros(len(student_probs))]).to(logits)
-        return F.binary_cross_entropy_with_logits(logits, truth)

@@ -1,7 +1,8 @@
 """Stored sparse teacher logits (FKD / TinyViT / dataset reinforcement): the on-disk format.
 
 One file per split holds, for N samples x K augmented epochs, the crop box and flip each sample was
-augmented with and the teacher's top-k logits on that crop::
+augmented with, the teacher's top-k logits on that crop and the log-normaliser of the teacher's tempered
+softmax, so that the teacher's full target is rebuilt with its true tail mass (FKD / TinyViT)::
 
     b"VLSPARSE" | uint64 header length | JSON header | arrays (64-byte aligned, C order) | b"VLSPEND!"
 
@@ -12,9 +13,14 @@ The JSON header holds the metadata (``num_classes``, ``topk``, ``epochs``, ``num
 * ``flips``        uint8   (N, K):    1 = horizontally flipped after cropping.
 * ``topk_values``  float16 (N, K, k): the k largest teacher logits, in descending order.
 * ``topk_indices`` uint16  (N, K, k): their class indices (int32 when there are more than 65535 classes).
+* ``topk_logsumexp`` float32 (N, K): ``logsumexp(z / T)`` over all C classes at the storing temperature
+  ``meta["temperature"]``, with the k stored logits taken as their float16 values, so that
+  ``p_i = exp(topk_values_i / T - topk_logsumexp)`` are exactly the teacher's tempered probabilities of the
+  stored classes (for the float16 logits) and ``1 - sum(p_i)`` is the teacher's true remainder mass.
 
 Quantisation: logits are rounded once to float16 (11 significant bits: relative error <= 2**-11, range
-+-65504) when written; what is read back is bit-identical to that float16 array. Files are written to a
++-65504) when written; what is read back is bit-identical to that float16 array. Format 1 files (top-k
+logits without ``topk_logsumexp``) cannot rebuild the remainder and are refused. Files are written to a
 temporary file in the same folder, fsynced and renamed (``os.replace``), so an interrupted write never
 replaces or corrupts an existing file. Pure numpy: no torch, no Lightning.
 """
@@ -33,9 +39,9 @@ from modules.components.errors import DataError
 from modules.components.files import write_atomic
 
 MAGIC, END = b"VLSPARSE", b"VLSPEND!"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + topk_logsumexp and meta["temperature"] (format 1 lost the tail mass)
 ALIGN = 64
-ARRAY_NAMES = ("crop_boxes", "flips", "topk_values", "topk_indices")
+ARRAY_NAMES = ("crop_boxes", "flips", "topk_values", "topk_indices", "topk_logsumexp")
 
 
 @dataclass
@@ -47,6 +53,7 @@ class SparseLogits:
         flips: uint8 (N, K).
         topk_values: float16 (N, K, k) teacher logits, descending.
         topk_indices: uint16/int32 (N, K, k) class indices of ``topk_values``.
+        topk_logsumexp: float32 (N, K) log-normaliser of the teacher's softmax at ``meta["temperature"]``.
         meta: JSON-serialisable metadata (``num_classes`` is required; the rest is checked by readers).
     """
 
@@ -54,6 +61,7 @@ class SparseLogits:
     flips: np.ndarray
     topk_values: np.ndarray
     topk_indices: np.ndarray
+    topk_logsumexp: np.ndarray
     meta: dict = field(default_factory=dict)
 
     @property
@@ -69,7 +77,8 @@ class SparseLogits:
         return int(self.topk_values.shape[2])
 
     @classmethod
-    def empty(cls, num_samples: int, epochs: int, topk: int, num_classes: int, meta: dict | None = None) -> SparseLogits:
+    def empty(cls, num_samples: int, epochs: int, topk: int, num_classes: int, meta: dict | None = None,
+              temperature: float = 1.0) -> SparseLogits:
         """Zero-filled arrays of the stored dtypes, to be filled batch by batch; the sizes go into ``meta``."""
         index_dtype = np.uint16 if num_classes <= np.iinfo(np.uint16).max + 1 else np.int32
         return cls(
@@ -77,8 +86,9 @@ class SparseLogits:
             flips=np.zeros((num_samples, epochs), np.uint8),
             topk_values=np.zeros((num_samples, epochs, topk), np.float16),
             topk_indices=np.zeros((num_samples, epochs, topk), index_dtype),
+            topk_logsumexp=np.zeros((num_samples, epochs), np.float32),
             meta={**(meta or {}), "num_samples": int(num_samples), "epochs": int(epochs), "topk": int(topk),
-                  "num_classes": int(num_classes)},
+                  "num_classes": int(num_classes), "temperature": float(temperature)},
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -88,14 +98,16 @@ class SparseLogits:
         """Raise ``ValueError`` when the arrays disagree on shapes or dtypes (a programming error)."""
         n, k_epochs = self.crop_boxes.shape[:2]
         expected = {"crop_boxes": (n, k_epochs, 4), "flips": (n, k_epochs),
-                    "topk_values": (n, k_epochs, self.topk), "topk_indices": (n, k_epochs, self.topk)}
+                    "topk_values": (n, k_epochs, self.topk), "topk_indices": (n, k_epochs, self.topk),
+                    "topk_logsumexp": (n, k_epochs)}
         for name, array in self.arrays().items():
             if array.shape != expected[name]:
                 raise ValueError(f"{name} has shape {array.shape}, expected {expected[name]}")
-        if self.topk_values.dtype != np.float16 or self.crop_boxes.dtype != np.int16 or self.flips.dtype != np.uint8:
-            raise ValueError("crop_boxes must be int16, flips uint8 and topk_values float16")
-        if "num_classes" not in self.meta:
-            raise ValueError("meta needs num_classes")
+        if (self.topk_values.dtype != np.float16 or self.crop_boxes.dtype != np.int16 or self.flips.dtype != np.uint8
+                or self.topk_logsumexp.dtype != np.float32):
+            raise ValueError("crop_boxes must be int16, flips uint8, topk_values float16 and topk_logsumexp float32")
+        if "num_classes" not in self.meta or "temperature" not in self.meta:
+            raise ValueError("meta needs num_classes and temperature")
 
 
 def _aligned(offset: int) -> int:
@@ -171,6 +183,12 @@ def load_sparse_logits(path: str | Path, verify: bool = True) -> SparseLogits:
             if f.read(len(MAGIC)) != MAGIC:
                 raise ValueError("not a visionlab sparse-logits file (bad magic)")
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            version = header.get("format")
+            if version != FORMAT_VERSION:
+                old = isinstance(version, int) and version < FORMAT_VERSION
+                why = ("it stores top-k logits without the teacher's log-normaliser, so the teacher's tail mass "
+                       "cannot be rebuilt" if old else f"this visionlab reads format {FORMAT_VERSION} only")
+                raise DataError(f"{path} is a format {version} sparse-logits file and {why}: {fix}")
             end = int(header["end"])
             if size != end + len(END):
                 raise ValueError(f"{size} bytes, the header says {end + len(END)}")
