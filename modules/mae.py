@@ -16,7 +16,9 @@ from modules.components.optim import OptimConfig
 class MAEModule(MaskedPretrainingModule):
     """MAE pretraining: the ViT encoder runs on the visible 25% of tokens, a light decoder adds mask tokens.
 
-    The loss is MSE on masked patches against per-patch-normalised pixels. The encoder is an unmodified
+    The loss is MSE on masked patches against per-patch-normalised pixels. Encoder and decoder are initialised
+    as the reference (Xavier-uniform Linear and patch-embedding weights, fixed sin-cos position embeddings,
+    LayerNorm eps 1e-6); its AdamW betas (0.9, 0.95) and base-lr rule are set in ``optim``. The encoder is an unmodified
     timm ViT (``self.backbone``, timm's key names), so ``ClassificationModule(init_checkpoint=...)``
     fine-tunes it and ``LinearProbeModule`` probes it.
 
@@ -25,11 +27,13 @@ class MAEModule(MaskedPretrainingModule):
         num_classes: classes of the data (only sizes the unused classifier; linked from the data).
         image_size: input size (linked from the data).
         backbone_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``depth``, ``embed_dim``...).
-        mask_ratio: fraction of patches hidden from the encoder (exact per sample).
-        norm_pix_loss: per-patch normalised pixel targets.
+        mask_ratio: fraction of patches hidden from the encoder; ``int(N * (1 - mask_ratio))`` stay visible.
+        norm_pix_loss: per-patch normalised pixel targets (unbiased variance, eps 1e-6, as the reference).
         decoder_dim: decoder width.
         decoder_depth: decoder blocks.
         decoder_heads: decoder attention heads.
+        learned_pos_embed: trained position embeddings in encoder and decoder instead of the reference's
+            fixed 2-D sin-cos tables (zero row for the class token).
         log_images_every_n_steps: period of the input / masked / reconstruction grid (``mim/recon``); 0 disables.
         optim: optimizer and schedule.
     """
@@ -45,13 +49,14 @@ class MAEModule(MaskedPretrainingModule):
         decoder_dim: int = 128,
         decoder_depth: int = 2,
         decoder_heads: int = 4,
+        learned_pos_embed: bool = False,
         log_images_every_n_steps: int = 500,
         optim: OptimConfig | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.save_hyperparameters()
         self.backbone, self.decoder, _ = mae_encoder_decoder(backbone, num_classes, image_size, backbone_kwargs, "MAE",
-                                                             decoder_dim, decoder_depth, decoder_heads)
+                                                             decoder_dim, decoder_depth, decoder_heads, learned_pos_embed)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.log_every = log_images_every_n_steps

@@ -7,15 +7,30 @@ DataModule feeds SimMIM / MAE / MR-MAE unchanged. Conventions: a token mask is `
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def num_masked(num_units: int, mask_ratio: float) -> int:
-    """Exact number of masked units for a ratio (rounded; at least one unit stays visible)."""
+def _check_ratio(mask_ratio: float) -> None:
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return min(int(round(num_units * mask_ratio)), num_units - 1)
+
+
+def simmim_num_masked(num_units: int, mask_ratio: float) -> int:
+    """SimMIM's masked mask-patch count, ``ceil(count * ratio)`` as its reference (49 at 0.6 -> 30)."""
+    _check_ratio(mask_ratio)
+    return min(math.ceil(num_units * mask_ratio), num_units - 1)
+
+
+def mae_num_kept(num_tokens: int, mask_ratio: float) -> int:
+    """MAE's visible-token count, ``int(L * (1 - ratio))`` as its reference (196 at 0.75 -> 49)."""
+    _check_ratio(mask_ratio)
+    keep = int(num_tokens * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible token out of {num_tokens}")
+    return keep
 
 
 def random_token_order(batch_size: int, num_tokens: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -38,7 +53,7 @@ def simmim_mask(
         batch_size: samples.
         grid_size: token grid ``(h, w)`` of the encoder (image size / patch size).
         mask_patch_cells: mask-patch side in tokens (mask-patch pixels / model patch pixels).
-        mask_ratio: fraction of mask patches hidden; the count is exactly ``round(ratio * n)``.
+        mask_ratio: fraction of mask patches hidden; the count is exactly ``ceil(ratio * n)`` (`simmim_num_masked`).
         device: where the mask lives (the batch's device).
         generator: optional RNG for reproducible masks (e.g. validation).
 
@@ -50,7 +65,7 @@ def simmim_mask(
         raise ValueError(f"token grid {grid_size} is not divisible by the mask patch ({mask_patch_cells} tokens)")
     mh, mw = h // mask_patch_cells, w // mask_patch_cells
     order = random_token_order(batch_size, mh * mw, device, generator)
-    block_mask = order.argsort(dim=1) < num_masked(mh * mw, mask_ratio)  # rank < k: exactly k True  # (B, mh*mw)
+    block_mask = order.argsort(dim=1) < simmim_num_masked(mh * mw, mask_ratio)  # rank < k: exactly k True  # (B, mh*mw)
     block_mask = block_mask.view(batch_size, mh, 1, mw, 1)
     token_mask = block_mask.expand(batch_size, mh, mask_patch_cells, mw, mask_patch_cells)
     return token_mask.reshape(batch_size, h * w)
@@ -66,13 +81,13 @@ def mae_shuffle(
     """MAE per-sample random shuffle with an exact keep count.
 
     Returns:
-        ids_keep ``(B, K)`` indices of the visible tokens (K = N - round(ratio * N)),
+        ids_keep ``(B, K)`` indices of the visible tokens (K = int(N * (1 - ratio)), `mae_num_kept`),
         ids_restore ``(B, N)`` inverse permutation (unshuffles encoder+mask tokens),
         mask ``(B, N)`` bool, True = masked, in the original token order.
     """
     order = random_token_order(batch_size, num_tokens, device, generator)  # (B, N)
     ids_restore = order.argsort(dim=1)
-    keep = num_tokens - num_masked(num_tokens, mask_ratio)
+    keep = mae_num_kept(num_tokens, mask_ratio)
     ids_keep = order[:, :keep]
     mask = ids_restore >= keep
     return ids_keep, ids_restore, mask
@@ -110,13 +125,15 @@ def token_mask_to_pixels(mask: torch.Tensor, grid_size: tuple[int, int], patch_s
 
 
 def normalized_patch_targets(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MAE's per-patch normalised pixel targets.
+    """MAE's per-patch normalised pixel targets: ``(x - mean) / sqrt(var + eps)``, *unbiased* variance.
+
+    The unbiased (P - 1) variance and eps 1e-6 are the reference's (``norm_pix_loss``).
 
     Returns:
         targets ``(B, N, P)``, and the per-patch mean and std ``(B, N, 1)`` to undo it for display.
     """
     mean = patches.mean(dim=-1, keepdim=True)
-    std = (patches.var(dim=-1, keepdim=True, unbiased=False) + eps).sqrt()
+    std = (patches.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
     return (patches - mean) / std, mean, std
 
 

@@ -7,8 +7,11 @@ timm's names and load into a plain timm classifier for fine-tuning.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -26,6 +29,7 @@ from modules.components.masking import (
     token_mask_to_pixels,
     unpatchify,
 )
+from modules.components.pos_embed import sincos_2d
 
 
 # --- ViT token plumbing ---------------------------------------------------------------------------
@@ -63,8 +67,7 @@ def vit_patch_tokens(vit: VisionTransformer, images: torch.Tensor, mask: torch.T
     if x.ndim == 4:  # NHWC patch embed output
         x = x.flatten(1, 2)  # (B, N, D)
     if mask is not None:
-        weight = mask.unsqueeze(-1).to(x.dtype)
-        x = x * (1 - weight) + mask_token.to(x.dtype) * weight
+        x = _with_mask_token(x, mask, mask_token)
     _, patch_pos = _split_pos_embed(vit)
     if patch_pos is not None and patch_pos.shape[1] != x.shape[1]:
         raise ConfigError(f"images give {x.shape[1]} patches but the ViT was built for {patch_pos.shape[1]}: "
@@ -118,11 +121,19 @@ def patch_size_of(backbone: nn.Module) -> int:
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
+def _with_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """Patch embeddings ``(B, ..., D)`` with the masked ones (``mask`` of the same leading shape) replaced."""
+    weight = mask.view(*x.shape[:-1], 1).to(x.dtype)
+    return x * (1 - weight) + mask_token.reshape(-1).to(x.dtype) * weight
+
+
 def masked_feature_map(backbone: nn.Module, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
     """SimMIM encoder: masked patch embeddings replaced by ``mask_token``, then the unmodified encoder.
 
-    Supports timm ``VisionTransformer`` and ``SwinTransformer`` (hierarchical: the mask lives at the
-    patch-embedding resolution and the output is at the last stage's stride).
+    Supports timm ``VisionTransformer``, ``Beit`` (the ViT of SimMIM's reference: layer scale and a
+    relative position bias shared by all blocks, ``use_shared_rel_pos_bias=True, use_abs_pos_emb=False``)
+    and ``SwinTransformer`` (hierarchical: the mask lives at the patch-embedding resolution and the
+    output is at the last stage's stride).
 
     Args:
         backbone: the timm encoder.
@@ -138,14 +149,21 @@ def masked_feature_map(backbone: nn.Module, images: torch.Tensor, mask: torch.Te
         x = vit_run_blocks(backbone, vit_patch_tokens(backbone, images, mask, mask_token))
         x = x[:, backbone.num_prefix_tokens:]  # (B, N, D)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    if isinstance(backbone, Beit):  # the steps of Beit.forward_features, with the mask token
+        x = _with_mask_token(backbone.patch_embed(images), mask, mask_token)  # (B, N, D)
+        x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x if backbone.pos_embed is None else x + backbone.pos_embed
+        x = backbone.pos_drop(x)
+        shared_bias = backbone.rel_pos_bias() if backbone.rel_pos_bias is not None else None
+        for block in backbone.blocks:
+            x = block(x, shared_rel_pos_bias=shared_bias)
+        x = backbone.norm(x)[:, 1:]  # (B, N, D)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *backbone.patch_embed.grid_size)
     if isinstance(backbone, SwinTransformer):
-        x = backbone.patch_embed(images)  # (B, h, w, C)
-        b, h, w, c = x.shape
-        weight = mask.view(b, h, w, 1).to(x.dtype)
-        x = x * (1 - weight) + mask_token.view(1, 1, 1, c).to(x.dtype) * weight
+        x = _with_mask_token(backbone.patch_embed(images), mask, mask_token)  # (B, h, w, C)
         x = backbone.norm(backbone.layers(x))  # (B, h', w', C')
         return x.permute(0, 3, 1, 2)
-    raise ConfigError(f"SimMIM supports timm ViT and Swin backbones, got {type(backbone).__name__}")
+    raise ConfigError(f"SimMIM supports timm ViT, BEiT and Swin backbones, got {type(backbone).__name__}")
 
 
 def patch_embed_grid(backbone: nn.Module) -> tuple[int, int]:
@@ -157,29 +175,38 @@ def patch_embed_grid(backbone: nn.Module) -> tuple[int, int]:
 class MAEDecoder(nn.Module):
     """MAE's light decoder: visible latents + mask tokens, unshuffled, through a few ViT blocks to pixels.
 
+    As the reference: fixed 2-D sin-cos position embeddings (not trained) on the patch tokens, LayerNorms
+    with eps 1e-6. The prefix (class) tokens pass through without a position embedding, which equals the
+    reference's zero row for the class token.
+
     Args:
         encoder_dim: width of the encoder tokens.
-        num_patches: patches per image (N).
+        grid_size: patch grid ``(h, w)`` (N = h * w patches per image).
         patch_pixels: values predicted per patch (patch_size**2 * channels).
         num_prefix_tokens: class/register tokens leading the encoder output (passed through, then dropped).
         dim: decoder width.
         depth: decoder blocks.
         num_heads: decoder attention heads.
         mlp_ratio: MLP expansion of the decoder blocks.
+        learned_pos_embed: a trained position embedding (truncated-normal 0.02 init) instead of the
+            reference's fixed sin-cos table; an option, not MAE's recipe.
     """
 
-    def __init__(self, encoder_dim: int, num_patches: int, patch_pixels: int, num_prefix_tokens: int = 1,
-                 dim: int = 128, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0):
+    def __init__(self, encoder_dim: int, grid_size: tuple[int, int], patch_pixels: int, num_prefix_tokens: int = 1,
+                 dim: int = 128, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
+                 learned_pos_embed: bool = False):
         super().__init__()
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_prefix_tokens = num_prefix_tokens
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, dim))
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.pos_embed = nn.Parameter(sincos_2d(dim, grid_size), requires_grad=learned_pos_embed)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                                      for _ in range(depth)])
+        self.norm = norm_layer(dim)
         self.pred = nn.Linear(dim, patch_pixels)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if learned_pos_embed:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """(B, P + K, D_enc) encoder output, (B, N) inverse shuffle -> (B, N, patch_pixels) predictions."""
@@ -191,6 +218,34 @@ class MAEDecoder(nn.Module):
         x = self.blocks(torch.cat([prefix, x], dim=1))
         x = self.norm(x)[:, self.num_prefix_tokens:]
         return self.pred(x)  # (B, N, patch_pixels)
+
+
+def mae_init_(backbone: VisionTransformer, decoder: MAEDecoder, learned_pos_embed: bool = False) -> None:
+    """MAE's reference initialisation of its encoder and decoder, in place.
+
+    Xavier-uniform for every Linear (bias 0) and for the patch embedding seen as a Linear, LayerNorm
+    (1, 0), normal(0.02) class/register and mask tokens; unless ``learned_pos_embed``, the encoder's
+    position embedding becomes the fixed 2-D sin-cos table (zero rows for the prefix tokens) and is not
+    trained. Fine-tuning loads it as an ordinary (trained) parameter, as the reference's fine-tuning does.
+    """
+    for module in (*backbone.modules(), *decoder.modules()):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    weight = backbone.patch_embed.proj.weight.data
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    for token in (backbone.cls_token, backbone.reg_token, decoder.mask_token):
+        if token is not None:
+            nn.init.normal_(token, std=0.02)
+    if not learned_pos_embed and backbone.pos_embed is not None:
+        grid, _ = vit_geometry(backbone)
+        prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+        backbone.pos_embed.data.copy_(sincos_2d(backbone.pos_embed.shape[-1], grid, prefix))
+        backbone.pos_embed.requires_grad_(False)
 
 
 def mae_reconstruct(backbone: VisionTransformer, decoder: MAEDecoder, images: torch.Tensor, mask_ratio: float,
@@ -233,13 +288,19 @@ def pretraining_backbone(name: str, num_classes: int, image_size: int | None, kw
 
 
 def mae_encoder_decoder(name: str, num_classes: int, image_size: int | None, kwargs: dict | None, technique: str,
-                        decoder_dim: int, decoder_depth: int, decoder_heads: int,
+                        decoder_dim: int, decoder_depth: int, decoder_heads: int, learned_pos_embed: bool = False,
                         ) -> tuple[VisionTransformer, MAEDecoder, tuple[int, int]]:
-    """The ViT encoder, its pixel decoder and the patch grid of an MAE-style technique (MAE, MR-MAE)."""
+    """The ViT encoder, its pixel decoder and the patch grid of an MAE-style technique (MAE, MR-MAE).
+
+    Both are initialised as MAE's reference (`mae_init_`), with fixed sin-cos position embeddings
+    unless ``learned_pos_embed``.
+    """
     backbone = require_vit(pretraining_backbone(name, num_classes, image_size, kwargs), technique)
     grid, patch = vit_geometry(backbone)
-    decoder = MAEDecoder(backbone.embed_dim, grid[0] * grid[1], patch * patch * 3, backbone.num_prefix_tokens,
-                         dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads)
+    decoder = MAEDecoder(backbone.embed_dim, grid, patch * patch * 3, backbone.num_prefix_tokens,
+                         dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
+                         learned_pos_embed=learned_pos_embed)
+    mae_init_(backbone, decoder, learned_pos_embed)
     return backbone, decoder, grid
 
 
