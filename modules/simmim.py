@@ -26,18 +26,20 @@ from modules.components.optim import OptimConfig
 class SimMIMModule(MaskedPretrainingModule):
     """SimMIM pretraining: large random mask patches, a learnable mask token, one linear pixel predictor, L1.
 
-    The mask token replaces masked patch embeddings inside an unmodified timm ViT or Swin (``self.backbone``,
+    The mask token replaces masked patch embeddings inside an unmodified timm ViT, BEiT or Swin (``self.backbone``,
     saved under timm's names so ``ClassificationModule(init_checkpoint=...)`` fine-tunes it directly).
     A 1x1 convolution (a per-location linear layer) predicts the raw (normalised) pixels of each
     output-stride cell; the L1 loss counts masked pixels only.
 
     Args:
-        backbone: timm ViT or Swin name.
+        backbone: timm ViT, BEiT or Swin name. SimMIM's own ViT (layer scale, one relative position bias
+            shared by all blocks, no absolute position embedding) is timm's ``beit_*`` with
+            ``use_shared_rel_pos_bias=True, use_rel_pos_bias=False, use_abs_pos_emb=False, init_values=0.1``.
         num_classes: classes of the data (only sizes the unused classifier; linked from the data).
         image_size: input size (linked from the data).
         backbone_kwargs: extra ``timm.create_model`` arguments (``patch_size``, ``depth``, ``embed_dim``...).
         mask_patch_size: side of a mask patch in pixels (a multiple of the model's patch size).
-        mask_ratio: fraction of mask patches hidden (exact per sample).
+        mask_ratio: fraction of mask patches hidden: ``ceil(count * mask_ratio)`` per sample, as the reference.
         log_images_every_n_steps: period of the input / masked / reconstruction grid (``mim/recon``); 0 disables.
         optim: optimizer and schedule.
     """
