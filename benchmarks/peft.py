@@ -28,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
 from modules.classification import ClassificationModule  # noqa: E402
 from modules.components.optim import OptimConfig  # noqa: E402
-from modules.components.peft import AdapterConfig, SideConfig  # noqa: E402
+from modules.components.low_bit import NormalQuantile, UniformGrid, relative_error  # noqa: E402
+from modules.components.peft_methods import (  # noqa: E402
+    AdapterTuning,
+    FullFineTune,
+    LinearProbe,
+    SideTuning,
+    SSFTuning,
+)
 from modules.peft import PEFTModule, load_task_file  # noqa: E402
 
 BACKBONE = "vit_tiny_patch16_224"
@@ -37,19 +44,32 @@ DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(0.6
             mean=(0.286,) * 3, std=(0.353,) * 3)
 PRETRAIN_CLASSES, TRANSFER_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
-# name -> PEFTModule arguments (lr per method as the papers tune it: higher for the few new parameters)
+# name -> PEFTModule arguments, as configs/peft/<name>.yaml (lr per method as the papers tune it: higher for
+# the few new parameters)
 VARIANTS = {
-    "linear_probe": dict(method="linear_probe", optim=OptimConfig(lr=1e-2, weight_decay=0.0)),
-    "full": dict(method="full", optim=OptimConfig(lr=5e-4, weight_decay=0.05)),
-    "ssf": dict(method="ssf", optim=OptimConfig(lr=1e-2, weight_decay=0.0)),
-    "adapter": dict(method="adapter", adapter=AdapterConfig(dim=8, scale=1.0, style="parallel"),
-                    optim=OptimConfig(lr=5e-3, weight_decay=0.0)),
+    "linear_probe": dict(method=LinearProbe(), optim=OptimConfig(lr=1e-2, weight_decay=0.0)),
+    "full": dict(method=FullFineTune(), optim=OptimConfig(lr=5e-4, weight_decay=0.05)),
+    "ssf": dict(method=SSFTuning(init_std=0.02), optim=OptimConfig(lr=1e-2, weight_decay=0.0)),
+    "adapter": dict(method=AdapterTuning(dim=8, scale=0.1), optim=OptimConfig(lr=5e-3, weight_decay=0.0)),
     # 1-bit weights store 32x smaller, so the bottleneck doubles (still < 2% trainable); sign flips of the
     # latent STE weights need a larger lr
-    "adapter_1bit": dict(method="adapter", adapter=AdapterConfig(dim=16, scale=1.0, style="parallel", bits=1),
+    "adapter_1bit": dict(method=AdapterTuning(dim=16, scale=1.0, bias=False, quantizer=NormalQuantile(1)),
                          optim=OptimConfig(lr=2e-2, weight_decay=0.0)),
-    "side": dict(method="side", side=SideConfig(dim=32, taps=3), optim=OptimConfig(lr=5e-3, weight_decay=0.0)),
+    "side": dict(method=SideTuning(dim=32, taps=3), optim=OptimConfig(lr=5e-3, weight_decay=0.0)),
 }
+
+
+def quantizer_errors() -> None:
+    """Relative error ||Q(W) - W|| / ||W|| of both quantizers on an 8x192 down-projection, per bit width."""
+    weights = {"gaussian": torch.randn(8, 192, generator=torch.Generator().manual_seed(0))}
+    torch.manual_seed(0)
+    weights["nn.Linear init"] = torch.nn.Linear(192, 8).weight.detach()  # uniform +-1/sqrt(192)
+    print(f"{'8x192 weight':<16}{'bits':>5}{'normal-quantile':>17}{'uniform per-row':>17}")
+    for name, weight in weights.items():
+        for bits in (1, 2, 4):
+            print(f"{name:<16}{bits:>5}{relative_error(NormalQuantile(bits), weight):>17.3f}"
+                  f"{relative_error(UniformGrid(bits), weight):>17.3f}")
+    print()
 
 
 class StepTimer(pl.Callback):
@@ -136,6 +156,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
+    quantizer_errors()
     start = time.time()
     checkpoint, pretrain_acc = pretrain(root, args)
     print(f"pretrain: {BACKBONE} {VIT} on classes {PRETRAIN_CLASSES}, {args.pretrain_images} images x "

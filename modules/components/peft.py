@@ -2,28 +2,28 @@
 
 * SSF (Scaling & Shifting Your Features, Lian et al. 2022): per-channel ``y = scale * op(x) + shift`` after
   linear/conv/norm ops, inserted by replacing named submodules with :class:`SSF`, and folded back into the
-  wrapped op by :func:`merge_ssf` so the deployed model is the plain timm model.
-* Bottleneck adapters, sequential (Houlsby/Pfeiffer) or parallel (AdaptFormer), with a zero-initialised
-  up-projection, and their low-bit variant (Jie et al. 2023, "Revisiting the Parameter Efficiency of
-  Adapters from the Perspective of Precision Redundancy"): :class:`QuantLinear` with a straight-through
-  estimator, :func:`pack_bits` and :func:`task_storage_bytes`.
-* A hierarchical side network (Hierarchical Side-Tuning, Lin et al. 2023) fed by intermediate activations
-  of the frozen backbone via timm's ``forward_intermediates``.
+  wrapped op by :func:`merge_ssf` so the deployed model is the plain timm model (plus a bias where a
+  bias-free linear/conv had none).
+* Bottleneck adapters: AdaptFormer's parallel adapter beside a ViT block's MLP branch, fed the block's
+  residual stream, or sequential (Houlsby/Pfeiffer) after an MLP or residual block; weights optionally
+  low-bit (:mod:`modules.components.low_bit`).
+* A hierarchical side network (after Hierarchical Side-Tuning, Lin et al. 2023) fed by intermediate
+  activations of the frozen backbone via timm's ``forward_intermediates``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, LayerNorm2d
+from timm.layers import BatchNormAct2d, LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame, get_act_layer
 from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 
 from modules.components.errors import ConfigError
+from modules.components.low_bit import QuantLinear, WeightQuantizer
+from modules.components.side_network import SideConfig  # noqa: F401  (re-exported: checkpoints._safe_types)
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -45,27 +45,26 @@ def _channel_shape(values: torch.Tensor, like: torch.Tensor, channel_dim: int) -
 # --------------------------------------------------------------------------------------------------
 # SSF
 # --------------------------------------------------------------------------------------------------
+_WEIGHT_STANDARDISED = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+
+
 def ssf_site(module: nn.Module) -> tuple[int, int] | None:
     """``(channels, channel_dim)`` when an SSF after ``module`` can be folded into its own weights.
 
-    Foldable: linear/conv with a bias, affine LayerNorm/BatchNorm/GroupNorm. Bias-free convs (ResNet) are
-    skipped: each is followed by a BatchNorm whose SSF absorbs the same per-channel affine map (the frozen
-    backbone runs its norms in eval mode). ``BatchNormAct2d`` applies an activation after the affine, so an
-    SSF after it cannot be folded and it is skipped too.
+    Foldable: every linear/conv (a bias-free one gets a bias at merge; weight-standardised convs are not
+    foldable: their forward normalises a scaled weight back), affine LayerNorm/BatchNorm/GroupNorm, and
+    timm's ``BatchNormAct2d``, whose SSF sits between the BN affine and the activation (see
+    :func:`insert_ssf`).
     """
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        if module.bias is None:
-            return None
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, _WEIGHT_STANDARDISED):
         channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
         return channels, (-1 if isinstance(module, nn.Linear) else 1)
     if isinstance(module, nn.LayerNorm):
         if module.weight is None or module.bias is None or len(module.normalized_shape) != 1:
             return None
         return module.normalized_shape[0], (1 if isinstance(module, LayerNorm2d) else -1)
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, BatchNormAct2d):
-        return (module.num_features, 1) if module.affine else None
-    if isinstance(module, nn.GroupNorm):
-        return (module.num_channels, 1) if module.affine else None
+    if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        return ((module.num_features if isinstance(module, nn.BatchNorm2d) else module.num_channels), 1) if module.affine else None
     return None
 
 
@@ -94,37 +93,108 @@ class SSF(nn.Module):
         return y * _channel_shape(self.ssf_scale, y, self.channel_dim) + _channel_shape(self.ssf_shift, y, self.channel_dim)
 
     @torch.no_grad()
-    def merge(self) -> nn.Module:
-        """Fold into the wrapped op: W' = scale * W, b' = scale * b + shift (norms: on their affine)."""
-        inner, scale, shift = self.inner, self.ssf_scale.detach(), self.ssf_shift.detach()
-        weight = inner.weight
-        if isinstance(inner, (nn.Linear, nn.Conv2d)):
-            weight.mul_(scale.view(-1, *[1] * (weight.ndim - 1)))
+    def fold_into(self, affine: nn.Module) -> None:
+        """W' = scale * W, b' = scale * b + shift on ``affine`` (a linear/conv or a norm's affine)."""
+        scale, shift = self.ssf_scale.detach(), self.ssf_shift.detach()
+        weight = affine.weight
+        weight.mul_(scale.view(-1, *[1] * (weight.ndim - 1)) if isinstance(affine, (nn.Linear, nn.Conv2d)) else scale)
+        if affine.bias is None:  # bias-free linear/conv: the shift becomes its new bias
+            affine.bias = nn.Parameter(shift.to(weight).clone(), requires_grad=weight.requires_grad)
         else:
-            weight.mul_(scale)
-        inner.bias.mul_(scale).add_(shift)
-        return inner
+            affine.bias.mul_(scale).add_(shift)
+
+    def merge(self) -> nn.Module:
+        self.fold_into(self.inner)
+        return self.inner
 
 
-def insert_ssf(model: nn.Module, exclude: tuple[str, ...] = (), init_std: float = 0.02) -> list[str]:
-    """Wrap every foldable op of ``model`` (except names under ``exclude``) in :class:`SSF`; returns their names."""
+def _is_se(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return "SqueezeExcite" in name or name.endswith("SEModule")
+
+
+def _bias_free_ops_feeding_bn(model: nn.Module, example: torch.Tensor) -> set[str]:
+    """Names of bias-free linear/convs whose output tensor is the input of a BatchNorm (one traced forward).
+
+    conv -> SSF -> BN -> SSF is the same per-channel affine family as conv -> BN -> SSF (frozen BNs run in
+    eval mode), so such convs need no SSF of their own and keep the plain architecture at merge (ResNet,
+    EfficientNet). Only BatchNorm is trusted this way: a CNN's conv output feeds nothing but its BN, where
+    a linear before a LayerNorm may also feed a residual (Swin's patch merging).
+    """
+    produced, feeding, keep, handles = {}, set(), [], []
+
+    def record_output(name: str):
+        def hook(module, inputs, output) -> None:
+            produced[id(output)] = name
+            keep.append(output)  # alive until the trace ends, so ids are not reused
+        return hook
+
+    def record_input(module, inputs) -> None:
+        feeding.add(produced.get(id(inputs[0])))
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is None:
+            handles.append(module.register_forward_hook(record_output(name)))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(record_input))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return feeding - {None}
+
+
+def insert_ssf(model: nn.Module, exclude: tuple[str, ...] = (), init_std: float = 0.02,
+               example: torch.Tensor | None = None) -> list[str]:
+    """Wrap every foldable op of ``model`` (except names under ``exclude``) in :class:`SSF`; returns their names.
+
+    A ``BatchNormAct2d`` gets its SSF in place of its (identity) ``drop`` module, i.e. after the BN affine and
+    before the activation, and folds into the BN at merge. With an ``example`` input, bias-free ops that feed
+    a BatchNorm are skipped (see :func:`_bias_free_ops_feeding_bn`); without one every linear/conv gets an SSF.
+
+    Raises:
+        ConfigError: SSF was inserted already, or the only sites are squeeze-excitation or head convs (the
+            model's main path uses ops SSF cannot fold, e.g. weight-standardised convs).
+    """
     if any(isinstance(m, SSF) for m in model.modules()):
         raise ConfigError("the model already has SSF layers: insert_ssf must run once")
-    names = []
+    redundant = _bias_free_ops_feeding_bn(model, example) if example is not None else set()
+    sites, in_se = [], set()
     for name, module in list(model.named_modules()):
+        if _is_se(module):
+            in_se.add(name)
         site = ssf_site(module)
-        if not name or site is None or any(name == e or name.startswith(e + ".") for e in exclude):
+        if not name or site is None or name in redundant or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
+        if isinstance(module, BatchNormAct2d):
+            sites.append((f"{name}.drop", module.drop, site))
+        else:
+            sites.append((name, module, site))
+    main = [n for n, _, _ in sites if not n.endswith("conv_head") and not any(n.startswith(se + ".") for se in in_se)]
+    if not main:
+        raise ConfigError(
+            f"SSF found no foldable op on the main path of {type(model).__name__}: its only sites are squeeze-excitation "
+            f"or head convs ({', '.join(n for n, _, _ in sites[:4]) or 'none'})"
+        )
+    for name, module, site in sites:
         replace_submodule(model, name, SSF(module, *site, init_std=init_std))
-        names.append(name)
-    return names
+    return [n for n, _, _ in sites]
 
 
 def merge_ssf(model: nn.Module) -> nn.Module:
     """Fold every :class:`SSF` of ``model`` into the op it wraps, in place; the result has no SSF modules."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SSF):
-            replace_submodule(model, name, module.merge())
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            if isinstance(parent, BatchNormAct2d) and parent.drop is module:
+                module.fold_into(parent)
+                parent.drop = module.inner
+            else:
+                replace_submodule(model, name, module.merge())
     return model
 
 
@@ -143,155 +213,61 @@ def unwrap_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
-# Low-bit weights
-# --------------------------------------------------------------------------------------------------
-def code_range(bits: int) -> tuple[int, int]:
-    """Signed integer codes of a ``bits``-bit mid-rise grid: 2**bits levels ``(code + 0.5) * step``."""
-    if not 1 <= bits <= 8:
-        raise ConfigError(f"adapter bits must be in 1..8, got {bits}")
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def computed_step(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row grid step (rows,): 1 bit -> levels +-mean|w| (L2-optimal), else max|w| on the outermost level.
-
-    Both rules are idempotent (quantized weights give back the same step), so a task file that stores
-    only codes and steps reloads to bit-identical weights.
-    """
-    flat = weight.detach().abs().flatten(1)
-    if bits == 1:
-        return 2 * flat.mean(dim=1)
-    return 2 * flat.amax(dim=1) / (2**bits - 1)
-
-
-def quantize_codes(weight: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (same shape as ``weight``) on the mid-rise grid with per-row ``step`` (rows,)."""
-    lo, hi = code_range(bits)
-    step = step.detach().clamp_min(torch.finfo(weight.dtype).tiny).view(-1, *[1] * (weight.ndim - 1))
-    return torch.round((weight.detach() / step - 0.5).clamp(lo, hi))
-
-
-def dequantize(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return (codes + 0.5) * step.view(-1, *[1] * (codes.ndim - 1))
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes -> uint8 tensor of ``ceil(numel * bits / 8)`` bytes."""
-    lo, _ = code_range(bits)
-    unsigned = (codes.detach().flatten().to(torch.int64) - lo).cpu().numpy().astype(np.uint8)
-    planes = (unsigned[:, None] >> np.arange(bits, dtype=np.uint8)) & 1  # (N, bits)
-    return torch.from_numpy(np.packbits(planes.reshape(-1)))
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: int64 codes (numel,)."""
-    lo, _ = code_range(bits)
-    planes = np.unpackbits(packed.cpu().numpy(), count=numel * bits).reshape(numel, bits).astype(np.int64)
-    return torch.from_numpy((planes << np.arange(bits)).sum(axis=1) + lo)
-
-
-class QuantLinear(nn.Linear):
-    """Linear layer whose weight is used quantized to ``bits`` bits (straight-through estimator).
-
-    The latent fp32 weight trains; the forward pass sees ``(code + 0.5) * step`` per row, so every row
-    takes at most 2**bits values. ``scale='computed'`` derives the step from the weights
-    (:func:`computed_step`); ``'learned'`` multiplies it by a learned per-row gain (init 1). The bias stays fp32.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bits: int = 1, scale: str = "computed"):
-        super().__init__(in_features, out_features)
-        code_range(bits)
-        if scale not in ("computed", "learned"):
-            raise ConfigError(f"adapter quant_scale must be 'computed' or 'learned', got '{scale}'")
-        self.bits = bits
-        self.step_gain = nn.Parameter(torch.ones(out_features)) if scale == "learned" else None
-
-    def step(self) -> torch.Tensor:
-        step = computed_step(self.weight, self.bits)  # (out,)
-        return step * self.step_gain if self.step_gain is not None else step
-
-    def quantized_weight(self) -> torch.Tensor:
-        step = self.step()
-        hard = dequantize(quantize_codes(self.weight, step, self.bits), step)
-        return hard + (self.weight - self.weight.detach())  # value: hard; gradient to the latent weight: identity
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
-
-    @torch.no_grad()
-    def codes_and_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.step().detach().clone()
-        return quantize_codes(self.weight, step, self.bits).to(torch.int8), step
-
-    @torch.no_grad()
-    def load_quantized(self, codes: torch.Tensor, step: torch.Tensor) -> None:
-        """Set the latent weight so the forward reproduces ``dequantize(codes, step)``."""
-        self.weight.copy_(dequantize(codes.to(self.weight.dtype), step))
-        if self.step_gain is not None:
-            base = computed_step(self.weight, self.bits)
-            self.step_gain.copy_(torch.where(base > 0, step / base.clamp_min(1e-30), torch.ones_like(step)))
-
-
-def task_storage_bytes(model: nn.Module) -> int:
-    """Bytes to store the trainable parameters: low-bit weights at their bits (+ one fp32 step per row),
-    everything else in its own dtype (fp32: 4 bytes per value). Learned step gains fold into the step."""
-    total, counted = 0, set()
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.weight.requires_grad:
-            total += math.ceil(module.weight.numel() * module.bits / 8) + module.out_features * 4
-            counted.add(id(module.weight))
-            if module.step_gain is not None:
-                counted.add(id(module.step_gain))
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in counted:
-            total += p.numel() * p.element_size()
-    return total
-
-
-# --------------------------------------------------------------------------------------------------
 # Adapters
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class AdapterConfig:
-    """Bottleneck adapter settings.
+    """Bottleneck adapter settings (defaults: AdaptFormer's public code).
 
     Args:
         dim: bottleneck width.
-        scale: multiplier of the adapter output (AdaptFormer's s).
-        style: ``parallel`` (AdaptFormer: beside the MLP, fed its input) or ``sequential`` (after the
-            MLP / residual block, fed its output). CNN blocks without an MLP allow only ``sequential``.
-        bits: quantize the adapter weights to 1..8 bits; ``None`` keeps fp32.
-        quant_scale: ``computed`` or ``learned`` grid step for low-bit weights.
+        scale: multiplier of the adapter output (AdaptFormer's s; 0.1 in its code).
+        style: ``parallel`` (AdaptFormer: beside the MLP branch of a timm ViT block, fed the block's residual
+            stream before ``norm2``; other blocks with an ``mlp``: beside the MLP, fed its normalised input)
+            or ``sequential`` (after the MLP / residual block, fed its output). ResNets allow only sequential.
+        bias: biases in the down/up projections (AdaptFormer: yes; the low-bit adapters' code: no).
+        dropout: dropout after the activation (0.1 in both papers' code).
+        activation: timm activation name (``relu`` in both papers' code).
+        quantizer: low-bit weights (``None``: fp32).
     """
 
     dim: int = 8
-    scale: float = 1.0
+    scale: float = 0.1
     style: str = "parallel"
-    bits: int | None = None
-    quant_scale: str = "computed"
+    bias: bool = True
+    dropout: float = 0.1
+    activation: str = "relu"
+    quantizer: WeightQuantizer | None = None
 
 
 class Adapter(nn.Module):
-    """``scale * up(act(down(x)))`` over the channel axis; ``up`` starts at zero so the adapter starts as 0."""
+    """``scale * up(dropout(act(down(x))))`` over the channel axis.
+
+    fp32: ``up`` starts at zero (the adapter starts as 0). Low-bit: ``up`` starts ~ trunc-normal(std 0.001)
+    as in the low-bit adapters' code, since an all-zero weight has no spread to quantize.
+    """
 
     def __init__(self, channels: int, cfg: AdapterConfig, channel_dim: int = -1):
         super().__init__()
-        if cfg.bits is None:
-            self.down, self.up = nn.Linear(channels, cfg.dim), nn.Linear(cfg.dim, channels)
+        if cfg.quantizer is None:
+            self.down, self.up = nn.Linear(channels, cfg.dim, bias=cfg.bias), nn.Linear(cfg.dim, channels, bias=cfg.bias)
+            nn.init.zeros_(self.up.weight)
         else:
-            self.down = QuantLinear(channels, cfg.dim, cfg.bits, cfg.quant_scale)
-            self.up = QuantLinear(cfg.dim, channels, cfg.bits, cfg.quant_scale)
-        self.act = nn.GELU()
+            self.down = QuantLinear(channels, cfg.dim, cfg.quantizer, bias=cfg.bias)
+            self.up = QuantLinear(cfg.dim, channels, cfg.quantizer, bias=cfg.bias)
+            nn.init.trunc_normal_(self.up.weight, std=0.001, a=-0.002, b=0.002)
+        for layer in (self.down, self.up):
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        self.act = get_act_layer(cfg.activation)()
+        self.dropout = nn.Dropout(cfg.dropout)
         self.scale = cfg.scale
         self.channel_dim = channel_dim
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-        nn.init.zeros_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_dim != -1:
             x = x.movedim(self.channel_dim, -1)  # (B, H, W, C)
-        y = self.up(self.act(self.down(x))) * self.scale
+        y = self.up(self.dropout(self.act(self.down(x)))) * self.scale
         return y.movedim(-1, self.channel_dim) if self.channel_dim != -1 else y
 
 
@@ -308,7 +284,7 @@ class SequentialAdapter(nn.Module):
 
 
 class ParallelAdapter(nn.Module):
-    """``inner(x) + adapter(x)`` (AdaptFormer placement beside the MLP)."""
+    """``inner(x) + adapter(x)`` beside an MLP (non-ViT blocks: ConvNeXt)."""
 
     def __init__(self, inner: nn.Module, adapter: Adapter):
         super().__init__()
@@ -316,6 +292,22 @@ class ParallelAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x) + self.adapter(x)
+
+
+class AdaptFormerBlock(nn.Module):
+    """A timm ViT block with AdaptFormer's adapter beside its MLP branch, fed the residual stream:
+
+    ``x = x + attn branch;  x = x + mlp branch(x) + adapter(x)`` (the block's own steps, in timm's order).
+    """
+
+    def __init__(self, inner: ViTBlock, adapter: Adapter):
+        super().__init__()
+        self.inner, self.adapter = inner, adapter
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b = self.inner
+        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))  # (B, N, D)
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + self.adapter(x)
 
 
 def _block_out_channels(block: nn.Module) -> int:
@@ -326,11 +318,16 @@ def _block_out_channels(block: nn.Module) -> int:
 def insert_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Wrap adapter sites of ``model``; returns their names.
 
-    Sites: every MLP with ``fc1``/``fc2`` (ViT blocks, ConvNeXt blocks), else every ResNet residual block
-    (sequential only, channels-first).
+    Sites: parallel on timm ViT blocks -> :class:`AdaptFormerBlock`; else every MLP with ``fc1``/``fc2``
+    (ViT and ConvNeXt blocks); else every ResNet residual block (sequential only, channels-first).
     """
     if cfg.style not in ("parallel", "sequential"):
         raise ConfigError(f"adapter style must be 'parallel' or 'sequential', got '{cfg.style}'")
+    vit_blocks = [(n, m) for n, m in model.named_modules() if type(m) is ViTBlock]
+    if cfg.style == "parallel" and vit_blocks:
+        for name, block in vit_blocks:
+            replace_submodule(model, name, AdaptFormerBlock(block, Adapter(block.norm2.normalized_shape[0], cfg)))
+        return [n for n, _ in vit_blocks]
     wrapper = ParallelAdapter if cfg.style == "parallel" else SequentialAdapter
     sites = []
     for name, module in model.named_modules():
@@ -348,73 +345,3 @@ def insert_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     for name, module, channels, channel_dim in sites:
         replace_submodule(model, name, wrapper(module, Adapter(channels, cfg, channel_dim)))
     return [s[0] for s in sites]
-
-
-# --------------------------------------------------------------------------------------------------
-# Hierarchical side network
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class SideConfig:
-    """Side network settings.
-
-    Args:
-        dim: channels of the side stream.
-        taps: backbone intermediates it reads (timm ``forward_intermediates`` indices; an int n = the last n).
-    """
-
-    dim: int = 32
-    taps: int | list[int] = field(default=4)
-
-
-class SideBlock(nn.Module):
-    """Light ConvNeXt-style block of the side stream: depthwise 3x3, norm, pointwise MLP, residual."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm = nn.GroupNorm(1, dim)
-        self.fc1 = nn.Conv2d(dim, 2 * dim, 1)
-        self.fc2 = nn.Conv2d(2 * dim, dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(self.dwconv(x)))))
-
-
-class SideNetwork(nn.Module):
-    """Side stream fed, level by level, by the frozen backbone's intermediate maps; ends in the task head.
-
-    Each tap is projected to ``dim`` channels (1x1 conv) and added to the side stream, which is pooled to
-    the tap's resolution first (coarse-to-fine backbones make it multi-scale; isotropic ViTs keep the token
-    grid), then refined by a :class:`SideBlock`. Global pooling + LayerNorm + linear head give the logits.
-
-    Args:
-        in_channels: channels of each tap, in the order they arrive.
-        dim: side-stream channels.
-        num_classes: classifier outputs.
-    """
-
-    def __init__(self, in_channels: list[int], dim: int, num_classes: int):
-        super().__init__()
-        self.laterals = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
-        self.blocks = nn.ModuleList(SideBlock(dim) for _ in in_channels)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward_features(self, features: list[torch.Tensor]) -> torch.Tensor:
-        side = None
-        for feature, lateral, block in zip(features, self.laterals, self.blocks):
-            x = lateral(feature)  # (B, dim, H_i, W_i)
-            if side is not None:
-                x = x + (side if side.shape[-2:] == x.shape[-2:] else F.adaptive_avg_pool2d(side, x.shape[-2:]))
-            side = block(x)
-        return self.norm(side.mean(dim=(2, 3)))  # (B, dim)
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.head(self.forward_features(features))
-
-
-def backbone_intermediates(backbone: nn.Module, images: torch.Tensor, taps: int | list[int]) -> list[torch.Tensor]:
-    """NCHW intermediate maps of a timm model (``forward_intermediates``; ViT prefix tokens dropped)."""
-    if not hasattr(backbone, "forward_intermediates"):
-        raise ConfigError(f"{type(backbone).__name__} has no forward_intermediates: side-tuning needs a timm model that has it")
-    return backbone.forward_intermediates(images, indices=taps, intermediates_only=True)

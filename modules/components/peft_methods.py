@@ -1,0 +1,218 @@
+"""PEFT methods as small objects chosen by ``class_path`` (pure torch + timm, no Lightning).
+
+Each method knows how to freeze and wrap a timm backbone (:meth:`PEFTMethod.attach`), which parameters it
+trains (those it leaves with ``requires_grad``), its task state (:meth:`PEFTMethod.task_state`, what a task
+file stores) and, where it can, how to merge into a plain timm model (:meth:`PEFTMethod.merge`)::
+
+    method:
+      class_path: modules.components.peft_methods.SSFTuning
+      init_args: {init_std: 0.02}
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from torch import nn
+
+from modules.components.errors import ConfigError
+from modules.components.low_bit import QuantLinear, WeightQuantizer
+from modules.components.peft import AdapterConfig, insert_adapters, insert_ssf, merge_ssf
+from modules.components.side_network import SideNetwork, backbone_intermediates
+
+
+def classifier_name(backbone: nn.Module) -> str:
+    """Dotted name of a timm model's classifier (``head``, ``fc``, ``head.fc``...)."""
+    head = backbone.get_classifier()
+    return next(name for name, module in backbone.named_modules() if module is head)
+
+
+class PEFTMethod:
+    """Base: the backbone is frozen (and runs in eval mode), only the classifier head trains."""
+
+    trains_backbone = False
+
+    def attach(self, backbone: nn.Module, num_classes: int, image_size: int) -> nn.Module | None:
+        """Freeze ``backbone`` and wrap it in place; returns an extra trainable module (side network) or None."""
+        backbone.requires_grad_(False)
+        self.wrap(backbone, image_size)
+        backbone.get_classifier().requires_grad_(True)
+        return None
+
+    def wrap(self, backbone: nn.Module, image_size: int) -> None:
+        """Insert the method's modules into the frozen backbone (none for a linear probe)."""
+
+    def forward(self, backbone: nn.Module, extra: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
+        return backbone(images)  # (B, num_classes)
+
+    def task_state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """``(tensors, packed)`` under ``model``'s names: fp32 trained tensors, and bit-packed low-bit weights."""
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.weight.requires_grad}
+        tensors = {}
+        for name, p in model.named_parameters():
+            module_name, _, leaf = name.rpartition(".")
+            if p.requires_grad and not (module_name in quantized and leaf in ("weight", "step_gain")):
+                tensors[name] = p.detach().cpu().clone()
+        return tensors, {name: module.pack() for name, module in quantized.items()}
+
+    @torch.no_grad()
+    def load_task_state(self, model: nn.Module, tensors: dict[str, torch.Tensor], packed: dict[str, dict]) -> None:
+        """Load what :meth:`task_state` returned; every task tensor must be present with its shape."""
+        expected_tensors, expected_packed = (set(d) for d in self.task_state(model))
+        missing = (expected_tensors - set(tensors)) | (expected_packed - set(packed))
+        unexpected = (set(tensors) - expected_tensors) | (set(packed) - expected_packed)
+        if missing or unexpected:
+            raise ConfigError(f"task file does not match the model: missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise ConfigError(f"task tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(own[name].shape)}")
+            own[name].copy_(value)
+        for name, entry in packed.items():
+            model.get_submodule(name).load_packed(entry)
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        """A plain timm model computing what the wrapped backbone computes (a copy; the original is untouched)."""
+        raise ConfigError(f"{type(self).__name__} adds modules to the backbone: it does not merge into a plain model")
+
+    def spec(self) -> dict:
+        """``class_path`` + ``init_args`` that rebuild this method (hyper-parameters, task files)."""
+        args = {}
+        for name in list(inspect.signature(type(self).__init__).parameters)[1:]:
+            value = getattr(self, name)
+            args[name] = value.spec() if hasattr(value, "spec") else value
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+
+class LinearProbe(PEFTMethod):
+    """Linear probe: only the (new) head trains."""
+
+    def __init__(self):
+        pass
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        return copy.deepcopy(backbone).eval()
+
+
+class FullFineTune(PEFTMethod):
+    """Full fine-tune baseline: every backbone weight trains; the task state is the whole backbone."""
+
+    trains_backbone = True
+
+    def __init__(self):
+        pass
+
+    def attach(self, backbone: nn.Module, num_classes: int, image_size: int) -> None:
+        backbone.requires_grad_(True)
+        return None
+
+    def task_state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        backbone = model.get_submodule("backbone")
+        return {f"backbone.{k}": v.detach().cpu().clone() for k, v in backbone.state_dict().items()}, {}
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        return copy.deepcopy(backbone).eval()
+
+
+class SSFTuning(PEFTMethod):
+    """SSF (Lian et al. 2022): per-channel scale and shift after every foldable op; merges into the weights.
+
+    Args:
+        init_std: scale ~ N(1, std), shift ~ N(0, std).
+    """
+
+    def __init__(self, init_std: float = 0.02):
+        self.init_std = init_std
+
+    def wrap(self, backbone: nn.Module, image_size: int) -> None:
+        example = torch.zeros(1, 3, image_size, image_size)
+        self.site_names = insert_ssf(backbone, exclude=(classifier_name(backbone),), init_std=self.init_std, example=example)
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        return merge_ssf(copy.deepcopy(backbone)).eval()
+
+
+class AdapterTuning(PEFTMethod):
+    """Bottleneck adapters: AdaptFormer (fp32) or low-bit adapters (Jie et al. 2023) with a ``quantizer``.
+
+    Args:
+        dim: bottleneck width.
+        scale: adapter output multiplier (AdaptFormer's s).
+        style: ``parallel`` (AdaptFormer) or ``sequential`` (after the MLP / residual block; ResNets).
+        bias: biases in the projections (the low-bit adapters' code has none).
+        dropout: dropout after the activation.
+        activation: timm activation name.
+        quantizer: low-bit weights, e.g. ``modules.components.low_bit.NormalQuantile`` (the paper's);
+            ``None`` keeps fp32.
+    """
+
+    def __init__(self, dim: int = 8, scale: float = 0.1, style: str = "parallel", bias: bool = True,
+                 dropout: float = 0.1, activation: str = "relu", quantizer: WeightQuantizer | None = None):
+        self.dim, self.scale, self.style, self.bias = dim, scale, style, bias
+        self.dropout, self.activation, self.quantizer = dropout, activation, quantizer
+
+    def wrap(self, backbone: nn.Module, image_size: int) -> None:
+        cfg = AdapterConfig(self.dim, self.scale, self.style, self.bias, self.dropout, self.activation, self.quantizer)
+        self.site_names = insert_adapters(backbone, cfg)
+
+
+class SideTuning(PEFTMethod):
+    """Side-tuning: a light side network reads the frozen backbone's intermediate maps and holds the head.
+
+    Simplified Hierarchical Side-Tuning (no meta tokens, no side stem): see
+    :class:`modules.components.side_network.SideNetwork`.
+
+    Args:
+        dim: side-stream channels.
+        taps: backbone intermediates it reads (timm ``forward_intermediates`` indices; an int n = the last n).
+    """
+
+    def __init__(self, dim: int = 32, taps: int | list[int] = 4):
+        self.dim = dim
+        self.taps = taps if isinstance(taps, int) else list(taps)
+
+    def attach(self, backbone: nn.Module, num_classes: int, image_size: int) -> nn.Module:
+        backbone.requires_grad_(False)
+        backbone.reset_classifier(0)
+        with torch.no_grad():
+            probe = backbone_intermediates(backbone.eval(), torch.zeros(1, 3, image_size, image_size), self.taps)
+        return SideNetwork([f.shape[1] for f in probe], self.dim, num_classes)
+
+    def forward(self, backbone: nn.Module, extra: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = backbone_intermediates(backbone, images, self.taps)  # [(B, C_i, H_i, W_i)]
+        return extra(features)
+
+
+def _known(base: type) -> dict[str, type]:
+    found, todo = {}, [base]
+    while todo:
+        cls = todo.pop()
+        found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def build_method(spec: PEFTMethod | dict) -> PEFTMethod:
+    """A method from itself or from a ``{class_path, init_args}`` spec (nested quantizer specs too).
+
+    Only classes already imported that derive from :class:`PEFTMethod` / :class:`WeightQuantizer` are
+    built, so a task file or checkpoint cannot name anything else to call.
+    """
+    if isinstance(spec, PEFTMethod):
+        return spec
+    return _from_spec(spec, PEFTMethod)
+
+
+def _from_spec(spec: dict, base: type):
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ConfigError(f"a PEFT method is given as class_path + init_args, got {spec!r}")
+    known = _known(base)
+    cls = known.get(spec["class_path"])
+    if cls is None:
+        raise ConfigError(f"unknown {base.__name__} '{spec['class_path']}': pick one of {', '.join(sorted(n for n, c in known.items() if c is not base))}")
+    args = {k: (_from_spec(v, WeightQuantizer) if isinstance(v, dict) and "class_path" in v else v)
+            for k, v in (spec.get("init_args") or {}).items()}
+    return cls(**args)
