@@ -1,7 +1,7 @@
 """``visionlab sample``: write N class-conditional samples per class of a diffusion checkpoint to PNG files.
 
     visionlab sample --checkpoint runs/diffusion/dit/checkpoints/last.ckpt --per-class 16 --out samples/
-    # -> samples/<class index>/<class index>_<sample index>.png, sampled with DDIM from the EMA weights
+    # -> samples/<class index>/<class index>_<sample index>.png, sampled with DDIM (or --ddpm) from the EMA weights
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ def load_diffusion(path: str, device: str = "cpu"):
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path} does not exist: pass a .ckpt written by visionlab fit with configs/diffusion/*.yaml")
     hparams = checkpoint_hparams(path)
-    if "architecture" not in hparams:
+    if "schedule" not in hparams or "guidance_scale" not in hparams:
         raise ConfigError(f"{path} is not a diffusion checkpoint: pass one written with configs/diffusion/*.yaml")
+    if "denoiser" not in hparams:
+        raise ConfigError(f"{path} was written from Python with a denoiser object, which a checkpoint cannot record: "
+                          "load it with DiffusionModule.load_from_checkpoint(path, denoiser=<the same factory>)")
     with warnings.catch_warnings(), allowlisted():
         warnings.simplefilter("ignore")
         model = DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=True, init_checkpoint=None,
@@ -43,14 +46,16 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 def write_samples(model, out: Path, per_class: int, steps: int | None = None, guidance_scale: float | None = None,
-                  eta: float | None = None, seed: int = 0, batch_size: int = 100, use_ema: bool = True) -> list[Path]:
+                  eta: float | None = None, seed: int = 0, batch_size: int = 100, use_ema: bool = True,
+                  ddpm: bool = False) -> list[Path]:
     """Sample ``per_class`` images of every class into ``out/<class>/``; returns the written paths."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
     labels = torch.arange(model.num_classes, device=model.device).repeat_interleave(per_class)
     written = []
     for start in range(0, len(labels), batch_size):
         batch = labels[start:start + batch_size]
-        images = model.sample(batch, steps=steps, guidance_scale=guidance_scale, eta=eta, generator=generator, use_ema=use_ema)
+        images = model.sample(batch, steps=steps, guidance_scale=guidance_scale, eta=eta, generator=generator, use_ema=use_ema,
+                              ddpm=ddpm)
         for offset, (label, image) in enumerate(zip(batch.tolist(), images)):
             folder = out / str(label)
             folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,8 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--ddpm", action="store_true",
+                        help="ancestral DDPM over all T steps with the learned variance (default: DDIM with --steps)")
     parser.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opts = parser.parse_args(args)
@@ -78,7 +85,7 @@ def main(args: list[str] | None = None) -> None:
             raise ConfigError(f"--per-class {opts.per_class} must be at least 1")
         model = load_diffusion(opts.checkpoint, opts.device)
         paths = write_samples(model, Path(opts.out), opts.per_class, opts.steps, opts.guidance_scale, opts.eta,
-                              opts.seed, opts.batch_size, use_ema=not opts.no_ema)
+                              opts.seed, opts.batch_size, use_ema=not opts.no_ema, ddpm=opts.ddpm)
         print(f"sample: wrote {len(paths)} PNGs ({opts.per_class} per class x {model.num_classes} classes) to {opts.out}")
     except VisionlabError as err:
         print(f"visionlab sample: error: {err}", file=sys.stderr)

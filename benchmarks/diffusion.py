@@ -1,7 +1,9 @@
 """Class-conditional diffusion at small scale on the embedded Fashion-MNIST (32 px, pixel space).
 
 1. Train the feature classifier (``ClassificationModule``, timm ``test_resnet``, 96-d features) on all classes.
-2. DiT and DiMR from scratch on all 10 classes at the same number of steps.
+2. DiT (learned variance, the reference's default), DiT with the fixed variance, and DiMR from scratch on all
+   10 classes at the same number of steps; the two DiTs are also scored with DDPM sampling over all T steps
+   (the only sampler that uses the variance).
 3. Pretrain a DiT on classes 0-4, then transfer it to classes 5-9 with DiffFit and with full fine-tuning.
 
 Each row reports ``fd_classifier`` (Frechet distance in the classifier's feature space, NOT Inception-FID;
@@ -23,6 +25,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -32,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
 from modules.classification import ClassificationModule  # noqa: E402
+from modules.components.difffit import DiffFit  # noqa: E402
+from modules.components.dimr import DiMR  # noqa: E402
+from modules.components.dit import DiT  # noqa: E402
 from modules.components.optim import OptimConfig  # noqa: E402
 from modules.diffusion import DiffusionModule  # noqa: E402
 
@@ -85,14 +91,16 @@ def train_diffusion(root: Path, name: str, classes: list[int], images: int, epoc
                     **options) -> dict:
     """Fit one diffusion variant, validating (distance + sample accuracy) at mid-training and at the end."""
     pl.seed_everything(0, verbose=False)
-    options.setdefault("denoiser_kwargs", args.denoiser)
+    ddpm_eval = options.pop("ddpm_eval", False)
     model = DiffusionModule(num_classes=len(classes), image_size=32, schedule="linear", sample_steps=args.sample_steps,
                             guidance_scale=2.0, ema_decay=0.999, eval_samples_per_class=args.samples // len(classes),
                             feature_classifier=str(root / "classifier.ckpt"), classifier_classes=classes, **options)
     recorder = Recorder()
     run = trainer(root / name, epochs, max(1, epochs // 2), [recorder])
     start = time.time()
-    run.fit(model, datamodule=data(root, classes, images, args.val_images, args.batch_size))
+    datamodule = data(root, classes, images, args.val_images, args.batch_size)
+    run.fit(model, datamodule=datamodule)
+    ddpm_fd = ddpm_distance(model, datamodule, args) if ddpm_eval else float("nan")
     if save:
         run.save_checkpoint(root / f"{name}.ckpt")
     trainable, total = (sum(p.numel() for p in model.denoiser.parameters() if p.requires_grad),
@@ -100,10 +108,22 @@ def train_diffusion(root: Path, name: str, classes: list[int], images: int, epoc
     (mid_step, mid), (end_step, end) = recorder.evaluations[0], recorder.evaluations[-1]
     row = dict(name=name, classes=len(classes), params=total, pct=100 * trainable / total, step_ms=1000 * statistics.median(recorder.step_times),
                mid_step=mid_step, end_step=end_step, fd_mid=mid["val/fd_classifier"], fd=end["val/fd_classifier"],
-               acc_mid=mid["val/sample_acc"], acc=end["val/sample_acc"], loss=end["val/loss"], seconds=time.time() - start)
+               acc_mid=mid["val/sample_acc"], acc=end["val/sample_acc"], loss=end["val/mse"], ddpm_fd=ddpm_fd,
+               seconds=time.time() - start)
     print(f"  {name}: fd {row['fd_mid']:.2f} -> {row['fd']:.2f}, sample acc {row['acc_mid']:.3f} -> {row['acc']:.3f} "
           f"({row['seconds']:.0f} s)", flush=True)
     return row
+
+
+@torch.no_grad()
+def ddpm_distance(model: DiffusionModule, datamodule: FFCVDataModule, args) -> float:
+    """Frechet distance of DDPM samples (all T steps, the model's variance) to the validation images."""
+    model.eval()
+    for images, _ in datamodule.val_dataloader():
+        model.frechet.update(images.to(model.device), real=True)
+    labels = torch.arange(model.num_classes).repeat_interleave(args.samples // model.num_classes)
+    samples = model.sample(labels, generator=torch.Generator().manual_seed(0), ddpm=True)
+    return model.evaluate(samples, labels)["val/fd_classifier"]
 
 
 def main() -> None:
@@ -114,11 +134,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.denoiser = dict(patch_size=4, dim=64, depth=3, heads=4)
+        args.dimr = dict(patch_size=4, dim=64, depth=3, heads=4, conv_depth=1)
         args.classifier_images, args.classifier_epochs, args.val_images, args.batch_size = 8000, 1, 500, 64
         args.images, args.epochs, args.transfer_images, args.transfer_epochs = 3200, 4, 1600, 4
         args.samples, args.sample_steps = 100, 20
     else:
         args.denoiser = dict(patch_size=4, dim=64, depth=3, heads=4)
+        args.dimr = dict(patch_size=4, dim=64, depth=3, heads=4, conv_depth=1)
         args.classifier_images, args.classifier_epochs, args.val_images, args.batch_size = 16000, 1, 1000, 64
         args.images, args.epochs, args.transfer_images, args.transfer_epochs = 6400, 10, 3200, 8
         args.samples, args.sample_steps = 200, 20
@@ -132,33 +154,41 @@ def main() -> None:
     _, classifier_acc = train_classifier(root, args)
     print(f"feature classifier: test_resnet, {args.classifier_images} images x {args.classifier_epochs} epochs: "
           f"val top-1 {classifier_acc:.4f} ({time.time() - start:.0f} s)", flush=True)
-    dit = dict(architecture="dit", optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25))
-    dimr = dict(architecture="dimr", denoiser_kwargs={**args.denoiser, "conv_depth": 1},
-                optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25))
-    rows = [train_diffusion(root, "dit_scratch", ALL, args.images, args.epochs, args, **dit),
+    optim = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25)
+    dit = dict(denoiser=partial(DiT, **args.denoiser), optim=optim)
+    fixed = dict(denoiser=partial(DiT, **args.denoiser, learn_sigma=False), optim=optim)
+    dimr = dict(denoiser=partial(DiMR, **args.dimr), optim=optim)
+    rows = [train_diffusion(root, "dit_scratch", ALL, args.images, args.epochs, args, ddpm_eval=True, **dit),
+            train_diffusion(root, "dit_fixed_var", ALL, args.images, args.epochs, args, ddpm_eval=True, **fixed),
             train_diffusion(root, "dimr_scratch", ALL, args.images, args.epochs, args, **dimr)]
     train_diffusion(root, "dit_pretrain_0-4", PRETRAIN, args.images, args.epochs, args, save=True, **dit)
     pretrained = str(root / "dit_pretrain_0-4.ckpt")
-    transfer = dict(architecture="dit", init_checkpoint=pretrained)
+    transfer = dict(denoiser=partial(DiT, **args.denoiser), init_checkpoint=pretrained)
     rows += [
-        train_diffusion(root, "difffit_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, method="difffit",
+        train_diffusion(root, "difffit_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, finetune=DiffFit(),
                         optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_epochs=0.25), **transfer),
-        train_diffusion(root, "full_ft_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, method="full",
+        train_diffusion(root, "full_ft_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args,
                         optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25), **transfer),
         train_diffusion(root, "dit_scratch_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, **dit),
     ]
 
     print(f"\nfd_classifier: Frechet distance in the feature space of the test_resnet classifier (not Inception-FID), "
           f"{args.samples} samples ({args.sample_steps} DDIM steps, guidance 2, EMA) vs {args.val_images} test images; "
-          f"sample_acc: that classifier's accuracy on the samples. mid = first validation, end = last.")
+          f"sample_acc: that classifier's accuracy on the samples. mid = first validation, end = last; fd ddpm: "
+          f"the end model sampled with DDPM over all T steps (its learned or fixed variance); val mse: noise MSE "
+          f"at full resolution (DiMR: its weighted per-resolution sum).")
     print(f"{'variant':<17}{'params':>9}{'train %':>9}{'step ms':>9}{'steps':>11}{'fd mid':>9}{'fd end':>9}"
-          f"{'acc mid':>9}{'acc end':>9}{'val loss':>10}")
+          f"{'fd ddpm':>9}{'acc mid':>9}{'acc end':>9}{'val mse':>10}")
     for r in rows:
         print(f"{r['name']:<17}{r['params']:>9,}{r['pct']:>8.2f}%{r['step_ms']:>9.1f}{r['mid_step']:>5}/{r['end_step']:<5}"
-              f"{r['fd_mid']:>9.2f}{r['fd']:>9.2f}{r['acc_mid']:>9.3f}{r['acc']:>9.3f}{r['loss']:>10.4f}")
+              f"{r['fd_mid']:>9.2f}{r['fd']:>9.2f}{r['ddpm_fd']:>9.2f}{r['acc_mid']:>9.3f}{r['acc']:>9.3f}{r['loss']:>10.4f}")
     by = {r["name"]: r for r in rows}
     print()
-    print(f"dimr_vs_dit fd (dit/dimr, >1 = DiMR better): {by['dit_scratch']['fd'] / by['dimr_scratch']['fd']:.2f}x")
+    print(f"dimr_vs_dit fd (dit/dimr, >1 = DiMR better): {by['dit_scratch']['fd'] / by['dimr_scratch']['fd']:.2f}x "
+          f"at {by['dimr_scratch']['params'] / by['dit_scratch']['params']:.2f}x the parameters")
+    print(f"learned_vs_fixed variance fd, DDPM sampling (fixed/learned, >=1 = learned no worse): "
+          f"{by['dit_fixed_var']['ddpm_fd'] / by['dit_scratch']['ddpm_fd']:.2f}x; DDIM (variance unused): "
+          f"{by['dit_fixed_var']['fd'] / by['dit_scratch']['fd']:.2f}x")
     print(f"difffit_vs_full fd (full/difffit, 1 = equal): {by['full_ft_5-9']['fd'] / by['difffit_5-9']['fd']:.2f}x")
     print(f"difffit_vs_full sample_acc (difffit/full): {by['difffit_5-9']['acc'] / max(by['full_ft_5-9']['acc'], 1e-9):.2f}x")
     print(f"difffit_vs_full step time (full/difffit): {by['full_ft_5-9']['step_ms'] / by['difffit_5-9']['step_ms']:.2f}x")

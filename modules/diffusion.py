@@ -7,6 +7,7 @@ DDPM/DDIM (Ho et al. 2020; Song et al. 2021) and classifier-free guidance (Ho & 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,36 +18,43 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from modules.base import VisionModule
 from modules.components.backbones import load_state_dict_strict
 from modules.components.checkpoints import read_state_dict
-from modules.components.diffusion import IdentityAutoencoder, NoiseSchedule, ddim_sample, guided_eps, q_sample
-from modules.components.dimr import DiMR
-from modules.components.dit import DiT, difffit_parameter_names, trainable_fraction
+from modules.components.difffit import DiffFit
+from modules.components.diffusion import (IdentityAutoencoder, NoiseSchedule, ddim_sample, ddpm_sample, guided_eps,
+                                          q_sample, split_output, vlb_terms)
+from modules.components.dimr import multiresolution_loss
+from modules.components.dit import DiT, trainable_fraction
 from modules.components.errors import ConfigError
 from modules.components.frechet import load_feature_classifier
 from modules.components.masking import fixed_generator
 from modules.components.optim import OptimConfig
 
-ARCHITECTURES = ("dit", "dimr")
-METHODS = ("full", "difffit")
+DenoiserFactory = Callable[[int, int, int], nn.Module]
+FROZEN = "frechet."  # the evaluation network: moved with the module, never trained, never checkpointed
 
 
 class DiffusionModule(VisionModule):
-    """DDPM noise-prediction training of a class-conditional denoiser; DDIM + EMA weights for sampling.
+    """DDPM noise-prediction training of a class-conditional denoiser; DDIM (or DDPM) + EMA weights for sampling.
 
     Inputs are expected in [-1, 1] (the configs set the data's ``mean``/``std`` to 0.5). An optional
     ``autoencoder`` (``encode``/``decode``, ``latent_channels``, ``downsample``) moves diffusion to its latent
-    space; the default is the identity (pixel space). Validation/test log ``val/loss`` and, with a
-    ``feature_classifier``, ``val/fd_classifier`` (Frechet distance in that classifier's features, not
-    Inception-FID) and ``val/sample_acc`` (its accuracy on class-conditional samples).
+    space, its latents multiplied by ``latent_scale`` (DiT scales SD-VAE latents by 0.18215); the default is the
+    identity (pixel space). Validation/test log ``val/loss`` and, with a ``feature_classifier``,
+    ``val/fd_classifier`` (Frechet distance in that classifier's features, not Inception-FID) and
+    ``val/sample_acc`` (its accuracy on class-conditional samples).
+
+    The denoiser returns eps (B, C, H, W), eps and the variance values (B, 2C, H, W) when its ``learn_sigma`` is
+    true (loss: MSE + improved DDPM's L_vlb on the variance, the mean's gradient stopped), or a list of
+    per-resolution eps predictions, lowest first, weighted by its ``loss_weights`` (DiMR).
 
     Args:
-        architecture: ``dit`` or ``dimr``.
+        denoiser: ``(input_size, in_channels, num_classes) -> nn.Module``; in YAML a ``class_path`` (``DiT`` or
+            ``DiMR`` of ``modules.components``) with its ``init_args``. Default: ``DiT`` with its defaults.
         num_classes: classes (linked from the data); label ``num_classes`` is the null label.
         image_size: image side (linked from the data).
-        denoiser_kwargs: extra arguments of :class:`DiT` / :class:`DiMR` (``dim``, ``depth``, ``patch_size``...).
         schedule: ``linear`` or ``cosine`` noise schedule.
         timesteps: diffusion steps T.
         label_dropout: probability of training with the null label (enables classifier-free guidance).
-        method: ``full`` (train everything; from scratch without ``init_checkpoint``) or ``difffit``.
+        finetune: a fine-tuning recipe (:class:`DiffFit`) applied to the denoiser; ``None`` trains everything.
         init_checkpoint: a diffusion checkpoint to start from (its EMA weights when present).
         sample_steps: DDIM steps when sampling.
         guidance_scale: s in eps_u + s (eps_c - eps_u); 0 unconditional, 1 conditional.
@@ -57,19 +65,19 @@ class DiffusionModule(VisionModule):
         classifier_classes: the classifier's class index of each label here (default: the same index).
         eval_samples_per_class: samples per class generated at the end of each validation.
         autoencoder: latent encode/decode hook (frozen); identity by default.
+        latent_scale: factor applied to the autoencoder's latents (1/scale before decoding).
         optim: optimizer and schedule.
     """
 
     def __init__(
         self,
-        architecture: str = "dit",
+        denoiser: DenoiserFactory | None = None,
         num_classes: int = 10,
         image_size: int = 32,
-        denoiser_kwargs: dict | None = None,
         schedule: str = "linear",
         timesteps: int = 1000,
         label_dropout: float = 0.1,
-        method: str = "full",
+        finetune: DiffFit | None = None,
         init_checkpoint: str | None = None,
         sample_steps: int = 50,
         guidance_scale: float = 2.0,
@@ -80,45 +88,51 @@ class DiffusionModule(VisionModule):
         classifier_classes: list[int] | None = None,
         eval_samples_per_class: int = 10,
         autoencoder: nn.Module | None = None,
+        latent_scale: float = 1.0,
         optim: OptimConfig | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
-        if architecture not in ARCHITECTURES:
-            raise ConfigError(f"unknown diffusion architecture '{architecture}': pick one of {', '.join(ARCHITECTURES)}")
-        if method not in METHODS:
-            raise ConfigError(f"unknown diffusion method '{method}': pick one of {', '.join(METHODS)}")
         if not 0 <= label_dropout < 1:
             raise ConfigError(f"label_dropout {label_dropout} must be in [0, 1): 0.1 is the usual value")
         if classifier_classes is not None and len(classifier_classes) != num_classes:
             raise ConfigError(f"classifier_classes has {len(classifier_classes)} entries for {num_classes} classes: "
                               "give the classifier's class index of every class")
-        self.save_hyperparameters(ignore=["autoencoder"])
-        self.method, self.label_dropout, self.clip_denoised = method, label_dropout, clip_denoised
+        # Objects passed from Python (not CLI configs, which record class_path dicts) are left out of the
+        # hyper-parameters: such a checkpoint needs them passed again to load_from_checkpoint.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "is an instance of nn.Module": dropped just below
+            self.save_hyperparameters()
+        objects = [k for k in ("denoiser", "finetune", "autoencoder") if not isinstance(self.hparams[k], (dict, type(None)))]
+        if objects:
+            self.save_hyperparameters(ignore=objects)
+        self.label_dropout, self.clip_denoised, self.latent_scale = label_dropout, clip_denoised, latent_scale
         self.sample_steps, self.guidance_scale, self.eta = sample_steps, guidance_scale, eta
         self.eval_samples_per_class = eval_samples_per_class
         self.autoencoder = (autoencoder or IdentityAutoencoder()).requires_grad_(False)
-        kwargs = dict(input_size=image_size // self.autoencoder.downsample, in_channels=self.autoencoder.latent_channels,
-                      num_classes=num_classes, **(denoiser_kwargs or {}))
-        if architecture == "dit":
-            self.denoiser = DiT(residual_scales=method == "difffit", **kwargs)
-        else:
-            self.denoiser = DiMR(timesteps=timesteps, **kwargs)
         self.schedule = NoiseSchedule(schedule, timesteps)
+        self.denoiser = (denoiser or DiT)(image_size // self.autoencoder.downsample, self.autoencoder.latent_channels,
+                                          num_classes)
+        self.learn_sigma = bool(getattr(self.denoiser, "learn_sigma", False))
+        own = (getattr(self.denoiser, "schedule_kind", schedule), getattr(self.denoiser, "timesteps", timesteps))
+        if own != (schedule, timesteps):
+            raise ConfigError(f"the denoiser is built for the {own[0]} schedule with {own[1]} steps but the model "
+                              f"diffuses with {schedule} / {timesteps}: set the denoiser's schedule and timesteps to match")
+        self.finetune = finetune
+        if finetune is not None:
+            finetune.add_scales(self.denoiser)
         if init_checkpoint:
             self._load_pretrained(init_checkpoint)
-        elif method == "difffit":
+        elif finetune is not None:
             warnings.warn("DiffFit on a randomly initialised denoiser: set init_checkpoint", stacklevel=2)
-        if method == "difffit":
-            self.denoiser.requires_grad_(False)
-            for name in difffit_parameter_names(self.denoiser):
-                self.denoiser.get_parameter(name).requires_grad_(True)
+        if finetune is not None:
+            finetune.freeze(self.denoiser)
         self.ema = ModelEmaV3(self.denoiser, decay=ema_decay, use_warmup=True).requires_grad_(False) if ema_decay else None
-        # Evaluation network: not trained and not checkpointed (rebuilt from feature_classifier), so kept out of
-        # the module tree; moved to the device when used.
-        self.__dict__["frechet"] = None
+        # The evaluation network is a child module (so it moves with the model) that is frozen and left out of
+        # the checkpoint (on_save_checkpoint): it is rebuilt from feature_classifier.
+        self.frechet = None
         if feature_classifier:
             classifier = load_feature_classifier(feature_classifier)
-            self.__dict__["frechet"] = FrechetInceptionDistance(feature=classifier, reset_real_features=True)
+            self.frechet = FrechetInceptionDistance(feature=classifier, reset_real_features=True).requires_grad_(False)
         self.register_buffer("classifier_classes", torch.tensor(classifier_classes or range(num_classes)), persistent=False)
 
     def _load_pretrained(self, path: str) -> None:
@@ -139,8 +153,16 @@ class DiffusionModule(VisionModule):
         try:
             load_state_dict_strict(self.denoiser, state, f"checkpoint {path}")
         except (ConfigError, RuntimeError) as err:
-            raise ConfigError(f"{err}; set model.architecture and model.denoiser_kwargs to those of the "
+            raise ConfigError(f"{err}; set model.denoiser (architecture class_path and init_args) to that of the "
                               "pretrained run") from None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.frechet is not None:  # the evaluation network is rebuilt, not loaded
+            checkpoint["state_dict"].update({FROZEN + k: v for k, v in self.frechet.state_dict().items()})
 
     # --- the small interface used by callbacks, tools and benchmarks -----------------------------
     def optimizer_root(self) -> nn.Module:
@@ -150,44 +172,80 @@ class DiffusionModule(VisionModule):
         trainable, total = trainable_fraction(self.denoiser)
         return 100.0 * trainable / total
 
-    def diffusion_loss(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise-prediction MSE at uniformly drawn timesteps."""
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(images) * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents / self.latent_scale)
+
+    def diffusion_losses(self, latents: torch.Tensor, labels: torch.Tensor,
+                         generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``loss`` at uniformly drawn timesteps with its parts: ``mse`` (noise prediction; per resolution summed
+        with the denoiser's weights for a multi-resolution one) and, with a learned variance, ``vb``."""
         t = torch.randint(0, self.schedule.timesteps, (latents.shape[0],), device=latents.device, generator=generator)
         noise = torch.randn(latents.shape, device=latents.device, generator=generator)
-        eps = self.denoiser(q_sample(latents, t, noise, self.schedule), t, labels)
-        return F.mse_loss(eps, noise)
+        x_t = q_sample(latents, t, noise, self.schedule)
+        output = self.denoiser(x_t, t, labels)
+        if isinstance(output, (list, tuple)):  # one prediction per resolution, lowest first
+            mse = multiresolution_loss(list(output), noise, self.denoiser.loss_weights)
+            return {"loss": mse, "mse": mse}
+        eps, values = split_output(output, self.learn_sigma)
+        mse = F.mse_loss(eps, noise)
+        if values is None:
+            return {"loss": mse, "mse": mse}
+        vb = vlb_terms(self.schedule, latents, x_t, t, eps.detach(), values).mean()  # the mean learns from mse only
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    def diffusion_loss(self, latents: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.diffusion_losses(latents, labels, generator)["loss"]
+
+    def _highest_resolution(self, net: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        def predict(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            output = net(x, t, labels)
+            return output[-1] if isinstance(output, (list, tuple)) else output
+
+        return predict
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, steps: int | None = None, guidance_scale: float | None = None,
-               eta: float | None = None, generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
-        """Class-conditional DDIM samples in [-1, 1], (B,) labels -> (B, C, H, W)."""
+               eta: float | None = None, generator: torch.Generator | None = None, use_ema: bool = True,
+               ddpm: bool = False) -> torch.Tensor:
+        """Class-conditional samples in [-1, 1], (B,) labels -> (B, C, H, W): DDIM with ``steps`` steps, or with
+        ``ddpm`` ancestral sampling over all T steps with the learned (else the posterior) variance."""
         net = self.ema.module if use_ema and self.ema is not None else self.denoiser
         was_training = net.training
         net.eval()
         side = self.image_size // self.autoencoder.downsample
         noise = torch.randn((len(labels), self.autoencoder.latent_channels, side, side), device=labels.device, generator=generator)
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        eps_fn = guided_eps(net, labels, self.num_classes, scale)
-        latents = ddim_sample(eps_fn, noise, self.schedule, steps or self.sample_steps, self.eta if eta is None else eta,
-                              generator, clip=1.0 if self.clip_denoised else None)
+        eps_fn = guided_eps(self._highest_resolution(net), labels, self.num_classes, scale, self.learn_sigma)
+        clip = 1.0 if self.clip_denoised else None
+        if ddpm:
+            latents = ddpm_sample(eps_fn, noise, self.schedule, generator, clip=clip, learn_sigma=self.learn_sigma)
+        else:
+            latents = ddim_sample(eps_fn, noise, self.schedule, steps or self.sample_steps, self.eta if eta is None else eta,
+                                  generator, clip=clip)
         net.train(was_training)
-        return self.autoencoder.decode(latents).clamp(-1, 1)
+        return self.decode(latents).clamp(-1, 1)
 
     # --- Lightning -----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         trainable, total = trainable_fraction(self.denoiser)
         if self.trainer.is_global_zero:
-            print(f"diffusion: {self.hparams.architecture} ({self.method}) trains {trainable:,} of {total:,} "
+            recipe = type(self.finetune).__name__ if self.finetune is not None else "full"
+            print(f"diffusion: {type(self.denoiser).__name__} ({recipe}) trains {trainable:,} of {total:,} "
                   f"denoiser parameters ({100 * trainable / total:.2f}%)")
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        loss = self.diffusion_loss(self.autoencoder.encode(images), labels)
-        self.log("train/loss", loss, prog_bar=True)
+        losses = self.diffusion_losses(self.encode(images), labels)
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        if "vb" in losses:
+            self.log_dict({"train/mse": losses["mse"], "train/vb": losses["vb"]})
         self.log("train/trainable_pct", self.trainable_percent(), on_step=False, on_epoch=True)
-        return loss
+        return losses["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
@@ -196,10 +254,11 @@ class DiffusionModule(VisionModule):
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         stage = "test" if self.trainer.testing else "val"
-        loss = self.diffusion_loss(self.autoencoder.encode(images), labels, fixed_generator(images.device, batch_idx))
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        losses = self.diffusion_losses(self.encode(images), labels, fixed_generator(images.device, batch_idx))
+        self.log(f"{stage}/loss", losses["loss"], prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/mse", losses["mse"], sync_dist=True)
         if self.frechet is not None and not self.trainer.sanity_checking:
-            self.frechet.to(self.device).update(images, real=True)
+            self.frechet.update(images, real=True)
 
     def test_step(self, batch, batch_idx):
         return self.validation_step(batch, batch_idx)
@@ -220,7 +279,7 @@ class DiffusionModule(VisionModule):
 
     def evaluate(self, samples: torch.Tensor, labels: torch.Tensor, stage: str = "val") -> dict[str, float]:
         """Frechet distance of ``samples`` to the real images seen this epoch, and the classifier's accuracy on them."""
-        frechet = self.frechet.to(self.device)
+        frechet = self.frechet
         frechet.update(samples, real=False)
         distance = float(frechet.compute()) if int(frechet.real_features_num_samples) > 1 else float("nan")
         frechet.reset()

@@ -1,9 +1,12 @@
 """DiMR: a multi-resolution diffusion denoiser with time-dependent LayerNorm (Liu et al. 2024, "Alleviating
-Distortion in Image Generation via Multi-Resolution Diffusion Models").
+Distortion in Image Generation via Multi-Resolution Diffusion Models"; reference: qihao067/DiMR).
 
-A transformer refines coarse tokens at the lowest resolution; lighter ConvNeXt-style blocks refine the
-upsampled features at each finer resolution, each also seeing the noisy input at its own resolution. The
-timestep enters only through TD-LN; the class enters as one extra token of the transformer.
+A transformer stage refines coarse tokens at the lowest resolution; ConvNeXt-style stages refine the features
+at each finer resolution (2x per stage). Every stage sees the noisy input at its own resolution, reads the
+concatenation of *all* block outputs of the stage below (LayerNorm, pixel shuffle, LayerNorm), has U-ViT-style
+long skips between its first and last blocks, and emits its own noise prediction: the loss is a weighted sum
+over resolutions (:func:`multiresolution_loss`); sampling uses the highest. The timestep enters only through
+TD-LN; the class enters as one extra token of the transformer.
 """
 
 from __future__ import annotations
@@ -11,89 +14,142 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention, Mlp, PatchEmbed, build_sincos2d_pos_embed
+from timm.layers import Attention, SwiGLU
 from torch import nn
 
+from modules.components.diffusion import NoiseSchedule
 from modules.components.errors import ConfigError
 
 
 class TDLayerNorm(nn.LayerNorm):
-    """TD-LN: LayerNorm whose scale and shift interpolate between two learned vectors by the timestep.
+    """TD-LN: LayerNorm whose scale and shift are time-dependent parameters, as the reference's.
 
-    ``gamma(t) = a(t) gamma_1 + (1 - a(t)) gamma_2`` (same for beta) with ``a(t) = sigmoid(w t/T + b)``: two
-    D-vectors per affine and two scalars, instead of an adaLN regressor of 2 D^2 weights.
+    Each of scale and shift is ``p(c) = p_1 + sigmoid((1 + w) c + b) * (p_0 - p_1)`` with per-channel endpoints
+    p_0, p_1 and per-channel mixing parameters w, b of its own; the time condition c is log-SNR(t) / 4. At
+    initialisation p_0 = p_1 (1 for the scale, 0 for the shift), so the norm starts time-independent.
 
     Args:
         dim: normalised (last) dimension.
-        timesteps: T, the number of diffusion steps (t is normalised by it).
-        init_std: spread of the two endpoint vectors around (1, 0), so t matters from the start.
+        eps: LayerNorm epsilon (the reference's 1e-5).
     """
 
-    def __init__(self, dim: int, timesteps: int = 1000, init_std: float = 0.02):
-        super().__init__(dim, eps=1e-6, elementwise_affine=False)
-        self.timesteps = timesteps
-        self.scales = nn.Parameter(1 + init_std * torch.randn(2, dim))  # gamma_1, gamma_2
-        self.shifts = nn.Parameter(init_std * torch.randn(2, dim))  # beta_1, beta_2
-        self.time_weight = nn.Parameter(torch.tensor(6.0))
-        self.time_offset = nn.Parameter(torch.tensor(-3.0))
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps, elementwise_affine=False)
+        for name, init in (("scale", 1.0), ("shift", 0.0)):
+            self.register_parameter(f"{name}_0", nn.Parameter(torch.full((dim,), init)))
+            self.register_parameter(f"{name}_1", nn.Parameter(torch.full((dim,), init)))
+            self.register_parameter(f"{name}_mix_weight", nn.Parameter(torch.zeros(dim)))
+            self.register_parameter(f"{name}_mix_bias", nn.Parameter(torch.zeros(dim)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x (B, ..., D), t (B,) integer timesteps."""
-        mix = torch.sigmoid(self.time_weight * t.float() / self.timesteps + self.time_offset)  # (B,)
-        mix = mix.view(-1, *([1] * (x.ndim - 1)))
-        scale = mix * self.scales[0] + (1 - mix) * self.scales[1]
-        shift = mix * self.shifts[0] + (1 - mix) * self.shifts[1]
+    def _value(self, name: str, condition: torch.Tensor) -> torch.Tensor:
+        weight = 1 + getattr(self, f"{name}_mix_weight")
+        mix = torch.sigmoid(condition[:, None] * weight + getattr(self, f"{name}_mix_bias"))  # (B, D)
+        end = getattr(self, f"{name}_1")
+        return end + mix * (getattr(self, f"{name}_0") - end)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """x (B, ..., D), condition (B,) time condition (log-SNR / 4)."""
+        shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+        scale, shift = self._value("scale", condition).view(shape), self._value("shift", condition).view(shape)
         return super().forward(x) * scale + shift
 
 
 class TDTransformerBlock(nn.Module):
-    """Pre-norm transformer block with TD-LN norms, (B, N, D) -> (B, N, D)."""
+    """Pre-norm transformer block with TD-LN norms and a gated GELU MLP, (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, dim: int, heads: int, timesteps: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0):
         super().__init__()
-        self.norm1 = TDLayerNorm(dim, timesteps)
-        self.attn = Attention(dim, num_heads=heads, qkv_bias=True)
-        self.norm2 = TDLayerNorm(dim, timesteps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm1 = TDLayerNorm(dim)
+        self.attn = Attention(dim, num_heads=heads, qkv_bias=False)
+        self.norm2 = TDLayerNorm(dim)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x, t))
-        return x + self.mlp(self.norm2(x, t))
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x, condition))
+        return x + self.mlp(self.norm2(x, condition))
 
 
 class TDConvBlock(nn.Module):
-    """ConvNeXt-style block (7x7 depthwise conv, TD-LN, pointwise MLP), (B, C, H, W) -> (B, C, H, W)."""
+    """ConvNeXt-style block: a 7x7 depthwise-conv branch, then a TD-LN + gated-MLP branch, (B, H, W, C) channel-last."""
 
-    def __init__(self, dim: int, timesteps: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, mlp_ratio: float = 2.0):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = TDLayerNorm(dim, timesteps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm = TDLayerNorm(dim)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        return x + self.mlp(self.norm(y, t)).permute(0, 3, 1, 2)
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.mlp(self.norm(x, condition))
 
 
-class ResolutionStage(nn.Module):
-    """Upsample 2x from the coarser stage, add the noisy input patchified at this resolution, refine with conv blocks."""
+class Stage(nn.Module):
+    """One resolution: input stem + learned positions (+ the upsampled lower stage), blocks with long skips, output.
 
-    def __init__(self, in_dim: int, dim: int, in_channels: int, stride: int, depth: int, timesteps: int):
+    ``forward`` returns this stage's noise prediction (B, C, side, side) and the channel concatenation of its input
+    and every block output (B, side, side, D * (blocks + 1)) for the next stage.
+    """
+
+    def __init__(self, blocks: list[nn.Module], dim: int, in_channels: int, stride: int, side: int,
+                 lowres_dim: int | None = None):
         super().__init__()
-        self.up = nn.Conv2d(in_dim, 4 * dim, 1)  # then pixel shuffle: (B, 4C, h, w) -> (B, C, 2h, 2w)
+        if len(blocks) % 2 == 0:
+            raise ValueError("a DiMR stage has an odd number of blocks (in, middle, out)")
         self.stem = nn.Conv2d(in_channels, dim, stride, stride=stride)
-        self.blocks = nn.ModuleList(TDConvBlock(dim, timesteps) for _ in range(depth))
+        self.pos_embed = nn.Parameter(torch.zeros(1, side, side, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.up_norm_in = TDLayerNorm(lowres_dim) if lowres_dim else None
+        self.up_linear = nn.Linear(lowres_dim, 4 * dim) if lowres_dim else None
+        self.up_norm_out = TDLayerNorm(dim) if lowres_dim else None
+        self.blocks = nn.ModuleList(blocks)
+        self.skip_denses = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(len(blocks) // 2))
+        self.out_norm = TDLayerNorm(dim)
+        self.out_conv = nn.Conv2d(dim, in_channels, 3, padding=1)
 
-    def forward(self, features: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = F.pixel_shuffle(self.up(features), 2) + self.stem(x)
-        for block in self.blocks:
-            h = block(h, t)
-        return h
+    def upsample(self, lowres: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, Dl) -> LayerNorm, Linear to 4D, pixel shuffle 2x, LayerNorm -> (B, 2h, 2w, D)."""
+        x = self.up_linear(self.up_norm_in(lowres, condition))
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height, width, 2, 2, channels // 4).transpose(2, 3)
+        return self.up_norm_out(x.reshape(batch, 2 * height, 2 * width, channels // 4), condition)
+
+    def forward(self, images: torch.Tensor, condition: torch.Tensor, lowres: torch.Tensor | None = None,
+                class_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.stem(images).permute(0, 2, 3, 1) + self.pos_embed  # (B, side, side, D)
+        if lowres is not None:
+            x = x + self.upsample(lowres, condition)
+        batch, side, _, dim = x.shape
+        tokens = isinstance(self.blocks[0], TDTransformerBlock)
+        if tokens:
+            x = x.reshape(batch, side * side, dim)
+            if class_token is not None:
+                x = torch.cat([class_token[:, None], x], dim=1)  # (B, 1 + N, D)
+        half = len(self.blocks) // 2
+        outputs, skips = [x], []
+        for block in self.blocks[:half]:
+            x = block(x, condition)
+            outputs.append(x)
+            skips.append(x)
+        x = self.blocks[half](x, condition)
+        outputs.append(x)
+        for dense, block in zip(self.skip_denses, self.blocks[half + 1:]):
+            x = block(dense(torch.cat([x, skips.pop()], dim=-1)), condition)
+            outputs.append(x)
+        if tokens:
+            first = 1 if class_token is not None else 0
+            outputs = [out[:, first:].reshape(batch, side, side, dim) for out in outputs]
+            x = outputs[-1]
+        prediction = self.out_conv(self.out_norm(x, condition).permute(0, 3, 1, 2))  # (B, C, side, side)
+        return prediction, torch.cat(outputs, dim=-1)
+
+
+def odd(count: int) -> int:
+    """The reference's block count for a stage of ``count`` blocks: count // 2 * 2 + 1."""
+    return count // 2 * 2 + 1
 
 
 class DiMR(nn.Module):
-    """Class-conditional multi-resolution denoiser predicting eps from (x_t, t, label).
+    """Class-conditional multi-resolution denoiser: (x_t, t, label) -> noise predictions, lowest resolution first.
 
     Args:
         input_size: side of the (square) input.
@@ -101,44 +157,71 @@ class DiMR(nn.Module):
         num_classes: classes; label ``num_classes`` is the null class for classifier-free guidance.
         patch_size: patch side of the lowest-resolution transformer (a power of 2: one conv stage per 2x).
         dim: transformer width; conv stages halve it at each finer resolution (at least 16).
-        depth: transformer blocks.
+        depth: transformer blocks (rounded to odd, ``depth // 2 * 2 + 1``, as the reference's stages).
         heads: attention heads.
-        conv_depth: conv blocks per finer-resolution stage.
-        timesteps: diffusion steps T (TD-LN normalises t by it).
+        conv_depth: conv blocks per finer-resolution stage (rounded to odd the same way).
+        mlp_ratio: gated-MLP hidden width / dim (the reference's 2).
+        schedule: the noise schedule of the diffusion (TD-LN reads its log-SNR); must match the module's.
+        timesteps: diffusion steps T of that schedule.
+        resolution_weights: loss weight of each resolution, lowest first; default the reference's [1/4, 1] for
+            two resolutions, extended by a factor 1/4 per halving for more.
     """
 
-    def __init__(self, input_size: int = 32, in_channels: int = 3, num_classes: int = 10, patch_size: int = 4,
-                 dim: int = 128, depth: int = 4, heads: int = 4, conv_depth: int = 1, timesteps: int = 1000):
-        super().__init__()
-        stages = int(math.log2(patch_size))
-        if 2**stages != patch_size or input_size % patch_size:
-            raise ConfigError(f"DiMR patch_size {patch_size} must be a power of 2 dividing input_size {input_size}")
-        self.in_channels = in_channels
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, dim)
-        self.grid = self.x_embedder.grid_size
-        self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(self.grid), dim).unsqueeze(0), persistent=False)
-        self.y_embedder = nn.Embedding(num_classes + 1, dim)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        self.blocks = nn.ModuleList(TDTransformerBlock(dim, heads, timesteps) for _ in range(depth))
-        self.norm = TDLayerNorm(dim, timesteps)
-        dims = [dim] + [max(16, dim // 2 ** (i + 1)) for i in range(stages)]
-        self.stages = nn.ModuleList(
-            ResolutionStage(dims[i], dims[i + 1], in_channels, patch_size // 2 ** (i + 1), conv_depth, timesteps)
-            for i in range(stages)
-        )
-        self.out_norm = TDLayerNorm(dims[-1], timesteps)
-        self.head = nn.Conv2d(dims[-1], in_channels, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+    learn_sigma = False  # the reference predicts the noise only
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        tokens = torch.cat([self.y_embedder(labels).unsqueeze(1), tokens], dim=1)  # (B, 1 + N, D)
-        for block in self.blocks:
-            tokens = block(tokens, t)
-        tokens = self.norm(tokens[:, 1:], t)
-        features = tokens.transpose(1, 2).reshape(x.shape[0], -1, *self.grid)  # (B, D, h, w)
-        for stage in self.stages:
-            features = stage(features, x, t)  # (B, C_i, 2h, 2w)
-        features = self.out_norm(features.permute(0, 2, 3, 1), t).permute(0, 3, 1, 2)
-        return self.head(features)  # (B, C, H, W)
+    def __init__(self, input_size: int = 32, in_channels: int = 3, num_classes: int = 10, patch_size: int = 4,
+                 dim: int = 128, depth: int = 4, heads: int = 4, conv_depth: int = 1, mlp_ratio: float = 2.0,
+                 schedule: str = "linear", timesteps: int = 1000, resolution_weights: list[float] | None = None):
+        super().__init__()
+        levels = int(math.log2(patch_size))
+        if 2**levels != patch_size or input_size % patch_size:
+            raise ConfigError(f"DiMR patch_size {patch_size} must be a power of 2 dividing input_size {input_size}")
+        weights = resolution_weights or [4.0 ** -(levels - i) for i in range(levels + 1)]
+        if len(weights) != levels + 1:
+            raise ConfigError(f"DiMR with patch_size {patch_size} predicts at {levels + 1} resolutions: give "
+                              f"{levels + 1} resolution_weights, not {len(weights)}")
+        self.in_channels, self.out_channels, self.loss_weights = in_channels, in_channels, list(weights)
+        self.schedule_kind, self.timesteps = schedule, timesteps
+        self.register_buffer("log_snr", NoiseSchedule(schedule, timesteps).log_snr, persistent=False)
+        self.y_embedder = nn.Embedding(num_classes + 1, dim)
+        dims = [dim] + [max(16, dim // 2 ** (i + 1)) for i in range(levels)]
+        stages, lowres_dim = [], None
+        for level, width in enumerate(dims):
+            if level == 0:
+                blocks = [TDTransformerBlock(width, heads, mlp_ratio) for _ in range(odd(depth))]
+            else:
+                blocks = [TDConvBlock(width, mlp_ratio) for _ in range(odd(conv_depth))]
+            stride = patch_size // 2**level
+            stages.append(Stage(blocks, width, in_channels, stride, input_size // stride, lowres_dim))
+            lowres_dim = width * (len(blocks) + 1)
+        self.stages = nn.ModuleList(stages)
+        for module in self.modules():  # the reference's Linear / Embedding init
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        condition = self.log_snr[t] / 4  # (B,) the reference's time condition
+        class_token = self.y_embedder(labels)  # (B, D)
+        predictions, lowres = [], None
+        for index, stage in enumerate(self.stages):
+            prediction, lowres = stage(x, condition, lowres, class_token if index == 0 else None)
+            predictions.append(prediction)  # (B, C, side_i, side_i)
+        return predictions
+
+
+def multiscale_targets(noise: torch.Tensor, sides: list[int]) -> list[torch.Tensor]:
+    """The target noise at each side: r x r block sums divided by r (the reference's scale correction keeps white
+    noise at unit variance; a plain average would shrink it by r)."""
+    targets = []
+    for side in sides:
+        ratio = noise.shape[-1] // side
+        targets.append(noise if ratio == 1 else nn.functional.avg_pool2d(noise, ratio) * ratio)
+    return targets
+
+
+def multiresolution_loss(predictions: list[torch.Tensor], noise: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """sum_i w_i * mean-square(prediction_i - target_i), averaged over the batch."""
+    targets = multiscale_targets(noise, [p.shape[-1] for p in predictions])
+    return sum(w * (p - target).square().mean() for w, p, target in zip(weights, predictions, targets))

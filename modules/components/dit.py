@@ -1,7 +1,8 @@
-"""DiT: a class-conditional diffusion transformer with adaLN-zero (Peebles & Xie 2023), plus DiffFit scale factors.
+"""DiT: a class-conditional diffusion transformer with adaLN-zero (Peebles & Xie 2023, facebookresearch/DiT).
 
-DiffFit (Xie et al. 2023) fine-tunes a pretrained DiT by training only biases, norms, the class embedding and
-new per-block scale factors gamma (init 1) on the residual branches; :func:`difffit_trainable` selects them.
+With ``learn_sigma`` (the reference's default) the final layer predicts 2C channels: the noise and improved DDPM's
+variance interpolation values. Blocks carry optional residual-branch scale factors (``gamma_attn``, ``gamma_mlp``,
+None by default) that :class:`modules.components.difffit.DiffFit` adds for fine-tuning.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class DiTBlock(nn.Module):
     """Pre-norm transformer block whose norms are modulated (shift, scale, gate) by the conditioning vector.
 
     The modulation regressor is zero-initialised (adaLN-zero), so each block starts as the identity.
-    With ``residual_scales`` the attention and MLP branches get DiffFit's learnable scalars gamma (init 1).
+    ``gamma_attn`` / ``gamma_mlp``: optional (D,) scale factors of the attention and MLP branches (DiffFit sets them).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, residual_scales: bool = False):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads=heads, qkv_bias=True)
@@ -53,11 +54,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN_modulation[1].weight)
         nn.init.zeros_(self.adaLN_modulation[1].bias)
-        if residual_scales:
-            self.gamma_attn = nn.Parameter(torch.ones(1))
-            self.gamma_mlp = nn.Parameter(torch.ones(1))
-        else:
-            self.gamma_attn = self.gamma_mlp = None
+        self.gamma_attn: nn.Parameter | None = None
+        self.gamma_mlp: nn.Parameter | None = None
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(cond).chunk(6, dim=-1)  # 6 x (B, D)
@@ -93,54 +91,63 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Te
 
 
 class DiT(nn.Module):
-    """Class-conditional DiT predicting the noise eps from (x_t, t, label).
+    """Class-conditional DiT predicting the noise eps (and, with ``learn_sigma``, the variance) from (x_t, t, label).
+
+    Initialised as the reference: Xavier-uniform Linear layers (and the patch projection, viewed as a Linear) with
+    zero biases, normal(0.02) timestep-MLP and class-embedding weights, zero adaLN regressors and output layer.
 
     Args:
         input_size: side of the (square) input in pixels or latent cells.
-        in_channels: input (and output) channels.
+        in_channels: input channels C.
         num_classes: classes; label ``num_classes`` is the null class used for classifier-free guidance.
         patch_size: patch side.
         dim: token width.
         depth: transformer blocks.
         heads: attention heads.
         mlp_ratio: MLP hidden width / dim.
-        residual_scales: add DiffFit's per-block scale factors (init 1).
+        learn_sigma: predict 2C channels (eps, then improved DDPM's variance values in [-1, 1]), the reference's
+            default; ``False`` predicts eps only and sampling uses the fixed posterior variance.
     """
 
     def __init__(self, input_size: int = 32, in_channels: int = 3, num_classes: int = 10, patch_size: int = 4,
-                 dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, residual_scales: bool = False):
+                 dim: int = 128, depth: int = 4, heads: int = 4, mlp_ratio: float = 4.0, learn_sigma: bool = True):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.learn_sigma = learn_sigma
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, dim)
         grid = self.x_embedder.grid_size
         self.register_buffer("pos_embed", build_sincos2d_pos_embed(list(grid), dim).unsqueeze(0), persistent=False)
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = nn.Embedding(num_classes + 1, dim)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(dim, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        projection = self.x_embedder.proj
+        nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))  # as a Linear, not a conv
+        nn.init.zeros_(projection.bias)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio, residual_scales) for _ in range(depth))
-        self.final_layer = FinalLayer(dim, patch_size, in_channels)
+        nn.init.normal_(self.t_embedder.mlp.fc1.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp.fc2.weight, std=0.02)
+        for modulation in [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]:
+            nn.init.zeros_(modulation.weight)  # adaLN-zero: every block starts as the identity
+            nn.init.zeros_(modulation.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         cond = self.t_embedder(t) + self.y_embedder(labels)  # (B, D)
         for block in self.blocks:
             tokens = block(tokens, cond)
-        return unpatchify(self.final_layer(tokens, cond), self.patch_size, self.in_channels)  # (B, C, H, W)
-
-
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-def difffit_parameter_names(model: nn.Module, class_embedding: str = "y_embedder") -> list[str]:
-    """DiffFit's trainable set: every bias, norm parameters (TD-LN included), the class embedding, the gammas."""
-    names = []
-    for module_name, module in model.named_modules():
-        for leaf, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{leaf}" if module_name else leaf
-            if (leaf == "bias" or leaf.startswith("gamma_") or isinstance(module, NORM_TYPES)
-                    or full.startswith(f"{class_embedding}.")):
-                names.append(full)
-    return names
+        return unpatchify(self.final_layer(tokens, cond), self.patch_size, self.out_channels)  # (B, C or 2C, H, W)
 
 
 def trainable_fraction(module: nn.Module) -> tuple[int, int]:
