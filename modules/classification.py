@@ -78,16 +78,11 @@ class ClassificationModule(VisionModule):
         return self.backbone
 
     def load_backbone_weights(self, path: str) -> None:
-        """Initialise from a checkpoint's ``backbone.*`` weights (strict except for a resized head)."""
+        """Initialise from a checkpoint's ``backbone.*`` weights: strict, except that a classifier of another
+        class count is re-initialised and position embeddings are resampled to this resolution."""
         from modules.components.checkpoints import backbone_state_dict
 
-        state = backbone_state_dict(path)
-        own = self.backbone.state_dict()
-        head = {k for k, v in state.items() if k in own and own[k].shape != v.shape}
-        state = {k: v for k, v in state.items() if k not in head}
-        for k in head:
-            state[k] = own[k]
-        load_state_dict_strict(self.backbone, state, f"checkpoint {path}")
+        load_state_dict_strict(self.backbone, backbone_state_dict(path), f"checkpoint {path}", replace_head=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)  # (B, num_classes)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
 from modules.components.errors import ConfigError
@@ -22,21 +24,34 @@ def create_backbone(
     num_classes: int = 0,
     image_size: int | None = None,
     in_chans: int = 3,
+    pretrained_file: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a randomly initialised timm model by name (never downloads weights).
+    """Build a timm model by name, randomly initialised or from a local pretrained file (never downloads).
 
     Args:
         name: any name from `timm.list_models()`, e.g. ``resnet18`` or ``vit_tiny_patch16_224``.
         num_classes: classifier outputs; 0 gives a headless feature extractor.
         image_size: passed as ``img_size`` to architectures that take it (ViT, Swin, ...).
         in_chans: input channels.
-        **kwargs: forwarded to ``timm.create_model`` (``drop_path_rate``, ``depth``, ...).
+        pretrained_file: a local weights file (safetensors, ``.pth``/``.bin``, or ``.npz`` for the models
+            whose timm loader reads it) loaded the timm way (``pretrained_cfg_overlay=dict(file=...)``):
+            timm's own checkpoint filter adapts it (a head of another class count is re-initialised, position
+            embeddings are resampled to ``image_size``, ``in_chans`` is adapted).
+        **kwargs: forwarded to ``timm.create_model`` (``drop_path_rate``, ``depth``, ...). ``pretrained:
+            true`` without ``pretrained_file`` is refused: this machine cannot download from a hub.
     """
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm model '{name}'{_suggest(name)}: pick a name from timm.list_models()")
-    kwargs.pop("pretrained", None)
-    args = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    pretrained = bool(kwargs.pop("pretrained", False)) or pretrained_file is not None
+    if pretrained:
+        if pretrained_file is None:
+            raise ConfigError(f"pretrained: true for {name} needs pretrained_file (a local safetensors/.pth/.npz file): "
+                              "weights are never downloaded at run time")
+        if not Path(pretrained_file).expanduser().is_file():
+            raise ConfigError(f"pretrained_file {pretrained_file} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(pretrained_file).expanduser()))
+    args = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if image_size is not None:
         try:
             return timm.create_model(name, img_size=image_size, **args)
@@ -46,8 +61,55 @@ def create_backbone(
     return timm.create_model(name, **args)
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Load every weight or fail with the mismatching names listed (never a silent partial load)."""
+def _head_keys(module: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of a timm model's classifier (``pretrained_cfg['classifier']``), e.g. ``('head.',)``."""
+    classifier = (getattr(module, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+
+
+def adapt_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                     replace_head: bool = False) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint to ``module`` where the change is a known transfer, refuse any other shape change.
+
+    * ``pos_embed`` of a ViT-style owner (one with ``patch_embed.grid_size``) trained on another grid is
+      resampled with timm's ``resample_abs_pos_embed`` (prefix tokens kept as they are);
+    * ``patch_embed.proj.weight`` of another patch size is resampled with timm's ``resample_patch_embed``;
+    * with ``replace_head``, classifier weights of another class count keep the module's fresh values.
+
+    Any other shape mismatch is a ``ConfigError`` naming the keys and both shapes.
+    """
+    own = module.state_dict()
+    heads = _head_keys(module) if replace_head else ()
+    adapted = dict(state_dict)
+    for key, value in state_dict.items():
+        if key not in own or own[key].shape == value.shape:
+            continue
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if leaf == "pos_embed" and hasattr(getattr(owner, "patch_embed", None), "grid_size"):
+            prefix = 0 if getattr(owner, "no_embed_class", False) else getattr(owner, "num_prefix_tokens", 1)
+            adapted[key] = resample_abs_pos_embed(value, new_size=list(owner.patch_embed.grid_size),
+                                                  num_prefix_tokens=prefix)
+        elif key.endswith("patch_embed.proj.weight") and value.dim() == 4:
+            adapted[key] = resample_patch_embed(value, new_size=list(own[key].shape[-2:]))
+        elif key.startswith(heads):
+            adapted[key] = own[key]
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in adapted.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ConfigError(f"{what} has another architecture than the model ({len(wrong)} shape mismatches: "
+                          f"{'; '.join(wrong[:4])}): use the same backbone settings (depth, width, patch size)")
+    return adapted
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
+                           replace_head: bool = False) -> None:
+    """Load every weight or fail with the mismatching names listed (never a silent partial load).
+
+    Position embeddings and patch embeddings are resampled to the module's grid and, with ``replace_head``,
+    a classifier of another class count is re-initialised (see :func:`adapt_state_dict`).
+    """
+    state_dict = adapt_state_dict(module, state_dict, what, replace_head)
     result = module.load_state_dict(state_dict, strict=False)
     problems = []
     if result.missing_keys:

@@ -1,0 +1,80 @@
+"""Loading backbones from checkpoints and local pretrained files: resolution changes, heads, wrong architectures."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+from modules.classification import ClassificationModule
+from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.errors import ConfigError
+
+VIT = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"patch_size": 8, "depth": 2})
+
+
+def _checkpoint(tmp_path, image_size=32, num_classes=10, **kwargs):
+    torch.manual_seed(0)
+    source = ClassificationModule(**{**VIT, **kwargs}, num_classes=num_classes, image_size=image_size)
+    torch.nn.init.normal_(source.backbone.pos_embed, std=0.5)  # far from any fresh initialisation
+    path = tmp_path / "source.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    return source, path
+
+
+def test_vit_checkpoint_at_another_resolution_resamples_its_position_embedding(tmp_path):
+    source, path = _checkpoint(tmp_path, image_size=32)
+    torch.manual_seed(1)
+    target = ClassificationModule(**VIT, num_classes=10, image_size=64, init_checkpoint=str(path))
+    expected = resample_abs_pos_embed(source.backbone.pos_embed.detach(), new_size=[8, 8], num_prefix_tokens=1)
+    assert target.backbone.pos_embed.shape == (1, 1 + 64, 192)
+    torch.testing.assert_close(target.backbone.pos_embed.detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(target.backbone.head.weight, source.backbone.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(target.backbone.blocks[1].mlp.fc1.weight, source.backbone.blocks[1].mlp.fc1.weight)
+
+
+def test_changed_patch_size_resamples_the_patch_embedding():
+    torch.manual_seed(0)
+    source = create_backbone("vit_tiny_patch16_224", num_classes=0, image_size=32, patch_size=8, depth=1)
+    target = create_backbone("vit_tiny_patch16_224", num_classes=0, image_size=32, patch_size=4, depth=1)
+    load_state_dict_strict(target, source.state_dict(), "source")
+    expected = resample_patch_embed(source.patch_embed.proj.weight.detach(), new_size=[4, 4])
+    torch.testing.assert_close(target.patch_embed.proj.weight.detach(), expected, rtol=0, atol=0)
+    assert target.pos_embed.shape[1] == 1 + 64  # and the 4x4 -> 8x8 grid of position embeddings
+
+
+def test_only_the_head_is_replaced_when_the_class_count_differs(tmp_path):
+    source, path = _checkpoint(tmp_path, num_classes=5)
+    torch.manual_seed(1)
+    fresh = ClassificationModule(**VIT, num_classes=10, image_size=32)
+    torch.manual_seed(1)
+    target = ClassificationModule(**VIT, num_classes=10, image_size=32, init_checkpoint=str(path))
+    torch.testing.assert_close(target.backbone.head.weight, fresh.backbone.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(target.backbone.pos_embed, source.backbone.pos_embed, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change, keys", [({"depth": 3}, "blocks.2"), ({"embed_dim": 96, "num_heads": 3}, "shape mismatches")])
+def test_checkpoint_of_another_architecture_names_the_keys(tmp_path, change, keys):
+    _, path = _checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match=keys):
+        ClassificationModule(backbone=VIT["backbone"], backbone_kwargs={**VIT["backbone_kwargs"], **change},
+                             num_classes=10, image_size=32, init_checkpoint=str(path))
+
+
+def test_pretrained_file_loads_the_timm_way(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", num_classes=1000)
+    file = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), str(file))
+    same = create_backbone("resnet18", num_classes=1000, pretrained=True, pretrained_file=str(file))
+    torch.testing.assert_close(same.state_dict(), reference.state_dict(), rtol=0, atol=0)
+    torch.manual_seed(1)
+    transfer = create_backbone("resnet18", num_classes=10, pretrained_file=str(file))  # a new 10-class head
+    assert transfer.fc.weight.shape == (10, 512)
+    torch.testing.assert_close(transfer.layer4[1].conv2.weight, reference.layer4[1].conv2.weight, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="pretrained_file"):
+        create_backbone("resnet18", pretrained=True)
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_backbone("resnet18", pretrained_file=str(tmp_path / "missing.pth"))
