@@ -1,7 +1,12 @@
 """CLIP dual encoder with FLIP / Attentive Mask CLIP token dropping, zero-shot and retrieval evaluation.
 
 Implements CLIP (Radford et al., 2021) with FLIP random image-token dropping (Li et al., 2023) and
-Attentive Mask CLIP token keeping (Yang et al., 2023).
+Attentive Mask CLIP token keeping (Yang et al., 2023), open_clip's ``local_loss`` and ``accum_freq``.
+
+Attentive Mask CLIP here is the paper's token selection only: its optional self-supervised losses (SimCLR
+and BYOL heads on two online views, an EMA text tower) are not implemented, and the online view is a crop
+taken on the batch from the loader's image (the scorer's full view), not a second crop of the original
+photo; A-CLIP also keeps tokens in 2x2 blocks (the score map pooled to 7x7), here they are kept one by one.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from torchmetrics.utilities import dim_zero_cat
 
 from modules.base import VisionModule
 from modules.components.backbones import create_backbone
+from modules.components.clip_loss import accumulated_contrastive_backward, distributed_clip_loss, split_micro_batches
 from modules.components.contrastive import (
-    LogitScale, attentive_keep_index, clip_loss, gather_features, num_kept, random_keep_index, recall_at_k,
-    vit_cls_attention, vit_encode, zero_shot_head, zero_shot_logits,
+    LogitScale, attentive_keep_index, clip_loss, cosine_momentum, crop_to_boxes, crop_token_scores, num_kept,
+    random_keep_index, recall_at_k, sample_crop_boxes, vit_cls_attention, vit_encode, zero_shot_head,
+    zero_shot_logits,
 )
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
@@ -98,10 +105,22 @@ class CLIPModule(VisionModule):
         max_logit_scale: the inverse temperature never exceeds this (CLIP: 100).
         mask_ratio: share of image patch tokens dropped in training (0 = none; FLIP uses 0.5-0.75).
         masking: ``random`` (FLIP) or ``attentive`` (keep the tokens an EMA image encoder attends to most).
-        ema_decay: EMA decay of the attentive scorer (timm ``ModelEmaV3``).
-        ema_warmup: ramp the decay up from 0 (timm's ``1 - (1 + step)^(-2/3)``), so that early in training the
-            scorer follows the live encoder instead of ranking tokens with its random initialisation (which
-            would keep the same positions in every image).
+        ema_decay: EMA momentum of the attentive scorer at the first step (A-CLIP: 0.996).
+        ema_decay_end: momentum at the last step; it rises on a half cosine over the fit's optimizer steps
+            (A-CLIP). Equal to ``ema_decay`` for a constant momentum.
+        ema_warmup: instead of the cosine, timm ``ModelEmaV3``'s warm-up ``1 - (1 + step)^(-2/3)`` capped at
+            ``ema_decay`` (this project's earlier rule, with 0.998): the scorer follows the live encoder early.
+        attention_layers: blocks whose [CLS] attention scores the tokens, counted from the last (None = all,
+            A-CLIP; 1 = the last block only).
+        online_crop_scale: area share, of the scorer's full view (the loader's image), of the crop the online
+            encoder sees under attentive masking; the scores are cropped to it (A-CLIP scores a larger view
+            than the masked one). ``[1, 1]``: the same view for both.
+        local_loss: under DDP, each rank scores only its own rows against the gathered features (open_clip):
+            (B, world*B) logits instead of (world*B)^2, the same gradients.
+        accum_freq: split each training batch into this many micro-batches and accumulate their gradients
+            with feature caching (open_clip): the loss sees the negatives of the whole batch while only one
+            micro-batch's activations are kept. Uses manual optimization; dropout/drop-path draws are not
+            replayed between the caching and the gradient pass (as open_clip).
         unmasked_tuning: share of the training steps, at the end, that see every token (FLIP's unmasked
             tuning): closes the gap between masked training and full-image evaluation, which is large for
             attentive masking because the dropped tokens are always the same kind (background).
@@ -124,8 +143,13 @@ class CLIPModule(VisionModule):
         max_logit_scale: float = 100.0,
         mask_ratio: float = 0.0,
         masking: str = "random",
-        ema_decay: float = 0.998,
-        ema_warmup: bool = True,
+        ema_decay: float = 0.996,
+        ema_decay_end: float = 1.0,
+        ema_warmup: bool = False,
+        attention_layers: int | None = None,
+        online_crop_scale: tuple[float, float] = (0.5, 1.0),
+        local_loss: bool = False,
+        accum_freq: int = 1,
         unmasked_tuning: float = 0.0,
         optim: OptimConfig | None = None,
     ):
@@ -141,11 +165,22 @@ class CLIPModule(VisionModule):
         self.model = DualEncoder(image_encoder, text_encoder, embed_dim, init_logit_scale, max_logit_scale)
         if not 0.0 <= unmasked_tuning <= 1.0:
             raise ConfigError(f"model.unmasked_tuning {unmasked_tuning} must be a share of the steps in [0, 1]")
-        self.mask_ratio, self.masking, self.ema_decay = mask_ratio, masking, ema_decay
+        if accum_freq < 1:
+            raise ConfigError(f"model.accum_freq {accum_freq} must be at least 1")
+        low, high = online_crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ConfigError(f"model.online_crop_scale {list(online_crop_scale)} must be area shares 0 < low <= high <= 1")
+        self.mask_ratio, self.masking = mask_ratio, masking
+        self.ema_decay, self.ema_decay_end, self.ema_warmup = ema_decay, ema_decay_end, ema_warmup
+        self.attention_layers, self.online_crop_scale = attention_layers, (float(low), float(high))
+        self.local_loss, self.accum_freq = local_loss, accum_freq
+        self.automatic_optimization = accum_freq == 1
         self.unmasked_tuning = unmasked_tuning
         self.ema_image_encoder = None
         if mask_ratio > 0 and masking == "attentive":
             self.ema_image_encoder = ModelEmaV3(image_encoder, decay=ema_decay, use_warmup=ema_warmup).eval()
+            if attention_layers is not None and not 1 <= attention_layers <= len(image_encoder.blocks):
+                raise ConfigError(f"model.attention_layers {attention_layers} must be in [1, {len(image_encoder.blocks)}] or null (all)")
         self.zeroshot_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.retrieval = RetrievalRecall((1, 5))
         self._zero_shot_head: torch.Tensor | None = None
@@ -154,15 +189,36 @@ class CLIPModule(VisionModule):
         return self.model  # the EMA scorer is never optimised
 
     # --- training --------------------------------------------------------------------------------
-    def keep_index(self, images: torch.Tensor) -> torch.Tensor | None:
-        """Patch tokens the image tower sees this step (None = all).  # (B, K)"""
+    def masked_view(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The images the online tower sees this step and their kept patch tokens (None = all).  # (B, K)
+
+        Attentive masking scores the tokens on ``images`` (the full view) with the EMA encoder, crops the
+        online view out of it (``online_crop_scale``) and keeps the top tokens of the cropped scores.
+        """
         if self.mask_ratio <= 0 or self.in_unmasked_tuning():
-            return None
-        num_tokens = self.model.image_encoder.patch_embed.num_patches
+            return images, None
+        patch_embed = self.model.image_encoder.patch_embed
+        num_tokens = patch_embed.num_patches
         keep = num_kept(num_tokens, self.mask_ratio)
-        if self.masking == "attentive":
-            return attentive_keep_index(vit_cls_attention(self.ema_image_encoder.module, images), keep)
-        return random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
+        if self.masking != "attentive":
+            return images, random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
+        scores = vit_cls_attention(self.ema_image_encoder.module, images, self.attention_layers)  # (B, N)
+        if self.online_crop_scale != (1.0, 1.0):
+            boxes = sample_crop_boxes(images.shape[0], self.online_crop_scale, device=images.device)
+            images = crop_to_boxes(images, boxes, tuple(images.shape[-2:]))
+            scores = crop_token_scores(scores, tuple(patch_embed.grid_size), boxes)
+        return images, attentive_keep_index(scores, keep)
+
+    def keep_index(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Patch tokens kept this step (None = all), for the view ``masked_view`` returns.  # (B, K)"""
+        return self.masked_view(images)[1]
+
+    def ema_momentum(self) -> float:
+        """The scorer's EMA momentum for the update after the current optimizer step (cosine, A-CLIP)."""
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
+        if not total or total == float("inf"):
+            return self.ema_decay
+        return cosine_momentum(self.global_step, int(total), self.ema_decay, self.ema_decay_end)
 
     def in_unmasked_tuning(self) -> bool:
         """True in the final ``unmasked_tuning`` share of the training steps (of a fit)."""
@@ -171,21 +227,53 @@ class CLIPModule(VisionModule):
         total = self.trainer.estimated_stepping_batches
         return self.global_step >= (1.0 - self.unmasked_tuning) * total
 
+    def _loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return distributed_clip_loss(image_features, text_features, scale, local_loss=self.local_loss)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.accum_freq > 1:
+            return self._accumulated_training_step(batch)
         images, tokens = batch[0], batch[1]
-        image_features = self.model.encode_image(images, self.keep_index(images))
+        view, keep_index = self.masked_view(images)
+        image_features = self.model.encode_image(view, keep_index)
         text_features = self.model.encode_text(tokens)
-        image_all, text_all = gather_features(image_features, text_features)
         scale = self.model.logit_scale()
-        loss = clip_loss(image_all, text_all, scale)
+        loss = self._loss(image_features, text_features, scale)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale.detach())
         return loss
 
+    def _accumulated_training_step(self, batch) -> torch.Tensor:
+        """One optimizer step over ``accum_freq`` micro-batches with feature caching (manual optimization)."""
+        try:
+            micro = split_micro_batches([batch[0], batch[1]], self.accum_freq)
+        except ValueError as error:
+            raise ConfigError(f"model.accum_freq: {error}: set data batch_size to a multiple of accum_freq") from None
+        views = [(*self.masked_view(images), tokens) for images, tokens in micro]  # token masks fixed per micro-batch
+
+        def encode(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            view, keep_index, tokens = views[j]
+            return self.model.encode_image(view, keep_index), self.model.encode_text(tokens)
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = accumulated_contrastive_backward(encode, self.accum_freq, self.model.logit_scale, self._loss,
+                                                self.manual_backward)
+        optimizer.step()
+        self.lr_scheduler_step(self.lr_schedulers(), None)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/logit_scale", self.model.logit_scale().detach())
+        return loss
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.model.logit_scale.clamp_()
-        if self.ema_image_encoder is not None:
+        if self.ema_image_encoder is None:
+            return
+        if self.ema_warmup:
             self.ema_image_encoder.update(self.model.image_encoder, step=self.global_step)
+        else:
+            self.ema_image_encoder.decay = self.ema_momentum()
+            self.ema_image_encoder.update(self.model.image_encoder)
 
     def train(self, mode: bool = True):
         super().train(mode)

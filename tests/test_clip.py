@@ -1,8 +1,12 @@
-"""CLIP: loss value/symmetry, temperature clamp, DDP gathering, token keeping, zero-shot, recall, data, CLI."""
+"""CLIP: loss value/symmetry, temperature clamp, DDP gathering and local loss, accumulation with feature caching,
+token keeping (FLIP count, A-CLIP all-layer attention, view cropping, EMA momentum), zero-shot, recall, data, CLI."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from modules.components.clip_loss import accumulated_contrastive_backward, split_micro_batches
 from modules.components.contrastive import (
-    LogitScale, attentive_keep_index, clip_loss, contrastive_loss_from_logits, gather_features, num_kept,
-    random_keep_index, recall_at_k, vit_cls_attention, vit_encode, zero_shot_head, zero_shot_logits,
+    LogitScale, attentive_keep_index, clip_loss, contrastive_loss_from_logits, cosine_momentum, crop_to_boxes,
+    crop_token_scores, gather_features, num_kept, random_keep_index, recall_at_k, sample_crop_boxes,
+    vit_cls_attention, vit_encode, zero_shot_head, zero_shot_logits,
 )
 from tests.conftest import cli_args
 
@@ -99,15 +105,98 @@ def test_ddp_gathered_loss_equals_single_process_loss(tmp_path):
         assert scale_grad == pytest.approx(log_scale.grad.item(), abs=1e-6)
 
 
+@pytest.mark.slow
+def test_local_loss_gives_the_full_batch_gradient_on_two_processes(tmp_path):
+    """open_clip's local_loss: own rows vs gathered features on each rank; DDP's average = full-batch gradient."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from clip_ddp_script import data  # noqa: E402
+
+    out = tmp_path / "ddp.pt"
+    script = Path(__file__).resolve().parent / "clip_ddp_script.py"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=300)
+    result = torch.load(out, weights_only=True)
+    model, images, texts = data()
+    image_features, text_features, scale = model(images, texts)
+    full = clip_loss(image_features, text_features, scale)
+    full.backward()
+    # float64; the loss sums 8x8 logits: a few hundred eps of headroom.
+    tolerance = dict(atol=1e3 * torch.finfo(torch.float64).eps, rtol=1e3 * torch.finfo(torch.float64).eps)
+    local, gathered = result[True], result[False]
+    assert local["losses"][0] != pytest.approx(local["losses"][1])  # each rank's own rows only
+    assert sum(local["losses"]) / 2 == pytest.approx(full.item(), abs=1e-12)
+    assert gathered["losses"] == pytest.approx([full.item()] * 2, abs=1e-12)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(local["grads"][name], parameter.grad, **tolerance)
+        torch.testing.assert_close(gathered["grads"][name], parameter.grad, **tolerance)
+
+
+# --- gradient accumulation with feature caching ----------------------------------------------------
+def test_feature_cached_accumulation_equals_one_big_batch_gradient():
+    """k micro-batches of b with cached features give the parameter gradient of one batch of k * b."""
+    module = _tiny_clip().double()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64)
+    tokens = torch.randint(1, 100, (8, 6), generator=g)
+    model = module.model
+    full = clip_loss(model.encode_image(images), model.encode_text(tokens), model.logit_scale())
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    micro = split_micro_batches([images, tokens], 4)
+    encode = lambda j: (model.encode_image(micro[j][0]), model.encode_text(micro[j][1]))  # noqa: E731
+    loss = accumulated_contrastive_backward(encode, 4, model.logit_scale, clip_loss)
+    assert loss.item() == pytest.approx(full.item(), abs=1e-12)
+    tolerance = dict(atol=1e4 * torch.finfo(torch.float64).eps, rtol=1e4 * torch.finfo(torch.float64).eps)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], **tolerance, msg=name)
+    # Plain accumulation (each micro-batch its own loss, no cached negatives) is a different gradient.
+    model.zero_grad()
+    for part_images, part_tokens in micro:
+        (clip_loss(model.encode_image(part_images), model.encode_text(part_tokens), model.logit_scale()) / 4).backward()
+    assert not torch.allclose(model.image_projection.weight.grad, expected["image_projection.weight"])
+    with pytest.raises(ValueError, match="micro-batches"):
+        split_micro_batches([images], 3)
+
+
+def test_accum_freq_step_through_lightning_equals_the_full_batch_step(tmp_path):
+    """Manual optimization with accum_freq=4: one SGD step on a batch of 8 = the automatic step on it."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from modules.components.optim import OptimConfig
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    dataset = TensorDataset(images, torch.randint(1, 100, (8, 6), generator=g))
+    weights = {}
+    for accum_freq in (1, 4):
+        optim = OptimConfig(name="momentum", lr=0.5, momentum=0.0, weight_decay=0.0, warmup_epochs=0, min_lr_ratio=1.0)
+        module = _tiny_clip(optim=optim, accum_freq=accum_freq)
+        assert module.automatic_optimization == (accum_freq == 1)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, precision="64-true", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(dataset, batch_size=8))
+        assert trainer.global_step == 2
+        weights[accum_freq] = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    tolerance = dict(atol=1e4 * torch.finfo(torch.float64).eps, rtol=1e4 * torch.finfo(torch.float64).eps)
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[4][name], value, **tolerance, msg=name)
+    with pytest.raises(Exception, match="accum_freq"):
+        _tiny_clip(accum_freq=0)
+
+
 # --- token keeping -------------------------------------------------------------------------------
-@pytest.mark.parametrize("ratio,kept", [(0.0, 64), (0.5, 32), (0.75, 16), (0.9, 6)])
-def test_random_keep_exact_count(ratio, kept):
-    assert num_kept(64, ratio) == kept
-    index = random_keep_index(5, 64, kept, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("tokens,ratio,kept", [(64, 0.0, 64), (64, 0.5, 32), (64, 0.75, 16), (64, 0.9, 6),
+                                               (49, 0.5, 24), (10, 0.25, 7), (196, 0.75, 49), (4, 0.9, 1)])
+def test_random_keep_exact_count(tokens, ratio, kept):
+    # FLIP keeps int(N * (1 - ratio)): 49 * 0.5 = 24.5 -> 24 (rounding the dropped count kept 25), 7.5 -> 7.
+    assert num_kept(tokens, ratio) == kept
+    index = random_keep_index(5, tokens, kept, generator=torch.Generator().manual_seed(0))
     assert index.shape == (5, kept)
     for row in index:
-        assert row.unique().numel() == kept and bool((row.diff() > 0).all()) and int(row.max()) < 64
-    assert not torch.equal(index[0], index[1]) or kept == 64  # per-sample draws
+        assert row.unique().numel() == kept and bool((row.diff() > 0).all()) and int(row.max()) < tokens
+    assert not torch.equal(index[0], index[1]) or kept in (1, tokens)  # per-sample draws
 
 
 def test_attentive_keeps_highest_scored_tokens():
@@ -150,30 +239,125 @@ def test_cls_attention_scores_are_a_distribution_over_patches(vit):
     assert bool((scores > 0).all()) and bool((scores.sum(1) < 1).all())  # the rest goes to [CLS] itself
 
 
-def test_attentive_module_keeps_ema_top_tokens_and_ema_is_not_optimised():
+def _timm_attention_stack(vit, images) -> torch.Tensor:
+    """(layers, B, H, L, L) attention probabilities read from timm's own unfused attention path."""
+    stack, hooks = [], []
+    for block in vit.blocks:
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda m, i, o: stack.append(o.detach())))
+    try:
+        with torch.no_grad():
+            vit(images)
+    finally:
+        for block, hook in zip(vit.blocks, hooks):
+            hook.remove()
+            block.attn.fused_attn = True
+    return torch.stack(stack)
+
+
+def test_cls_attention_averages_heads_and_all_layers_like_a_clip():
+    from modules.components.backbones import create_backbone
+
+    torch.manual_seed(0)
+    vit = create_backbone("test_vit", num_classes=0, image_size=32, patch_size=4, depth=3).eval()
+    with torch.no_grad():
+        for block in vit.blocks:  # peaked attention (a random init's is nearly uniform, 1/65 everywhere)
+            block.attn.qkv.weight.mul_(6.0)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    stack = _timm_attention_stack(vit, images)  # (3, B, H, 65, 65)
+    # A-CLIP: mean over layers of the attention matrices, [CLS] row on the patches, mean over heads.
+    expected = stack.mean(0)[:, :, 0, 1:].mean(1)  # (B, 64)
+    tolerance = dict(atol=64 * torch.finfo(torch.float32).eps, rtol=0)  # softmax weights <= 1, length 65 sums
+    torch.testing.assert_close(vit_cls_attention(vit, images), expected, **tolerance)
+    last_only = stack[-1][:, :, 0, 1:].mean(1)
+    torch.testing.assert_close(vit_cls_attention(vit, images, num_layers=1), last_only, **tolerance)
+    assert (expected - last_only).abs().max() > 100 * tolerance["atol"]  # the layers really differ
+    with pytest.raises(ValueError):
+        vit_cls_attention(vit, images, num_layers=4)
+
+
+def test_token_scores_of_the_full_view_are_cropped_to_the_online_view():
+    scores = torch.arange(16.0).view(1, 16)  # a 4x4 grid, row-major
+    top_left = torch.tensor([[0.0, 0.0, 0.5, 0.5]])  # (top, left, height, width) of the full view
+    # The 2x2 output cells' centres fall on the centres of the full view's top-left 2x2 cells.
+    cropped = crop_to_boxes(scores.view(1, 1, 4, 4), top_left, (2, 2)).flatten(1)
+    assert cropped.tolist() == [[0.0, 1.0, 4.0, 5.0]]
+    bottom_right = crop_to_boxes(scores.view(1, 1, 4, 4), torch.tensor([[0.5, 0.5, 0.5, 0.5]]), (2, 2))
+    assert bottom_right.flatten().tolist() == [10.0, 11.0, 14.0, 15.0]
+    # Same grid size: the full box is the identity; the top-left quarter upsampled 2x puts cell (0, 0)'s value
+    # at output cell (0, 0) and halfway values between cells 0 and 1 (bilinear, cell centres).
+    torch.testing.assert_close(crop_token_scores(scores, (4, 4), torch.tensor([[0.0, 0.0, 1.0, 1.0]])), scores)
+    zoomed = crop_token_scores(scores, (4, 4), top_left).view(4, 4)  # centres -0.25, 0.25, 0.75, 1.25 in cells
+    assert zoomed[0, 0].item() == 0.0 and zoomed[0, 1].item() == pytest.approx(0.25)
+    assert zoomed[1, 1].item() == pytest.approx(0.25 + 4 * 0.25)
+    boxes = sample_crop_boxes(1000, (0.5, 1.0), generator=torch.Generator().manual_seed(0))
+    area = boxes[:, 2] * boxes[:, 3]
+    assert bool((boxes[:, :2] >= 0).all()) and bool((boxes[:, :2] + boxes[:, 2:] <= 1 + 1e-6).all())
+    assert 0.45 <= float(area.min()) and float(area.max()) <= 1.0 and float(area.mean()) > 0.6
+
+
+def _tiny_clip(**kwargs):
     from modules.clip import CLIPModule
 
     torch.manual_seed(0)
-    module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16,
-                        text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.75, masking="attentive")
+    defaults = dict(embed_dim=16, text_width=16, text_depth=1, text_heads=2, vocab_size=100)
+    return CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, **{**defaults, **kwargs})
+
+
+def test_attentive_module_scores_the_full_view_and_keeps_top_tokens_of_the_crop():
+    module = _tiny_clip(mask_ratio=0.75, masking="attentive")
     images = torch.randn(2, 3, 32, 32)
-    index = module.keep_index(images)
-    expected = vit_cls_attention(module.ema_image_encoder.module, images).topk(16, dim=1).indices.sort(1).values
+    torch.manual_seed(5)
+    view, index = module.masked_view(images)
+    torch.manual_seed(5)
+    boxes = sample_crop_boxes(2, (0.5, 1.0))
+    scores = vit_cls_attention(module.ema_image_encoder.module, images)  # all layers, on the full view
+    expected = crop_token_scores(scores, (8, 8), boxes).topk(16, dim=1).indices.sort(1).values
     assert torch.equal(index, expected)
+    torch.testing.assert_close(view, crop_to_boxes(images, boxes, (32, 32)))
+    assert not torch.allclose(view, images)
+    same_view = _tiny_clip(mask_ratio=0.75, masking="attentive", online_crop_scale=(1.0, 1.0), attention_layers=1)
+    view, index = same_view.masked_view(images)
+    assert view is images  # this project's earlier scorer: same view, last block
+    last_block = vit_cls_attention(same_view.ema_image_encoder.module, images, num_layers=1)
+    assert torch.equal(index, last_block.topk(16, dim=1).indices.sort(1).values)
     optimised = {id(p) for p in module.trainable_parameters()}
     assert not any(id(p) in optimised for p in module.ema_image_encoder.parameters())
     assert id(module.model.logit_scale.log_scale) in optimised
+    from modules.clip import CLIPModule
     with pytest.raises(Exception, match="ViT"):
         CLIPModule("test_resnet", 3, 32, mask_ratio=0.5, vocab_size=100, text_width=16, text_heads=2)
 
 
-def test_attentive_scorer_ema_warms_up_from_the_live_encoder():
-    from modules.clip import CLIPModule
+def test_ema_momentum_follows_a_cosine_from_0996_to_1():
+    from types import SimpleNamespace
 
-    torch.manual_seed(0)
-    module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16,
-                        text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.5, masking="attentive",
-                        ema_decay=0.999)
+    assert cosine_momentum(0, 1000) == pytest.approx(0.996, abs=1e-12)
+    assert cosine_momentum(500, 1000) == pytest.approx(0.998, abs=1e-12)
+    assert cosine_momentum(1000, 1000) == pytest.approx(1.0, abs=1e-12)
+    assert cosine_momentum(250, 1000) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi / 4)) / 2, abs=1e-12)
+    module = _tiny_clip(mask_ratio=0.5, masking="attentive")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=200, global_step=0, training=True)
+    assert module.ema_momentum() == pytest.approx(0.996)
+    module._trainer.global_step = 100
+    assert module.ema_momentum() == pytest.approx(0.998)
+    # The update uses it: after the last step the scorer no longer moves.
+    module._trainer.global_step = 200
+    live, ema = module.model.image_encoder, module.ema_image_encoder
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in live.parameters():
+            p.add_(1.0)
+    module.on_train_batch_end(None, None, 0)
+    for a, b in zip(ema.module.parameters(), before):
+        torch.testing.assert_close(a, b)
+    module._trainer.global_step = 100
+    module.on_train_batch_end(None, None, 0)  # momentum 0.998: 0.2% of the +1 shift
+    torch.testing.assert_close(next(ema.module.parameters()), before[0] + 0.002, atol=1e-6, rtol=0)
+
+
+def test_attentive_scorer_timm_warmup_is_an_option():
+    module = _tiny_clip(mask_ratio=0.5, masking="attentive", ema_decay=0.999, ema_warmup=True)
     live, ema = module.model.image_encoder, module.ema_image_encoder
     with torch.no_grad():
         for p in live.parameters():
@@ -189,8 +373,7 @@ def test_unmasked_tuning_sees_every_token_in_the_final_share_of_steps():
 
     from modules.clip import CLIPModule
 
-    module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16,
-                        text_depth=1, text_heads=2, vocab_size=100, mask_ratio=0.5, unmasked_tuning=0.25)
+    module = _tiny_clip(mask_ratio=0.5, unmasked_tuning=0.25)
     images = torch.randn(2, 3, 32, 32)
     module._trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=74, training=True)
     assert module.keep_index(images).shape == (2, 32)

@@ -3,7 +3,8 @@
 CLIP (Radford et al., 2021): symmetric cross-entropy over the batch similarity matrix of L2-normalised
 image and text embeddings, scaled by a learnable temperature (init 1/0.07, clamped at 100).
 FLIP (Li et al., 2023) drops a random share of image tokens; Attentive Mask CLIP (Yang et al., 2023)
-keeps the tokens an EMA image encoder scores as most relevant (its [CLS] attention).
+keeps the tokens an EMA image encoder scores as most relevant (its [CLS] attention over all layers,
+computed on a larger view and cropped to the online view).
 """
 
 from __future__ import annotations
@@ -91,10 +92,14 @@ def gather_features(
 
 # --- token keeping (FLIP / Attentive Mask CLIP) ---------------------------------------------------
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
-    """Tokens kept when dropping ``mask_ratio`` of ``num_tokens`` (rounded, at least one kept)."""
+    """Tokens kept when dropping ``mask_ratio`` of ``num_tokens``: ``int(N * (1 - ratio))`` as FLIP, at least one.
+
+    FLIP's (and MAE's) ``len_keep = int(L * (1 - mask_ratio))`` truncates, so it can keep one token fewer than
+    rounding the dropped count would (49 tokens at 0.5: 24 kept, not 25).
+    """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    return max(1, num_tokens - int(round(num_tokens * mask_ratio)))
+    return max(1, int(num_tokens * (1 - mask_ratio)))
 
 
 def random_keep_index(
@@ -134,22 +139,89 @@ def vit_encode(vit: nn.Module, images: torch.Tensor, keep_index: torch.Tensor | 
 
 
 @torch.no_grad()
-def vit_cls_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Relevance of each patch: the last block's [CLS] attention, averaged over heads.  # (B, N)
+def vit_cls_attention(vit: nn.Module, images: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+    """Relevance of each patch: [CLS]'s attention to it, averaged over heads and layers.  # (B, N)
 
-    Without a class token the mean patch query stands in for it.
+    Attentive Mask CLIP (Yang et al., 2023; microsoft/A-CLIP ``MaskVisionTransformer``) averages the
+    attention matrices of *all* blocks of the EMA encoder, takes the [CLS] row's weights on the patches
+    (softmax over every token, [CLS] included) and averages the heads. ``num_layers`` keeps only the last
+    that many blocks (1 = the last block only, this project's earlier scorer). Without a class token the
+    mean patch query stands in for it.
     """
-    x = vit.blocks[:-1](vit_tokens(vit, images))
-    block = vit.blocks[-1]
-    attn = block.attn
-    y = block.norm1(x)
-    batch, length, _ = y.shape
-    qkv = attn.qkv(y).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, H, L, hd)
+    depth = len(vit.blocks)
+    first = 0 if num_layers is None else depth - num_layers
+    if not 0 <= first < depth:
+        raise ValueError(f"num_layers must be in [1, {depth}], got {num_layers}")
     prefix = vit.num_prefix_tokens
-    query = q[:, :, :1] if prefix > 0 else q.mean(dim=2, keepdim=True)  # (B, H, 1, hd)
-    weights = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, L)
-    return weights.mean(dim=1)[:, 0, prefix:]  # (B, N)
+    x = vit_tokens(vit, images)  # (B, P+N, D)
+    total = None
+    for index, block in enumerate(vit.blocks):
+        if index >= first:
+            attn = block.attn
+            y = block.norm1(x)
+            batch, length, _ = y.shape
+            qkv = attn.qkv(y).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, H, L, hd)
+            query = q[:, :, :1] if prefix > 0 else q.mean(dim=2, keepdim=True)  # (B, H, 1, hd)
+            weights = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0, prefix:]  # (B, H, N)
+            total = weights if total is None else total + weights
+        if index < depth - 1:
+            x = block(x)
+    return (total / (depth - first)).mean(dim=1)  # (B, N)
+
+
+# --- Attentive Mask CLIP views: the EMA scores the full view, the online encoder sees a crop -------
+def sample_crop_boxes(
+    batch_size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    device=None, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random resized-crop boxes ``(top, left, height, width)`` as fractions of the full view.  # (B, 4)
+
+    The area share is uniform in ``scale`` and the log aspect ratio uniform in ``log(ratio)`` (as
+    torchvision's RandomResizedCrop); a side longer than the view is clipped to it instead of redrawn.
+    ``scale=(1, 1)`` with ``ratio=(1, 1)`` is the full view itself.
+    """
+    area = torch.empty(batch_size, device=device).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(batch_size, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()  # width / height
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    width = (area * aspect).sqrt().clamp(max=1.0)
+    top = torch.rand(batch_size, device=device, generator=generator) * (1 - height)
+    left = torch.rand(batch_size, device=device, generator=generator) * (1 - width)
+    return torch.stack([top, left, height, width], dim=1)
+
+
+def crop_to_boxes(maps: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear crop-and-resize of (B, C, H, W) ``maps`` to the (B, 4) fractional ``boxes``.  # (B, C, h, w)
+
+    Output cell centres sample the box (``align_corners=False``), so images and score maps cut with the same
+    boxes stay aligned cell for cell. A-CLIP does the same to its attention map in three steps (upsample to
+    the EMA crop's pixels, cut the online crop, resample to the patch grid).
+    """
+    out_h, out_w = size
+    rows = (torch.arange(out_h, device=maps.device, dtype=maps.dtype) + 0.5) / out_h  # (h,) in [0, 1]
+    cols = (torch.arange(out_w, device=maps.device, dtype=maps.dtype) + 0.5) / out_w
+    boxes = boxes.to(maps.dtype)
+    y = boxes[:, 0, None] + rows[None] * boxes[:, 2, None]  # (B, h) in full-view fractions
+    x = boxes[:, 1, None] + cols[None] * boxes[:, 3, None]  # (B, w)
+    grid = torch.stack([x[:, None, :].expand(-1, out_h, -1), y[:, :, None].expand(-1, -1, out_w)], dim=-1)
+    return F.grid_sample(maps, grid * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def crop_token_scores(scores: torch.Tensor, grid: tuple[int, int], boxes: torch.Tensor) -> torch.Tensor:
+    """Map (B, N) patch scores of the full view onto the same-size patch grid of the cropped views.  # (B, N)"""
+    maps = scores.view(scores.shape[0], 1, *grid)
+    return crop_to_boxes(maps, boxes, grid).flatten(1)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """EMA momentum rising from ``base`` to ``final`` on a half cosine over ``total_steps`` (A-CLIP, after BYOL/DINO).
+
+    ``final + (base - final) * (1 + cos(pi * step / total_steps)) / 2``: 0.996 at step 0, 0.998 half-way,
+    1 at the end.
+    """
+    progress = min(max(step, 0), total_steps) / max(1, total_steps)
+    return final + (base - final) * (1 + math.cos(math.pi * progress)) / 2
 
 
 # --- zero-shot and retrieval ---------------------------------------------------------------------
