@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
+import re
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.checkpoint import LatestCheckpoint
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from callbacks.checkpoint import AtomicCheckpointIO, LatestCheckpoint, resolve_resume_path
 from callbacks.slurm import SLURMRequeue
 
-from modules.components.errors import VisionlabError
+from modules.components.errors import ConfigError, VisionlabError
 
 
 class VisionlabCLI(LightningCLI):
@@ -20,8 +28,24 @@ class VisionlabCLI(LightningCLI):
 
     Every technique module takes ``num_classes`` and ``image_size``; both come from the DataModule, so a
     config never states them twice. Checkpoints go to ``<trainer.default_root_dir>/checkpoints`` with a
-    ``last.ckpt``, so ``fit --ckpt_path last`` resumes a run.
+    ``last.ckpt`` rewritten every 10 minutes of training and at every epoch end, so ``fit --ckpt_path last``
+    resumes a run (mid-epoch, at the saved step) after a crash; ``--ckpt_path last-valid`` resumes from the
+    newest readable checkpoint when ``last.ckpt`` itself is damaged. Checkpoints are written atomically
+    (:class:`AtomicCheckpointIO`) unless the config names another CheckpointIO plugin.
     """
+
+    def init_parser(self, **kwargs):
+        # Parse errors become ConfigError (one line, see parse_arguments), and a misspelt option is an error,
+        # not silently expanded to the option it abbreviates (argparse's allow_abbrev).
+        kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(_parse_error_line(str(err))) from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
@@ -29,6 +53,7 @@ class VisionlabCLI(LightningCLI):
             "checkpoint.monitor": "val/acc1",
             "checkpoint.mode": "max",
             "checkpoint.save_last": True,
+            "checkpoint.last_train_time_interval": "0:10:00",
             "checkpoint.filename": "epoch{epoch:03d}-step{step}",
             "checkpoint.auto_insert_metric_name": False,
         })
@@ -39,7 +64,25 @@ class VisionlabCLI(LightningCLI):
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = config["trainer"].get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+    def _check_ckpt_path(self) -> None:
+        """``--ckpt_path`` read before the run: a missing or damaged file is one line, not a traceback."""
+        config = self.config_init[self.subcommand]
+        checkpoint = self.trainer.checkpoint_callback
+        folder = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else Path(".")
+        config["ckpt_path"] = resolve_resume_path(config.get("ckpt_path"), folder)
+
+    before_validate = before_test = before_predict = _check_ckpt_path
+
     def before_fit(self) -> None:
+        self._check_ckpt_path()
         # Pre-emption under SLURM: checkpoint + requeue at a synchronised point (see callbacks/slurm.py).
         if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(SLURMRequeue())
@@ -55,6 +98,48 @@ class VisionlabCLI(LightningCLI):
                 print(f"visionlab: last checkpoint {checkpoint.last_model_path}")
             if self.trainer.logger is not None and self.trainer.logger.log_dir:
                 print(f"visionlab: TensorBoard logs in {self.trainer.logger.log_dir}")
+
+
+def _parameters(cls: type) -> list[str]:
+    """Constructor argument names of ``cls`` and its bases (``**kwargs`` passed on to a base class)."""
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if klass is not object and init is not None:
+            names += [n for n, p in inspect.signature(init).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names
+
+
+_GROUPS = {"trainer": pl.Trainer, "checkpoint": LatestCheckpoint}
+_TOP_LEVEL = ["trainer", "model", "data", "checkpoint", "optimizer", "lr_scheduler", "seed_everything", "ckpt_path",
+              "config", "print_config"]
+
+
+def _parse_error_line(message: str) -> str:
+    """jsonargparse's (multi-line) error as one line; an unknown key gets the nearest valid one suggested."""
+    group = option = None
+    candidates: list[str] = []
+    if found := re.search(r"(?:Group '([\w.]+)'|Subcommand '\w+') does not accept option '([\w.]+)'", message):
+        group, _, option = ".".join(k for k in found.groups() if k).rpartition(".")
+        cls = _GROUPS.get(group)
+        candidates = _parameters(cls) if cls else _TOP_LEVEL if not group else []
+    elif found := re.search(r'Parser key "([\w.]+)".*?class_path \'([\w.]+)\'.*?Option \'(\w+)\' is not accepted',
+                            message, re.S):
+        key, class_path, option = found.groups()
+        group = f"{key}.init_args"
+        module, _, name = class_path.rpartition(".")
+        candidates = _parameters(getattr(importlib.import_module(module), name))
+    elif found := re.search(r"unrecognized arguments: --([\w.]+)", message):
+        group, _, option = found.group(1).rpartition(".")
+        cls = _GROUPS.get(group)
+        candidates = _parameters(cls) if cls else _TOP_LEVEL if not group else []
+    if option is None:
+        return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    key = f"{group}.{option}" if group else option
+    close = difflib.get_close_matches(option, candidates, n=1, cutoff=0.6)
+    hint = f" (did you mean {group + '.' if group else ''}{close[0]}?)" if close else ""
+    return f"unknown key {key}{hint}: see visionlab fit --help for the valid keys"
 
 
 def _user_error(err: BaseException) -> VisionlabError | None:
@@ -73,6 +158,7 @@ TOOLS = {
     "soup": ("callbacks.soups", "average checkpoints into a uniform or greedy model soup"),
     "store-logits": ("app.store_logits", "store a teacher's sparse top-k logits over K augmented epochs (KD)"),
     "sample": ("app.sample", "write N class-conditional samples per class of a diffusion checkpoint to PNG"),
+    "prepare-data": ("app.prepare_data", "write a data config's train/val .beton files and manifest before training"),
 }
 
 

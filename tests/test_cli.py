@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -29,6 +31,9 @@ def test_links_put_data_classes_and_size_into_model(tmp_path, beton_cache):
     # The checkpoint callback is configured from YAML and writes under default_root_dir.
     checkpoint = cli.trainer.checkpoint_callback
     assert checkpoint.monitor == "val/acc1" and checkpoint.dirpath == str(tmp_path / "checkpoints")
+    # last.ckpt also on a timer inside epochs (bounded loss on a crash); written atomically.
+    assert checkpoint.last_train_time_interval == timedelta(minutes=10) and checkpoint.write_last
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
 
 
 def test_configs_compose_later_files_win(tmp_path, beton_cache):
