@@ -119,7 +119,8 @@ def train_diffusion(root: Path, name: str, classes: list[int], images: int, epoc
 def ddpm_distance(model: DiffusionModule, datamodule: FFCVDataModule, args) -> float:
     """Frechet distance of DDPM samples (all T steps, the model's variance) to the validation images."""
     model.eval()
-    for images, _ in datamodule.val_dataloader():
+    for batch in datamodule.val_dataloader():
+        images, _ = datamodule.on_after_batch_transfer(batch, 0)  # uint8 -> normalised [-1, 1]
         model.frechet.update(images.to(model.device), real=True)
     labels = torch.arange(model.num_classes).repeat_interleave(args.samples // model.num_classes)
     samples = model.sample(labels, generator=torch.Generator().manual_seed(0), ddpm=True)

@@ -237,6 +237,10 @@ def test_cli_fit_with_feature_classifier_then_sample_tool(run_cli, tmp_path, bet
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert pngs == [f"{c}/{c}_{i:05d}.png" for c in range(10) for i in range(2)]
     assert not list(out.rglob(".*tmp*"))
+    ddpm_out = tmp_path / "ddpm"  # ancestral sampling over all T steps with the learned variance
+    cli_main(["sample", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--per-class", "1", "--ddpm",
+              "--out", str(ddpm_out)])
+    assert len(list(ddpm_out.rglob("*.png"))) == 10
     with pytest.raises(SystemExit):
         cli_main(["sample", "--checkpoint", str(classifier), "--out", str(out)])
 
@@ -527,6 +531,19 @@ def test_difffit_per_channel_scales_in_the_first_half_and_the_trainable_set(tmp_
         out = block(x, cond)
         assert torch.allclose(out[..., :16], x[..., :16], atol=1e-6)
         assert torch.allclose(out[..., 16:], (x + 2 * attn)[..., 16:], atol=1e-5)
+
+
+def test_init_checkpoint_of_another_denoiser_is_refused(tmp_path):
+    path = tmp_path / "dimr.ckpt"
+    torch.save({"state_dict": build("dimr").state_dict()}, path)
+    with pytest.raises(ConfigError, match="model.denoiser"):
+        build(finetune=DiffFit(), init_checkpoint=str(path))
+    torch.save({"state_dict": build(denoiser_kwargs={**TINY, "learn_sigma": False}).state_dict()}, path)
+    with pytest.raises(ConfigError, match="model.denoiser"):  # learned vs fixed variance: another output layer
+        build(init_checkpoint=str(path))
+    torch.save({"state_dict": {"backbone.fc.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ConfigError, match="not a diffusion checkpoint"):
+        build(finetune=DiffFit(), init_checkpoint=str(path))
 
 
 def test_difffit_trainable_fraction_of_the_dit_xl2_shape():
