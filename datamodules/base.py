@@ -8,8 +8,10 @@ from typing import Sequence
 import lightning.pytorch as pl
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
 
 from datamodules import sources
+from datamodules.augment import DeviceAugment
 from modules.components.errors import ConfigError
 
 EMBEDDED = "fashion_mnist"
@@ -18,8 +20,9 @@ EMBEDDED = "fashion_mnist"
 class ImageDataModule(pl.LightningDataModule):
     """Labelled images from the embedded Fashion-MNIST or any ImageFolder tree.
 
-    Batches leave the loader as uint8 ``(B, 3, H, W)`` and are normalised on the device in
-    ``on_after_batch_transfer``, so both loader back-ends produce identical tensors downstream.
+    Batches leave the loader as uint8 ``(B, 3, H, W)``; ``on_after_batch_transfer`` augments training batches
+    on the device (``batch_augment``, ``normalized_augment``) and normalises, so both loader back-ends and
+    every technique get the same recipes.
 
     Args:
         source: ``fashion_mnist`` (the embedded default) or the path of an ImageFolder tree.
@@ -38,6 +41,15 @@ class ImageDataModule(pl.LightningDataModule):
         mean: normalisation mean (0..1 scale).
         std: normalisation std (0..1 scale).
         fashion_mnist_dir: where Debian's ``dataset-fashion-mnist`` put the IDX files.
+        class_index: synset -> index map fixing every class folder's label (see ``datamodules/imagenet.py``).
+        val_labels: labels file of a flat ``val/`` folder (ILSVRC ground truth, ``file label`` lines or CSV).
+        class_names_file: synset -> human name; the names are ``class_names`` (prompts, captions).
+        batch_augment: kornia modules on the training batch as 0..1 floats before normalisation, e.g.
+            ``datamodules.augment.RandAugment``, ``kornia.augmentation.ColorJitter``; parameters per sample.
+        normalized_augment: modules on the normalised training batch, e.g.
+            ``datamodules.augment.NormalizedRandomErasing``.
+        augment_seed: seed of the device augmentation (default ``seed``); draws depend on (seed, rank, epoch,
+            step) only, so a rerun repeats them whatever the model consumes from the global RNG.
     """
 
     def __init__(
@@ -58,9 +70,15 @@ class ImageDataModule(pl.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         fashion_mnist_dir: str = sources.FASHION_MNIST_DIR,
+        class_index: str | None = None,
+        val_labels: str | None = None,
+        class_names_file: str | None = None,
+        batch_augment: list[nn.Module] | None = None,
+        normalized_augment: list[nn.Module] | None = None,
+        augment_seed: int | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["batch_augment", "normalized_augment"])
         self.source = source
         self.image_size = image_size
         self.batch_size = batch_size
@@ -69,7 +87,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self._sources: dict[str, object] = {}
         self.class_names = self._class_names()
-        self.register_buffer_like_stats(mean, std)
+        self.set_normalization(mean, std)
+        self.augment = DeviceAugment(batch_augment or [], normalized_augment or [],
+                                     seed if augment_seed is None else augment_seed)
 
     # --- sources ---------------------------------------------------------------------------------
     @property
@@ -80,13 +100,14 @@ class ImageDataModule(pl.LightningDataModule):
         if self.is_embedded:
             names = sources.FASHION_MNIST_CLASSES
         else:
-            root = Path(self.source).expanduser()
-            if not root.is_dir():
-                raise ConfigError(f"data path {root} does not exist or is not a folder: set data.source to an ImageFolder tree or '{EMBEDDED}'")
-            base = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() else root
-            names = [d.name for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-            if not names:
-                raise ConfigError(f"no class sub-folders in {base}: an ImageFolder tree needs one folder of images per class")
+            if not Path(self.source).expanduser().is_dir():
+                raise ConfigError(f"data path {self.source} does not exist or is not a folder: set data.source to an ImageFolder tree or '{EMBEDDED}'")
+            names = sources.folder_classes(self.source, self.hparams.class_index)
+        if self.hparams.class_names_file:
+            from datamodules.imagenet import read_class_names
+
+            readable = read_class_names(self.hparams.class_names_file)
+            names = [readable.get(name, name) for name in names]
         if self.classes:
             bad = [c for c in self.classes if not 0 <= c < len(names)]
             if bad:
@@ -105,13 +126,14 @@ class ImageDataModule(pl.LightningDataModule):
             if self.is_embedded:
                 raw = sources.fashion_mnist(split, hp.fashion_mnist_dir)
             else:
-                raw = sources.image_folder(self.source, split, hp.val_fraction, self.seed)
+                raw = sources.image_folder(self.source, split, hp.val_fraction, self.seed, hp.class_index, hp.val_labels)
             limit = hp.train_limit if split == "train" else hp.val_limit
             self._sources[split] = sources.restrict(raw, self.classes, limit, self.seed, split)
         return self._sources[split]
 
     # --- batches ---------------------------------------------------------------------------------
-    def register_buffer_like_stats(self, mean, std) -> None:
+    def set_normalization(self, mean, std) -> None:
+        """Store mean/std on the 0..255 scale (plain tensors: a DataModule has no buffers; moved per batch)."""
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
 
@@ -125,11 +147,18 @@ class ImageDataModule(pl.LightningDataModule):
         mean, std = self._mean.to(images.device), self._std.to(images.device)
         return ((images * std + mean) / 255).clamp(0, 1)
 
+    def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        """A transferred uint8 batch -> (augmented when training) normalised float; floats pass through."""
+        if images.dtype != torch.uint8:
+            return images
+        trainer = self.trainer
+        if self.augment and trainer is not None and trainer.training:
+            return self.augment(images, self.normalize, rank=trainer.global_rank, epoch=trainer.current_epoch)
+        return self.normalize(images)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch[0], batch[1]
-        if images.dtype == torch.uint8:
-            images = self.normalize(images)
-        return [images, labels.long().view(-1), *batch[2:]]
+        return [self.prepare_images(images), labels.long().view(-1), *batch[2:]]
 
     def test_dataloader(self):
         return self.val_dataloader()

@@ -2,16 +2,64 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from modules.components.errors import DataError
+from modules.components.errors import ConfigError, DataError
 from modules.components.files import write_atomic
 
+WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 
-def check_beton(path: Path, expected_samples: int | None = None) -> None:
-    """Raise ``DataError`` when ``path`` is not a complete, readable ``.beton`` file."""
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """How images are stored (FFCV's ``RGBImageField`` arguments).
+
+    Args:
+        write_mode: ``raw`` (pixels), ``jpg`` (all JPEG), ``smart`` (JPEG only above a size threshold; with
+            FFCV's default threshold: all raw) or ``proportion`` (each image JPEG with ``compress_probability``).
+        max_resolution: longest side stored (``None`` keeps the source size).
+        jpeg_quality: JPEG quality when compressing.
+        compress_probability: share of images JPEG-compressed in ``proportion`` mode.
+    """
+
+    write_mode: str = "raw"
+    max_resolution: int | None = None
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+
+    def __post_init__(self):
+        if self.write_mode not in WRITE_MODES:
+            raise ConfigError(f"data.write_mode '{self.write_mode}' is not one of {', '.join(WRITE_MODES)}")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise ConfigError(f"data.compress_probability {self.compress_probability} must be within [0, 1]")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"data.jpeg_quality {self.jpeg_quality} must be within 1..100")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_writers() -> int:
+    """Writer processes: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def beton_checksum(reader) -> str:
+    """SHA-256 of a ``.beton``'s header, field descriptors, per-sample table and allocation table."""
+    digest = hashlib.sha256()
+    for part in (reader.header, reader.field_descriptors, reader.metadata, reader.alloc_table):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
+
+
+def check_beton(path: Path, expected_samples: int | None = None, expected_checksum: str | None = None) -> str:
+    """Raise ``DataError`` when ``path`` is not a complete, readable ``.beton`` file; return its checksum."""
     from ffcv.reader import Reader
 
     fix = f"delete {path} and run again to rebuild it from the source"
@@ -28,13 +76,17 @@ def check_beton(path: Path, expected_samples: int | None = None) -> None:
         raise DataError(f"{path} is truncated ({size} bytes, data runs to {end}): {fix}")
     if expected_samples is not None and int(reader.num_samples) != expected_samples:
         raise DataError(f"{path} holds {int(reader.num_samples)} samples, the source has {expected_samples}: {fix}")
+    checksum = beton_checksum(reader)
+    if expected_checksum is not None and checksum != expected_checksum:
+        raise DataError(f"{path} does not match its manifest (checksum of header and sample tables differs): {fix}")
+    return checksum
 
 
 class _GuardedDataset:
     """Indexed dataset view for FFCV's writer processes.
 
     FFCV's writer waits forever when a worker process dies, so a sample that fails to load is replaced by
-    a 1x1 placeholder and its error is recorded in ``error_file``; the caller then fails the whole write.
+    a 1x1 placeholder and its error is recorded in ``error_file`` as ``index<TAB>message``.
     """
 
     def __init__(self, source, error_file: Path):
@@ -49,33 +101,66 @@ class _GuardedDataset:
             return image, int(label)
         except Exception as err:  # noqa: BLE001 - reported after the write
             with open(self.error_file, "a") as f:
-                f.write(f"sample {index}: {err}".replace("\n", " ") + "\n")
+                f.write(f"{index}\t{err}".replace("\n", " ") + "\n")
             return np.zeros((1, 1, 3), np.uint8), 0
 
 
-def write_beton(source, path: Path, write_mode: str = "raw", max_resolution: int | None = None,
-                jpeg_quality: int = 90, num_workers: int = 2) -> Path:
-    """Write an image source (``(HWC uint8, label)`` items) to ``path`` as image + label fields, atomically."""
+def estimate_seconds(source, writers: int, probe: int = 16) -> float:
+    """Seconds to write ``source`` with ``writers`` processes, from decoding ``probe`` images here."""
+    count = min(probe, len(source))
+    if count == 0:
+        return 0.0
+    picks = np.linspace(0, len(source) - 1, count).astype(int)
+    start = time.perf_counter()
+    for index in picks:
+        try:
+            source[int(index)]
+        except Exception:  # noqa: BLE001 - the write reports unreadable files
+            pass
+    return (time.perf_counter() - start) / count * len(source) / max(1, writers)
+
+
+def write_beton(source, path: Path, settings: WriteSettings = WriteSettings(), num_workers: int | None = None,
+                skip_unreadable: bool = False) -> tuple[Path, list[str]]:
+    """Write an image source (``(HWC uint8, label)`` items) to ``path`` as image + label fields, atomically.
+
+    An unreadable image fails the write with a ``DataError`` naming it, or with ``skip_unreadable`` the file is
+    rewritten without such images. Returns the path and the messages of the skipped images.
+    """
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
+    skipped: list[str] = []
+
     def _write(tmp: Path) -> None:
-        errors = tmp.with_suffix(".errors")
+        errors = tmp.with_name(tmp.name + ".errors")
+
+        def write(indices=None) -> None:
+            fields = {
+                "image": RGBImageField(write_mode=settings.write_mode, max_resolution=settings.max_resolution,
+                                       jpeg_quality=settings.jpeg_quality,
+                                       compress_probability=settings.compress_probability),
+                "label": IntField(),
+            }
+            writer = DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers or default_writers()))
+            writer.from_indexed_dataset(_GuardedDataset(source, errors), indices=indices)
+
         try:
-            writer = DatasetWriter(
-                str(tmp),
-                {
-                    "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality),
-                    "label": IntField(),
-                },
-                num_workers=max(1, num_workers),
-            )
-            writer.from_indexed_dataset(_GuardedDataset(source, errors))
+            write()
             if errors.exists():
-                lines = errors.read_text().splitlines()
-                raise DataError(f"{len(lines)} sample(s) could not be read, first: {lines[0]}")
+                bad = dict(line.split("\t", 1) for line in errors.read_text().splitlines())
+                if not skip_unreadable:
+                    first = next(iter(bad.items()))
+                    raise DataError(f"{len(bad)} image(s) could not be read, first: sample {first[0]}: {first[1]} "
+                                    "(set data.skip_unreadable true to leave them out)")
+                keep = sorted(set(range(len(source))) - {int(i) for i in bad})
+                if not keep:
+                    raise DataError(f"none of the {len(source)} images could be read, first: {next(iter(bad.values()))}")
+                skipped.extend(bad[i] for i in sorted(bad, key=int))
+                errors.unlink()
+                write(keep)
         finally:
             errors.unlink(missing_ok=True)
-        check_beton(tmp, len(source))
+        check_beton(tmp, len(source) - len(skipped))
 
-    return write_atomic(path, _write)
+    return write_atomic(path, _write), skipped

@@ -193,9 +193,7 @@ class _FolderCaptions:
             self.caption_table(split)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = batch[0], batch[1].long().view(-1)
-        if images.dtype == torch.uint8:
-            images = self.normalize(images)
+        images, labels = self.prepare_images(batch[0]), batch[1].long().view(-1)
         train = self._training()
         table = self.caption_table("train" if train else "val")
         # The table stays in host memory: only the batch's (B, L) rows travel to the device.

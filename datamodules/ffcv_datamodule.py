@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from datamodules.base import ImageDataModule
-from datamodules.beton import check_beton, write_beton
+from datamodules.beton import WriteSettings
+from datamodules.prepared import MANIFEST, SPLITS, check_prepared, complete_manifest, read_manifest, write_prepared
 from modules.components.errors import ConfigError
 
 
@@ -64,19 +65,34 @@ def index_decoder():
 class FFCVDataModule(ImageDataModule):
     """Labelled images through FFCV: random-resized-crop + flip for train, centre crop for val.
 
-    The ``.beton`` files live in ``cache_dir/<fingerprint>/{train,val}.beton`` where the fingerprint
-    covers the source files, split, subsets and write settings, so changing any of them writes new files
-    and a finished file is never rewritten. Under DDP the loader shards with ``distributed=True``.
+    The ``.beton`` files come from a prepared folder (``prepared``, written by ``visionlab prepare-data``) or
+    are written once into ``cache_dir/<name>-<key>/`` where the key covers the source path, the data
+    selection and the write settings. Either folder holds a ``manifest.json`` (see ``datamodules/prepared.py``);
+    once it exists a run trusts it without listing the source tree, so a restart costs O(1) file-system calls
+    and, with ``prepared``, needs no source at all. After changing files in a source tree, set
+    ``verify_source`` (re-lists it and rewrites on a change) or prepare again. Under DDP the loader shards with
+    ``distributed=True``; the cache is written by one process per shared file system (``cache_shared``).
 
     Args:
-        cache_dir: folder for ``.beton`` files.
-        write_mode: FFCV image storage, ``raw`` (fastest), ``jpg`` (smallest) or ``smart``.
-        max_resolution: longest side stored (``None`` keeps the source size).
+        cache_dir: folder for ``.beton`` files written by ``fit``.
+        prepared: a folder written by ``visionlab prepare-data``; ``source`` is then not read.
+        write_mode: FFCV image storage ``raw``, ``jpg``, ``smart`` or ``proportion``; ``None`` picks ``raw`` for
+            the embedded Fashion-MNIST (28 px: 2.4 KB/image) and, for image folders, the ffcv-imagenet recipe
+            (``proportion``, half the images JPEG at quality 90, at most 500 px), as raw ImageNet is ~hundreds of GB.
+        max_resolution: longest side stored (``None``: the source size; 500 with ``write_mode: null`` on folders).
         jpeg_quality: JPEG quality when compressing.
+        compress_probability: share of JPEG images in ``proportion`` mode.
+        write_workers: writer processes (default: the cores available).
+        skip_unreadable: leave unreadable images out of the files (counted in the manifest) instead of failing.
+        verify_source: re-list the source on each run and rewrite the cache when it changed.
+        cache_shared: ``cache_dir`` is on a file system every node sees, so only global rank 0 writes it
+            (Lightning's ``prepare_data_per_node = False``); set false for a node-local cache.
         os_cache: memory-map the whole file through the OS cache (best when it fits in RAM).
         order: training sample order: ``random``, ``quasi_random`` (single-process only, for data larger than
             RAM) or ``sequential`` (deterministic; under DDP rank r takes samples r, r+world, ... so the global
             batch equals the single-process one).
+        repeated_augmentation: each training image appears this many times per epoch (DeiT's repeated
+            augmentation), the copies spread over consecutive ranks; 1 disables. Epoch length is unchanged.
         batches_ahead: batches prepared ahead by the loader.
         **kwargs: the shared ``ImageDataModule`` arguments (source, image_size, batch_size...).
     """
@@ -84,45 +100,108 @@ class FFCVDataModule(ImageDataModule):
     def __init__(
         self,
         cache_dir: str = "~/.cache/visionlab/beton",
-        write_mode: str = "raw",
+        prepared: str | None = None,
+        write_mode: str | None = None,
         max_resolution: int | None = None,
         jpeg_quality: int = 90,
+        compress_probability: float = 0.5,
+        write_workers: int | None = None,
+        skip_unreadable: bool = False,
+        verify_source: bool = False,
+        cache_shared: bool = True,
         os_cache: bool = True,
         order: str = "random",
+        repeated_augmentation: int = 1,
         batches_ahead: int = 3,
         **kwargs,
     ):
+        self.prepared = Path(prepared).expanduser() if prepared else None
+        self._manifest = read_manifest(self.prepared) if self.prepared else None
         super().__init__(**kwargs)
-        if write_mode not in {"raw", "jpg", "smart"}:
-            raise ConfigError(f"data.write_mode '{write_mode}' is not one of raw, jpg, smart")
         if order not in {"random", "quasi_random", "sequential"}:
             raise ConfigError(f"data.order '{order}' is not one of random, quasi_random, sequential")
+        if repeated_augmentation < 1:
+            raise ConfigError(f"data.repeated_augmentation {repeated_augmentation} must be at least 1")
+        if write_mode is None and not self.is_embedded:
+            write_mode, max_resolution = "proportion", max_resolution or 500
+        self.settings = WriteSettings(write_mode or "raw", max_resolution, jpeg_quality, compress_probability)
+        self.write_mode, self.max_resolution, self.jpeg_quality = self.settings.write_mode, max_resolution, jpeg_quality
         self.cache_dir = Path(cache_dir).expanduser()
-        self.write_mode, self.max_resolution, self.jpeg_quality = write_mode, max_resolution, jpeg_quality
+        self.write_workers, self.skip_unreadable, self.verify_source = write_workers, skip_unreadable, verify_source
+        self.prepare_data_per_node = not cache_shared
         self.os_cache, self.order, self.batches_ahead = os_cache, order, batches_ahead
+        self.repeated_augmentation = repeated_augmentation
+
+    # --- prepared files --------------------------------------------------------------------------
+    def selection(self) -> dict:
+        """What decides the samples and labels (recorded in the manifest)."""
+        hp = self.hparams
+        return {"source": str(self.source if self.is_embedded else Path(self.source).expanduser().resolve()),
+                "classes": self.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
+                "val_fraction": hp.val_fraction, "seed": self.seed, "class_index": hp.class_index,
+                "val_labels": hp.val_labels, "skip_unreadable": self.skip_unreadable}
+
+    def _class_names(self) -> list[str]:
+        if self._manifest is None:
+            return super()._class_names()
+        recorded, splits = self._manifest["selection"], self._manifest["splits"]
+        for key in ("classes", "train_limit", "val_limit"):
+            mine = list(self.classes or []) if key == "classes" else self.hparams[key]
+            theirs = list(recorded[key] or []) if key == "classes" else recorded[key]
+            if key != "classes" and mine is not None and mine >= splits[key[:-6]]["samples"]:
+                continue  # a limit above the prepared count keeps everything either way
+            if mine not in (None, [], theirs):
+                raise ConfigError(f"data.{key} is {mine} but {self.prepared} was prepared with {theirs}: "
+                                  "prepare again with this setting or drop it from the config")
+        return list(self._manifest["class_names"])
+
+    def folder(self) -> Path:
+        """The folder of this data's ``.beton`` files and manifest."""
+        if self.prepared is not None:
+            return self.prepared
+        key = json.dumps([self.selection(), self.settings.as_dict()], sort_keys=True)
+        name = "embedded" if self.is_embedded else Path(self.source).name
+        return self.cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
     def beton_path(self, split: str) -> Path:
-        prints = [self.get_source(s).fingerprint for s in ("train", "val")]
-        key = json.dumps([prints, self.write_mode, self.max_resolution, self.jpeg_quality])
-        name = "embedded" if self.is_embedded else Path(self.source).name
-        return self.cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}" / f"{split}.beton"
+        return self.folder() / f"{split}.beton"
+
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.folder())
+        return self._manifest
+
+    def write_prepared(self, folder: Path | None = None) -> dict:
+        """Write both splits and the manifest into ``folder`` (default: the cache folder), listing the source."""
+        if self.prepared is not None:
+            raise ConfigError(f"data.prepared is set ({self.prepared}): the files are read from there, not written")
+        folder = Path(folder) if folder is not None else self.folder()
+        names = [str(n) for n in self.class_names]
+        description = {"selection": self.selection(), "source_fingerprint": {s: self.get_source(s).fingerprint for s in SPLITS}}
+        self._manifest = write_prepared(folder, {s: self.get_source(s) for s in SPLITS}, names, self.settings,
+                                        description, self.write_workers, self.skip_unreadable)
+        return self._manifest
 
     def prepare_data(self) -> None:
         _require_ffcv()
-        for split in ("train", "val"):
-            path, source = self.beton_path(split), self.get_source(split)
-            if path.exists():
-                check_beton(path, len(source))
-                continue
-            write_beton(source, path, self.write_mode, self.max_resolution, self.jpeg_quality, self.num_workers)
+        if self.prepared is not None:
+            return check_prepared(self.prepared, self.manifest())
+        folder = self.folder()
+        manifest = complete_manifest(folder)
+        if manifest is not None and self.verify_source:
+            current = {s: self.get_source(s).fingerprint for s in SPLITS}
+            manifest = manifest if manifest["source_fingerprint"] == current else None
+        if manifest is None:
+            self.write_prepared(folder)
 
     def setup(self, stage: str) -> None:
         _require_ffcv()
-        for split in ("train", "val"):
-            path = self.beton_path(split)
-            if not path.exists():
-                raise ConfigError(f"{path} is missing: call prepare_data() first (the Trainer does)")
-            check_beton(path, len(self.get_source(split)))
+        folder = self.folder()
+        if not (folder / MANIFEST).is_file():
+            raise ConfigError(f"{folder / MANIFEST} is missing: call prepare_data() first (the Trainer does); "
+                              "with a cache_dir local to each node set data.cache_shared false")
+        self._manifest = None
+        check_prepared(folder, self.manifest())
 
     def _distributed(self) -> bool:
         trainer = self.trainer
@@ -148,7 +227,14 @@ class FFCVDataModule(ImageDataModule):
         from ffcv.loader import Loader, OrderOption
 
         order = OrderOption.SEQUENTIAL
-        if train and self.order == "random":
+        distributed = self._distributed()
+        if train and self.repeated_augmentation > 1:
+            from datamodules.repeated import repeated_traversal
+
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if distributed else (0, 1)
+            order, distributed = repeated_traversal(self.repeated_augmentation, rank, world), False  # sharded by the order
+        elif train and self.order == "random":
             order = OrderOption.RANDOM
         elif train and self.order == "quasi_random":
             order = OrderOption.RANDOM if self._distributed() else OrderOption.QUASI_RANDOM
@@ -158,7 +244,7 @@ class FFCVDataModule(ImageDataModule):
             num_workers=self.num_workers,
             os_cache=self.os_cache,
             order=order,
-            distributed=self._distributed(),
+            distributed=distributed,
             seed=self.seed,
             indices=indices,
             pipelines=self.pipelines(split, train),
@@ -171,3 +257,7 @@ class FFCVDataModule(ImageDataModule):
 
     def val_dataloader(self):
         return self.make_loader("val", train=False)
+
+    def eval_dataloader(self, split: str):
+        """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
+        return self.make_loader(split, train=False)

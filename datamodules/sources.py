@@ -2,7 +2,8 @@
 
 A source is an indexable sequence of ``(uint8 HWC RGB numpy image, int label)`` with ``classes``.
 Splits are deterministic: Fashion-MNIST uses its own train/test files; an ImageFolder uses
-``train/`` and ``val/`` subfolders when present, else a seeded per-class split.
+``train/`` and ``val/`` subfolders when present, else a seeded per-class split. ImageNet's layouts
+(a flat ``val/`` folder plus a labels file, a synset -> index map) are read by ``datamodules.imagenet``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ class ArraySource:
         return np.ascontiguousarray(image), int(self.labels[index])
 
 
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16/32-bit grey scaled (not clipped), alpha composited on ``background``.
+
+    PIL's own ``convert("RGB")`` clips 16-bit grey (``I;16``/``I``) at 255, which turns most of such a PNG
+    white, and drops alpha, which shows whatever colour transparent pixels happen to hold (often black).
+    CMYK (including Adobe's inverted JPEGs, which PIL's decoder un-inverts), palette, bilevel and YCbCr
+    images go through ``convert``.
+    """
+    if image.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I"}:
+        pixels = np.asarray(image, dtype=np.int64)
+        peak = 65535 if image.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255
+        grey = np.clip(np.round(pixels * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in {"RGBA", "LA", "PA", "La", "RGBa"}:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class FileSource:
     """Image files on disk with labels, decoded to RGB with PIL on access."""
 
@@ -68,7 +91,7 @@ class FileSource:
     def load_pil(self, index: int) -> Image.Image:
         try:
             with Image.open(self.files[index]) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         except Exception as err:
             raise DataError(f"cannot decode image {self.files[index]} ({err}): remove or replace the file") from err
 
@@ -121,43 +144,86 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def has_split_layout(root: Path) -> bool:
+    """``root/train`` + ``root/val`` (val as class folders, or flat with a labels file)."""
+    return (root / "train").is_dir() and (root / "val").is_dir()
+
+
+def folder_classes(root: str | Path, class_index: str | None = None) -> list[str]:
+    """Class folder names in label order: the class-index map's order if given, else sorted folder names."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data path {root} does not exist or is not a folder: set data.source to an ImageFolder tree")
+    base = root / "train" if has_split_layout(root) else root
+    folders = [d.name for d in _class_dirs(base)]
+    if class_index is None:
+        if not folders:
+            raise ConfigError(f"no class sub-folders in {base}: an ImageFolder tree needs one folder of images per class")
+        return folders
+    from datamodules.imagenet import read_class_index
+
+    classes = read_class_index(class_index)
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise ConfigError(f"class folders {unknown[:5]} of {base} are not in the class-index map {class_index}")
+    return classes
+
+
 def _scan(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     files, labels = [], []
     for label, name in enumerate(classes):
+        if not (root / name).is_dir():
+            continue
         found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         files += found
         labels += [label] * len(found)
     return files, labels
 
 
-def image_folder(root: str | Path, split: str, val_fraction: float = 0.1, seed: int = 0) -> FileSource:
-    """An ImageFolder tree (one folder per class), with ``train/``+``val/`` subfolders or a seeded split."""
+def _seeded_split(files, labels, num_classes: int, split: str, val_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    keep = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels_arr == c)
+        members = members[rng.permutation(len(members))]
+        n_val = int(round(len(members) * val_fraction))
+        keep.append(members[:n_val] if split == "val" else members[n_val:])
+    idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+    return [files[i] for i in idx], [labels[i] for i in idx]
+
+
+def image_folder(root: str | Path, split: str, val_fraction: float = 0.1, seed: int = 0,
+                 class_index: str | None = None, val_labels: str | None = None) -> FileSource:
+    """An ImageFolder tree (one folder per class), with ``train/``+``val/`` subfolders or a seeded split.
+
+    ``val/`` may also be ImageNet's flat folder of images with ``val_labels`` (see
+    ``datamodules.imagenet.read_val_labels``); ``class_index`` fixes the label of every class folder.
+    """
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"data path {root} does not exist or is not a folder: set data.source to an ImageFolder tree")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes = [d.name for d in _class_dirs(root / "train")]
-        files, labels = _scan(root / split, classes)
+    classes = folder_classes(root, class_index)
+    if has_split_layout(root):
+        val_dir = root / "val"
+        if split == "val" and (val_labels is not None or not _class_dirs(val_dir)):
+            from datamodules.imagenet import read_val_labels
+
+            if val_labels is None:
+                raise ConfigError(
+                    f"{val_dir} holds images but no class folders: set data.val_labels to its labels file "
+                    "(ILSVRC ground-truth text, or a CSV of file,label)"
+                )
+            files, labels = read_val_labels(val_labels, val_dir, classes, class_index)
+        else:
+            files, labels = _scan(root / split, classes)
     else:
-        classes = [d.name for d in _class_dirs(root)]
         files, labels = _scan(root, classes)
         if files:
-            rng = np.random.default_rng(seed)
-            labels_arr = np.asarray(labels)
-            keep = []
-            for c in range(len(classes)):
-                members = np.flatnonzero(labels_arr == c)
-                members = members[rng.permutation(len(members))]
-                n_val = int(round(len(members) * val_fraction))
-                keep.append(members[:n_val] if split == "val" else members[n_val:])
-            idx = np.sort(np.concatenate(keep))
-            files, labels = [files[i] for i in idx], [labels[i] for i in idx]
+            files, labels = _seeded_split(files, labels, len(classes), split, val_fraction, seed)
     if not classes or not files:
         raise DataError(
             f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}"
             f"{'/' + split if (root / split).is_dir() else ''}: expected one sub-folder of images per class"
         )
-    digest = hashlib.sha1(
-        "\n".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files).encode()
-    ).hexdigest()[:12]
+    stats = ((f, f.stat(), y) for f, y in zip(files, labels))
+    digest = hashlib.sha1("\n".join(f"{f}:{st.st_size}:{st.st_mtime_ns}:{y}" for f, st, y in stats).encode()).hexdigest()[:12]
     return FileSource(files, labels, classes, f"folder-{digest}")

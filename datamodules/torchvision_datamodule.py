@@ -83,3 +83,7 @@ class TorchvisionDataModule(ImageDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
+        return self._loader(split, train=False)

@@ -34,8 +34,9 @@ class ClassificationModule(VisionModule):
         label_smoothing: label smoothing for the hard-label loss (and Mixup targets).
         mixup_alpha: Mixup alpha; 0 disables.
         cutmix_alpha: CutMix alpha; 0 disables.
-        batch_augment: modules applied to the normalised training batch on the device
-            (e.g. ``kornia.augmentation.RandomErasing``), in order.
+        batch_augment: deprecated, classification only: modules applied to the normalised training batch.
+            Use the DataModule's ``batch_augment`` (before normalisation) / ``normalized_augment`` (after),
+            which every technique gets, seeded per step (``datamodules/augment.py``).
         init_checkpoint: a visionlab checkpoint (or plain state dict) whose backbone weights initialise
             this model; the classifier head is skipped when its shape differs.
         optim: optimizer and schedule.

@@ -43,6 +43,22 @@ def test_ffcv_roundtrip_labels_identical_and_pixels_close(beton_cache):
     assert (images.float() - expected.float()).abs().mean() < 1.0
 
 
+def _best_window_errors(output: np.ndarray, image: np.ndarray, side: int) -> tuple[float, float]:
+    """Smallest mean |output - resize(window)| over every side x side window of ``image``, and of its mirror."""
+    import cv2
+
+    best = []
+    for candidate in (image, image[:, ::-1]):
+        errors = []
+        for top in range(image.shape[0] - side + 1):
+            for left in range(image.shape[1] - side + 1):
+                window = np.ascontiguousarray(candidate[top:top + side, left:left + side])
+                resized = cv2.resize(window, output.shape[:2][::-1], interpolation=cv2.INTER_AREA)
+                errors.append(float(np.abs(resized.astype(np.float32) - output).mean()))
+        best.append(min(errors))
+    return best[0], best[1]
+
+
 def test_ffcv_train_loader_crops_flips_and_drops_last(beton_cache):
     dm = FFCVDataModule(source="fashion_mnist", image_size=16, train_limit=300, val_limit=300, batch_size=64,
                         num_workers=1, cache_dir=str(beton_cache))
@@ -52,10 +68,33 @@ def test_ffcv_train_loader_crops_flips_and_drops_last(beton_cache):
     assert len(loader) == 300 // 64
     images, labels = _collect(loader)
     assert images.shape == (256, 3, 16, 16) and images.dtype == torch.uint8
-    assert sorted(set(labels.long().tolist())) <= list(range(10))
+    assert set(labels.long().tolist()) <= set(range(10)) and len(set(labels.long().tolist())) > 1
     # A second epoch is reshuffled.
     _, labels2 = _collect(loader)
     assert labels.tolist() != labels2.tolist()
+
+
+def test_ffcv_train_images_are_flipped_random_crops_of_the_source(beton_cache):
+    # Fixed crop area (a quarter: 14 x 14 of 28 x 28) and square ratio; sequential order keeps sources aligned.
+    dm = FFCVDataModule(source="fashion_mnist", image_size=28, train_limit=64, val_limit=64, batch_size=32,
+                        num_workers=1, cache_dir=str(beton_cache), order="sequential", rrc_scale=(0.25, 0.25),
+                        rrc_ratio=(1.0, 1.0))
+    dm.prepare_data()
+    dm.setup("fit")
+    images, labels = _collect(dm.train_dataloader())
+    source = dm.get_source("train")
+    assert labels.tolist() == source.labels[:64].tolist()
+    cropped, flips = 0, []
+    for i in range(len(images)):
+        output = images[i].permute(1, 2, 0).numpy().astype(np.float32)
+        image = source[i][0]
+        plain, mirror = _best_window_errors(output, image, 14)
+        assert min(plain, mirror) < 1.0  # the output is a 14 px window of the source (or its mirror), resized
+        cropped += np.abs(output - image.astype(np.float32)).mean() > 4 * max(min(plain, mirror), 0.25)  # not the whole image
+        if abs(plain - mirror) > 1.0:  # images that are not left-right symmetric tell a flip apart
+            flips.append(mirror < plain)
+    assert cropped >= 48
+    assert len(flips) >= 16 and 0.2 <= np.mean(flips) <= 0.8  # hflip with p = 0.5
 
 
 def test_imagefolder_ffcv_jpg_roundtrip_and_torchvision_agree(image_folder, beton_cache):
@@ -143,7 +182,8 @@ def test_unreadable_image_fails_the_write_instead_of_hanging(image_folder, tmp_p
 
 def test_truncated_beton_is_detected(tmp_path):
     source = sources.restrict(sources.fashion_mnist("val"), None, 64, 0, "val")
-    path = write_beton(source, tmp_path / "val.beton", num_workers=1)
+    path, skipped = write_beton(source, tmp_path / "val.beton", num_workers=1)
+    assert skipped == []
     check_beton(path, 64)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])

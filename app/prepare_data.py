@@ -1,0 +1,67 @@
+"""``visionlab prepare-data``: write a data config's train/val ``.beton`` files and manifest, outside any run.
+
+::
+
+    visionlab prepare-data --config configs/data/imagenet.yaml --output /shared/imagenet-ffcv
+
+Writes ``train.beton``, ``val.beton`` and ``manifest.json`` into ``--output`` with one writer process per core
+(``--workers``), in the config's write settings (``--data.init_args.write_mode proportion`` etc. override
+them). Then train from the files alone with ``--data.init_args.prepared /shared/imagenet-ffcv``: the source
+tree is not read again, so it need not exist on the training nodes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from modules.components.errors import ConfigError, VisionlabError
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="visionlab prepare-data", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="data YAML (an FFCV DataModule); repeatable")
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
+    parser.add_argument("--trainer", type=Optional[dict], default=None, help="accepted and ignored (shared configs)")
+    parser.add_argument("--model", type=Optional[dict], default=None, help="accepted and ignored (shared configs)")
+    parser.add_argument("--seed_everything", type=Optional[int], default=None, help="accepted and ignored")
+    parser.add_argument("--output", type=str, required=True, help="folder for train.beton, val.beton, manifest.json")
+    parser.add_argument("--workers", type=Optional[int], default=None, help="writer processes (default: all cores)")
+    return parser
+
+
+def prepare(datamodule, output: str | Path, workers: int | None = None) -> dict:
+    """Write ``datamodule``'s splits into ``output``; returns the manifest."""
+    if not hasattr(datamodule, "write_prepared"):
+        raise ConfigError(f"{type(datamodule).__name__} does not write .beton files: use an FFCV DataModule config")
+    if workers is not None:
+        datamodule.write_workers = workers
+    return datamodule.write_prepared(Path(output).expanduser())
+
+
+def main(args: list[str] | None = None) -> dict:
+    """``visionlab prepare-data`` entry point; user errors end as one ``visionlab: error:`` line, exit 2."""
+    from app.cli import _user_error
+
+    parser = build_parser()
+    cfg = parser.parse_args(args)
+    try:
+        manifest = prepare(parser.instantiate_classes(cfg).data, cfg.output, cfg.workers)
+    except Exception as err:
+        user_error = err if isinstance(err, VisionlabError) else _user_error(err)
+        if user_error is None:
+            raise
+        print(f"visionlab: error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+    counts = ", ".join(f"{split} {entry['samples']}" for split, entry in manifest["splits"].items())
+    print(f"prepare-data: {cfg.output}: {counts} images, {manifest['num_classes']} classes; "
+          f"train with --data.init_args.prepared {cfg.output}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
