@@ -20,10 +20,9 @@ from modules.base import VisionModule
 from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.checkpoints import backbone_state_dict
 from modules.components.errors import ConfigError
-from modules.components.low_bit import task_storage_bytes
 from modules.components.optim import OptimConfig
 from modules.components.peft import unwrap_state_dict
-from modules.components.peft_methods import FullFineTune, PEFTMethod, SSFTuning, build_method, classifier_name
+from modules.components.peft_methods import PEFTMethod, SSFTuning, build_method, classifier_name
 from modules.components.task_file import read_task_file, write_task_file
 
 
@@ -85,18 +84,9 @@ class PEFTModule(VisionModule):
         """Names (in this module) of the parameters the method trains."""
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
-    def task_state_dict(self) -> dict[str, torch.Tensor]:
-        """Task-specific tensors (low-bit weights as the latent fp32 tensors; task files pack them)."""
-        if isinstance(self.method, FullFineTune):
-            return self.method.task_state(self)[0]
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
     def task_bytes(self) -> int:
         """Storage of the task-specific tensors at their stated bits (low-bit adapters packed)."""
-        tensors, packed = self.method.task_state(self)
-        if packed:
-            return task_storage_bytes(self)
-        return sum(v.numel() * v.element_size() for v in tensors.values())
+        return self.method.storage_bytes(self)
 
     def merged_backbone(self) -> nn.Module:
         """A plain timm model of the backbone's architecture (SSF folded into the weights)."""

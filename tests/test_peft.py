@@ -114,6 +114,14 @@ def test_methods_rebuild_from_their_spec_and_unknown_ones_are_refused():
         build_method("ssf")
 
 
+def test_frozen_backbone_stays_in_eval_while_adapters_follow_the_mode():
+    model = build(VIT, AdapterTuning()).train()
+    block = model.backbone.blocks[0]
+    assert block.adapter.training and block.adapter.dropout.training  # the papers' adapter dropout is active
+    assert not block.inner.norm1.training and not block.inner.attn.training and not block.inner.drop_path2.training
+    assert not model.eval().backbone.blocks[0].adapter.dropout.training
+
+
 # --- the backbone does not move -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "arch,method",

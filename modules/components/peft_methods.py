@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from modules.components.errors import ConfigError
-from modules.components.low_bit import QuantLinear, WeightQuantizer
+from modules.components.low_bit import QuantLinear, WeightQuantizer, task_storage_bytes
 from modules.components.peft import AdapterConfig, insert_adapters, insert_ssf, merge_ssf
 from modules.components.side_network import SideNetwork, backbone_intermediates
 
@@ -73,6 +73,10 @@ class PEFTMethod:
         for name, entry in packed.items():
             model.get_submodule(name).load_packed(entry)
 
+    def storage_bytes(self, model: nn.Module) -> int:
+        """Bytes of the task state at its stated bits (low-bit weights packed, with their decode tensors)."""
+        return task_storage_bytes(model)
+
     def merge(self, backbone: nn.Module) -> nn.Module:
         """A plain timm model computing what the wrapped backbone computes (a copy; the original is untouched)."""
         raise ConfigError(f"{type(self).__name__} adds modules to the backbone: it does not merge into a plain model")
@@ -111,6 +115,9 @@ class FullFineTune(PEFTMethod):
     def task_state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         backbone = model.get_submodule("backbone")
         return {f"backbone.{k}": v.detach().cpu().clone() for k, v in backbone.state_dict().items()}, {}
+
+    def storage_bytes(self, model: nn.Module) -> int:
+        return sum(v.numel() * v.element_size() for v in self.task_state(model)[0].values())
 
     def merge(self, backbone: nn.Module) -> nn.Module:
         return copy.deepcopy(backbone).eval()
