@@ -92,7 +92,9 @@ def linear_probe(args, checkpoint: Path, labelled: FFCVDataModule, root: Path) -
 
 
 def pretrainer(name: str, args, teacher: Path | None) -> pl.LightningModule:
-    optim = OptimConfig(name="adamw", lr=args.pretrain_lr, weight_decay=0.05, warmup_epochs=min(0.3, args.pretrain_epochs / 4))
+    betas = (0.9, 0.999) if name == "simmim" else (0.9, 0.95)  # each reference's AdamW betas
+    optim = OptimConfig(name="adamw", lr=args.pretrain_lr, weight_decay=0.05, betas=betas,
+                        warmup_epochs=min(0.3, args.pretrain_epochs / 4))
     common = dict(num_classes=10, image_size=32, backbone_kwargs=VIT, log_images_every_n_steps=0, optim=optim)
     decoder = dict(mask_ratio=0.75, norm_pix_loss=args.norm_pix_loss, decoder_dim=64, decoder_depth=1, decoder_heads=4)
     if name == "simmim":
