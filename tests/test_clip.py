@@ -186,6 +186,19 @@ def test_accum_freq_step_through_lightning_equals_the_full_batch_step(tmp_path):
         _tiny_clip(accum_freq=0)
 
 
+@pytest.mark.slow
+def test_accum_freq_with_local_loss_under_lightning_ddp_equals_one_process(tmp_path):
+    """2 gloo ranks x (2 micro-batches of 2) with local_loss = one process on the global batch of 8 (2 SGD steps)."""
+    script = Path(__file__).resolve().parent / "clip_lightning_ddp_script.py"
+    for name, extra in (("single", []), ("ddp", ["--devices", "2", "--accum-freq", "2", "--local-loss"])):
+        subprocess.run([sys.executable, str(script), str(tmp_path / name), *extra], check=True, timeout=600)
+    single = torch.load(tmp_path / "single" / "weights.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "weights.pt", weights_only=True)
+    tolerance = dict(atol=1e6 * torch.finfo(torch.float64).eps, rtol=1e6 * torch.finfo(torch.float64).eps)
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, **tolerance, msg=name)
+
+
 # --- token keeping -------------------------------------------------------------------------------
 @pytest.mark.parametrize("tokens,ratio,kept", [(64, 0.0, 64), (64, 0.5, 32), (64, 0.75, 16), (64, 0.9, 6),
                                                (49, 0.5, 24), (10, 0.25, 7), (196, 0.75, 49), (4, 0.9, 1)])
