@@ -102,7 +102,7 @@ class DiffusionModule(VisionModule):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "is an instance of nn.Module": dropped just below
             self.save_hyperparameters()
-        objects = [k for k in ("denoiser", "finetune", "autoencoder") if not isinstance(self.hparams[k], (dict, type(None)))]
+        objects = [k for k in ("denoiser", "finetune", "autoencoder") if not isinstance(self.hparams.get(k), (dict, type(None)))]
         if objects:
             self.save_hyperparameters(ignore=objects)
         self.label_dropout, self.clip_denoised, self.latent_scale = label_dropout, clip_denoised, latent_scale
