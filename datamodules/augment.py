@@ -53,11 +53,12 @@ class RandAugment(PerSampleChoice):
     """RandAugment (Cubuk et al., 2020): ``num_ops`` operations per image at one magnitude, drawn per image.
 
     Args:
-        num_ops: operations per image (the paper's N).
-        magnitude: kornia's level in (0, 30) (the paper's M on kornia's scale; timm's ``m9`` of 10 ~ 27).
+        num_ops: operations per image (the paper's N; 2 for ImageNet).
+        magnitude: level in (0, 30) on kornia's scale; the default 27 is the paper's ImageNet ResNet-50
+            setting M = 9 of 10 (DeiT's ``rand-m9``), as the reference's 10-level scale maps to 30 here.
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 9):
+    def __init__(self, num_ops: int = 2, magnitude: int = 27):
         from kornia.augmentation.auto import RandAugment as KorniaRandAugment
 
         super().__init__([KorniaRandAugment(n=1, m=magnitude, policy=[op]) for op in RAND_AUGMENT_OPS], layers=num_ops)

@@ -126,3 +126,18 @@ def test_ffcv_loader_uses_the_repeated_order_per_rank(beton_cache):
         assert len(loader) == 30 // 5  # ceil(60 / 2) samples per rank, as without repeats
         expected = repeated_order(np.arange(60), 3, rank, 2, seed=dm.seed, epoch=0)
         assert np.array_equal(loader.traversal_order.sample_order(0), expected)
+
+
+def test_recipe_overlay_is_configured_from_yaml_for_any_technique(tmp_path, beton_cache):
+    import lightning.pytorch as pl
+
+    from app.cli import VisionlabCLI
+    from tests.conftest import CONFIGS, cli_args
+
+    args = cli_args(tmp_path, beton_cache, "--config", str(CONFIGS / "data/augment_deit.yaml"))[1:]
+    cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, args=args)
+    augment = cli.datamodule.augment
+    assert [type(m).__name__ for m in augment.pixel] == ["RandAugment"] and augment.pixel[0].layers == 2
+    assert [type(m).__name__ for m in augment.normalized] == ["NormalizedRandomErasing"]
+    assert cli.datamodule.repeated_augmentation == 3
