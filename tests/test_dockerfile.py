@@ -22,7 +22,8 @@ def _docker_runs() -> list[list[str]]:
 
 
 def _pins(text: str) -> dict[str, str]:
-    """``name==version`` pins in a text, by lower-case package name."""
+    """``name==version`` pins in a text (comments left out), by lower-case package name."""
+    text = re.sub(r"#.*", "", text)
     return {m.group(1).lower(): m.group(2) for m in re.finditer(r"\b([A-Za-z][\w.-]*)(?:\[[^\]]*\])?==([\w.+-]+)", text)}
 
 
