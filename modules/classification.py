@@ -40,6 +40,11 @@ class ClassificationModule(VisionModule):
         init_checkpoint: a visionlab checkpoint (or plain state dict) whose backbone weights initialise
             this model; the classifier head is skipped when its shape differs.
         optim: optimizer and schedule.
+        criterion: the training loss, called as ``criterion(logits, target)`` with integer labels, or with
+            mixup/cutmix's soft targets when those are on — e.g. ``timm.loss.BinaryCrossEntropy`` (DeiT III,
+            ResNet strikes back). ``None`` (default): cross-entropy with ``label_smoothing`` (soft-target
+            cross-entropy under mixup, whose targets carry the smoothing). Validation always reports
+            cross-entropy.
     """
 
     def __init__(
@@ -55,9 +60,11 @@ class ClassificationModule(VisionModule):
         batch_augment: list[nn.Module] | None = None,
         init_checkpoint: str | None = None,
         optim: OptimConfig | None = None,
+        criterion: nn.Module | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
-        self.save_hyperparameters(ignore=["batch_augment"])
+        self.save_hyperparameters(ignore=["batch_augment", "criterion"])
+        self.criterion = criterion
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
@@ -104,10 +111,11 @@ class ClassificationModule(VisionModule):
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)
             logits = self(images)
-            loss = SoftTargetCrossEntropy()(logits, soft)
+            loss = self.criterion(logits, soft) if self.criterion is not None else SoftTargetCrossEntropy()(logits, soft)
         else:
             logits = self(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            loss = (self.criterion(logits, labels) if self.criterion is not None
+                    else F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing))
             for name, metric in self.train_metrics.items():
                 metric(logits, labels)
                 self.log(f"train/{name}", metric, on_step=False, on_epoch=True)

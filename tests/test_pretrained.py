@@ -104,3 +104,27 @@ def test_torchvision_imagenet_mobilenet_v2_weights_load_into_timm():
     torch.testing.assert_close(transfer.conv_head.weight, model.conv_head.weight, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="not the same architecture"):
         create_backbone("resnet18", pretrained_file=path, pretrained_layout="torchvision")
+
+
+@pytest.mark.parametrize("mixup", [False, True])
+def test_binary_cross_entropy_criterion_with_and_without_mixup(mixup):
+    from timm.loss import BinaryCrossEntropy
+
+    torch.manual_seed(0)
+    module = ClassificationModule("test_resnet", num_classes=10, image_size=32, label_smoothing=0.0,
+                                  mixup_alpha=0.8 if mixup else 0.0, criterion=BinaryCrossEntropy(smoothing=0.0))
+    module.log = lambda *args, **kwargs: None
+    module.trainer = type("T", (), {"optimizers": [torch.optim.SGD(module.parameters(), lr=0.1)]})()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 9])
+    seen = {}
+    module.backbone.register_forward_hook(lambda m, i, o: seen.update(logits=o, images=i[0]))
+    torch.manual_seed(1)
+    loss = module.training_step((images.clone(), labels), 0)  # timm's Mixup mixes in place
+    target = torch.nn.functional.one_hot(labels, 10).float()
+    if mixup:  # timm Mixup flips the batch: x' = lam * x + (1 - lam) * x.flip(0); same for the targets
+        lam = float((seen["images"][0] - images[3]).flatten() @ (images[0] - images[3]).flatten()
+                    / (images[0] - images[3]).flatten().square().sum())
+        target = lam * target + (1 - lam) * target.flip(0)
+    by_hand = -(target * torch.nn.functional.logsigmoid(seen["logits"])
+                + (1 - target) * torch.nn.functional.logsigmoid(-seen["logits"])).mean()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
