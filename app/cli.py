@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from callbacks.checkpoint import AtomicCheckpointIO, LatestCheckpoint, resolve_resume_path
+from callbacks.lost_rank import LostRankReport
 from callbacks.slurm import SLURMRequeue
 
 from modules.components.errors import ConfigError, VisionlabError
@@ -86,6 +87,9 @@ class VisionlabCLI(LightningCLI):
         # Pre-emption under SLURM: checkpoint + requeue at a synchronised point (see callbacks/slurm.py).
         if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(SLURMRequeue())
+        # Multi-process: a lost rank ends the others with one line naming it (see callbacks/lost_rank.py).
+        if self.trainer.world_size > 1 and not any(isinstance(cb, LostRankReport) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(LostRankReport())
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
@@ -162,39 +166,42 @@ TOOLS = {
 }
 
 
-def _run_tool(name: str, argv: list[str]) -> None:
-    import importlib
-
-    tool = importlib.import_module(TOOLS[name][0])
-    saved, sys.argv = sys.argv, [f"visionlab {name}", *argv]  # the tool parses sys.argv like a console script
+def _exit_on_user_error(run, *args) -> None:
+    """The one error path of every ``visionlab`` command: a VisionlabError is one line and exit code 2."""
     try:
-        tool.main(None)
-    finally:
-        sys.argv = saved
-
-
-def main(args: list[str] | None = None) -> None:
-    """Console entry point; user errors end as one line on stderr and exit code 2."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in TOOLS:
-        return _run_tool(argv[0], argv[1:])
-    if argv and argv[0] in {"-h", "--help"}:
-        print("tools: " + "; ".join(f"visionlab {n}: {d}" for n, (_, d) in TOOLS.items()))
-    try:
-        VisionlabCLI(
-            pl.LightningModule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        run(*args)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
             raise
         print(f"visionlab: error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    tool = importlib.import_module(TOOLS[name][0])
+    _exit_on_user_error(tool.main, argv)
+
+
+def _run_trainer(args: list[str] | None) -> None:
+    VisionlabCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: ``visionlab fit|validate|test|predict ...`` or ``visionlab <tool> ...``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
+    if argv and argv[0] in {"-h", "--help"}:
+        print("tools: " + "; ".join(f"visionlab {n}: {d}" for n, (_, d) in TOOLS.items()))
+    _exit_on_user_error(_run_trainer, args)
 
 
 if __name__ == "__main__":

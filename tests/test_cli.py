@@ -102,3 +102,29 @@ def test_last_checkpoint_tracks_latest_step_even_without_improvement(run_cli, tm
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 8
     assert len(list((tmp_path / "checkpoints").glob("epoch*.ckpt"))) == 1  # top-1 kept
+
+
+def test_tools_run_through_the_one_cli_path_without_touching_sys_argv(run_cli, tmp_path, capsys, monkeypatch):
+    """``visionlab <tool>`` passes its arguments to the tool (no sys.argv swap); user errors: one line, exit 2."""
+    monkeypatch.setattr("sys.argv", ["sentinel"])
+    missing = tmp_path / "missing.ckpt"
+    assert run_cli(["sample", "--checkpoint", str(missing), "--out", str(tmp_path / "out"), "--per-class", "0"]) == 2
+    err = capsys.readouterr().err
+    # (app/sample.py still prints its own "visionlab sample: error:" prefix; a tool that lets its
+    # VisionlabError propagate gets the CLI's "visionlab: error:" line.)
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("visionlab") and "--per-class 0 must be at least 1" in errors[0]
+    import sys
+
+    assert sys.argv == ["sentinel"] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers, timeout", [(["trainer/ddp_cpu.yaml"], timedelta(minutes=5)),
+                                             (["trainer/cpu.yaml", "trainer/ddp.yaml"], timedelta(minutes=10))])
+def test_ddp_trainer_layers_bound_the_process_group_timeout(tmp_path, beton_cache, layers, timeout):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    extra = [arg for layer in layers for arg in ("--config", str(CONFIGS / layer))]
+    cli = _build(tmp_path, beton_cache, *extra)
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert cli.config["trainer"]["strategy"]["init_args"]["timeout"] == timeout

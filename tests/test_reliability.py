@@ -206,3 +206,26 @@ def test_atomic_checkpoint_io_reads_back_and_refuses_garbage(tmp_path):
     with pytest.raises(ConfigError, match="b.ckpt"):
         io.load_checkpoint(tmp_path / "b.ckpt")
 
+
+
+# --- DDP: a lost rank ends the others, named -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_rank", [1, 0])
+def test_ddp_rank_killed_mid_epoch_survivor_exits_naming_it(tmp_path, kill_rank):
+    """2 CPU processes on gloo; one is SIGKILLed at step 2: the other exits (no hang) with a line naming it."""
+    grace = 3.0
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_script.py"), str(kill_rank), str(grace),
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    survivor = 1 - kill_rank
+    lines = [line for line in result.stderr.splitlines() if line.startswith("visionlab: error:")]
+    assert lines == [f"visionlab: error: rank {kill_rank} of 2 stopped (killed, crashed or hung) at global step 2; "
+                     f"rank {survivor} stops too. Look at rank {kill_rank}'s log, then restart all ranks with "
+                     f"--ckpt_path last"], result.stderr[-3000:]
+    exited, kind = (tmp_path / f"rank{survivor}.exit").read_text().split()
+    assert kind == "LostRankError"
+    # Bounded: the grace period plus the store's connection timeouts, far below the process-group timeout (300 s).
+    assert float(exited) - float((tmp_path / "killed").read_text()) < grace + 30
+    if kill_rank == 1:
+        assert result.returncode == 2  # the launching process is the survivor

@@ -15,3 +15,7 @@ class DataError(VisionlabError):
 
 class NonFiniteLossError(VisionlabError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class LostRankError(VisionlabError, RuntimeError):
+    """Another process of a multi-process (DDP) run died or stopped responding; this one stops too."""
