@@ -1,8 +1,9 @@
 """fp32 vs QAT int8 vs PTQ int8 vs BitNet b1.58 vs HAWQ mixed precision on real Fashion-MNIST (CPU).
 
 Trains a timm ResNet-18 at 32 px, then: PTQ int8 (calibration on training batches), QAT int8 (fine-tune
-with fake quant, convert), BitNet (ternary fine-tune from the fp32 weights), mixed precision (HAWQ bits under
-a 1/8 fp32 budget, weights fake-quantized). Reports top-1 on the validation split, model bytes and CPU
+with fake quant, convert), BitNet (ternary fine-tune from the fp32 weights; size of its packed 2-bit file),
+mixed precision (HAWQ bits under a 1/8 fp32 budget, stem and classifier at 8 bits, weights fake-quantized)
+against uniform 4-bit weights of the same size. Reports top-1 on the validation split, model bytes and CPU
 latency per batch, with ratios against fp32 eager. The int8 models run through ``torch.compile`` (Inductor
 lowers torchao's int8 graphs to x86 int8 kernels), and so does an "fp32 compiled" row, so the speed-up
 of int8 is visible apart from the compiler's.
@@ -16,6 +17,7 @@ import argparse
 import copy
 import time
 import warnings
+from contextlib import contextmanager
 
 import lightning.pytorch as pl
 import torch
@@ -23,7 +25,7 @@ import torch
 from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
 from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.classification import ClassificationModule
-from modules.components import quant
+from modules.components import hawq, quant
 from modules.components.optim import OptimConfig
 
 warnings.filterwarnings("ignore")
@@ -63,63 +65,89 @@ def latencies_ms(runs: dict, images, repeats) -> dict[str, float]:
     return {name: 1e3 * sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
+PHASES: dict[str, float] = {}
+
+
+@contextmanager
+def phase(name: str):
+    """Wall time per phase, printed with the table (where a slow machine spends its time)."""
+    start = time.perf_counter()
+    yield
+    PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small subsets, two epochs (~5 min on 2 idle cores)")
+    parser.add_argument("--quick", action="store_true", help="small subsets, one epoch each (~2 min on 2 idle cores)")
     parser.add_argument("--backbone", default="resnet18")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
-    train_limit, val_limit, epochs = (6000, 2000, 2) if args.quick else (20000, 10000, 3)
+    train_limit, val_limit, epochs = (2000, 1000, 1) if args.quick else (20000, 10000, 3)
     dm = TorchvisionDataModule(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2,
                                train_limit=train_limit, val_limit=val_limit, rrc_scale=[0.6, 1.0], val_crop_ratio=1.0,
                                mean=[0.286] * 3, std=[0.353] * 3)
     dm.setup("fit")
     optim = OptimConfig(name="sgd", lr=0.05, weight_decay=5e-5, warmup_epochs=0)
-    module = fit(ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=optim), dm, epochs)
+    with phase("fp32 training"):
+        module = fit(ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=optim), dm,
+                     epochs + 1 if args.quick else epochs)
     fp32 = module.backbone.eval()
     batches = val_batches(dm)
-    calib = [dm.on_after_batch_transfer(b, 0)[0] for _, b in zip(range(16), dm.train_dataloader())]
+    calib = [dm.on_after_batch_transfer(b, 0)[0] for _, b in zip(range(4 if args.quick else 16), dm.train_dataloader())]
     train_pairs = [tuple(dm.on_after_batch_transfer(b, 0)[:2]) for _, b in zip(range(2), dm.train_dataloader())]
     results = {}
 
     def add(name, model, size, note="", run=None):
         """``run``: the callable that is timed and scored (default: the eval-mode model itself)."""
         run = model.eval() if run is None else run
-        results[name] = (top1(run, batches), size, model, note, run)
+        with phase("scoring (incl. compilation)"):
+            results[name] = (top1(run, batches), size, model, note, run)
 
     def add_int8(name, model, note=""):
         add(name, model, None, note, quant.compile_int8(model))
 
     add("fp32", fp32, quant.model_bytes(fp32), "eager")
     add("fp32 compiled", fp32, quant.model_bytes(fp32), "torch.compile", torch.compile(copy.deepcopy(fp32)))
-    add_int8("PTQ int8", PostTrainingQuantization().quantize(fp32, calib))
-    add_int8("PTQ int8 layer-wise", PostTrainingQuantization(layerwise=True, layerwise_steps=30).quantize(fp32, calib))
+    with phase("PTQ"):
+        ptq = PostTrainingQuantization().quantize(fp32, calib)
+        ptq_layerwise = PostTrainingQuantization(layerwise=True, layerwise_steps=10 if args.quick else 30).quantize(fp32, calib)
+    add_int8("PTQ int8", ptq)
+    add_int8("PTQ int8 layer-wise", ptq_layerwise)
 
     ft_optim = OptimConfig(name="sgd", lr=0.005, weight_decay=5e-5, warmup_epochs=0)
     qat_module = ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=ft_optim)
     qat_module.load_state_dict(module.state_dict())
     qat = QuantizationAwareTraining(start_epoch=0)
-    fit(qat_module, dm, 1, [qat])
-    add_int8("QAT int8", qat.int8_model, "+1 fine-tune epoch")
+    with phase("QAT fine-tune"):
+        fit(qat_module, dm, 1, [qat])
+    add_int8("QAT int8", qat.int8_model, "+1 fine-tune epoch, BN/observers frozen at 50/60%")
 
     bit_module = ClassificationModule(args.backbone, num_classes=10, image_size=32,
                                       optim=OptimConfig(name="sgd", lr=0.02, weight_decay=0.0, warmup_epochs=0))
     bit_module.load_state_dict(module.state_dict())
-    fit(bit_module, dm, epochs, [BitNet(method="absmean")])
-    add("BitNet b1.58", bit_module.backbone, quant.ternary_bytes(bit_module.backbone), f"+{epochs} fine-tune epoch(s)")
+    bitnet = BitNet()
+    with phase("BitNet fine-tune"):
+        fit(bit_module, dm, epochs, [bitnet])
+    add("BitNet b1.58", bit_module.backbone, bitnet.file_bytes, f"+{epochs} fine-tune epoch(s), packed 2-bit file")
 
-    mixed = MixedPrecision(budget=0.125, samples=2 if args.quick else 4)
-    bits = mixed.choose(copy.deepcopy(fp32), train_pairs)
-    add("mixed 2/4/8-bit", mixed.quantized_model, quant.mixed_precision_bytes(mixed.quantized_model, bits),
-        "weights simulated")
+    mixed = MixedPrecision(budget=0.125, max_samples=20 if args.quick else 100)
+    with phase("HAWQ traces + allocation"):
+        bits = mixed.choose(copy.deepcopy(fp32), train_pairs)
+    add("HAWQ 2/4/8-bit", mixed.quantized_model, hawq.mixed_precision_bytes(mixed.quantized_model, bits),
+        "budget 1/8 of fp32 weights, weights simulated")
+    uniform = copy.deepcopy(fp32)
+    uniform_bits = dict.fromkeys(bits, 4)
+    hawq.apply_weight_bits(uniform, uniform_bits)
+    add("uniform 4-bit", uniform, hawq.mixed_precision_bytes(uniform, uniform_bits), "same layers, weights simulated")
 
     images = batches[0][0]
-    repeats = 7 if args.quick else 21
+    repeats = 3 if args.quick else 21
     print(f"\n{args.backbone} at 32 px, Fashion-MNIST: train {train_limit}, val {val_limit}; batch {len(images)}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'variant':22s} {'top-1':>7s} {'bytes':>11s} {'ms/batch':>9s}  note")
     base_acc, base_bytes = results["fp32"][0], results["fp32"][1]
-    timed = latencies_ms({name: row[4] for name, row in results.items()}, images, repeats)
+    with phase("latency"):
+        timed = latencies_ms({name: row[4] for name, row in results.items()}, images, repeats)
     base_ms = timed["fp32"]
     lines = []
     for name, (acc, size, model, note, run) in results.items():
@@ -130,7 +158,11 @@ def main() -> None:
                      f"speed {base_ms / ms:.2f}x")
     print("\nvs fp32:")
     print("\n".join(lines))
-    print("\nmixed-precision bits per layer:", {n: b for n, b in bits.items()})
+    print("\nHAWQ bits per layer:", {n: b for n, b in bits.items()})
+    print("HAWQ trace draws per layer:", mixed.samples)
+    hawq_row, uniform_row = results["HAWQ 2/4/8-bit"], results["uniform 4-bit"]
+    print(f"HAWQ vs uniform 4-bit: top-1 {hawq_row[0] - uniform_row[0]:+.2f} pts at {hawq_row[1]} vs {uniform_row[1]} bytes")
+    print("\nseconds per phase:", {k: round(v, 1) for k, v in PHASES.items()})
 
 
 if __name__ == "__main__":

@@ -10,36 +10,64 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
-from torch.optim.swa_utils import SWALR
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 
 
-def ema_avg_fn(decay: float, warmup: bool):
-    """EMA update ``decay * avg + (1 - decay) * current``; with ``warmup`` the decay ramps as in timm's ModelEmaV3."""
+def ema_decay(decay: float, updates: int, warmup: bool, warmup_power: float = 2 / 3) -> float:
+    """Decay of the EMA update that follows ``updates`` earlier ones (timm ``ModelEmaV3``'s rule).
+
+    With warm-up: ``min(decay, 1 - (1 + updates) ** -warmup_power)``, i.e. ``ModelEmaV3(use_warmup=True,
+    warmup_gamma=1).get_decay(updates + 1)`` (CLIP and diffusion call it with the 1-based step count);
+    the first update copies the weights in both. Without warm-up: ``decay``.
+    """
+    if not warmup:
+        return decay
+    return min(decay, 1.0 - (1.0 + updates) ** -warmup_power)
+
+
+def ema_avg_fn(decay: float, warmup: bool, warmup_power: float = 2 / 3):
+    """``AveragedModel`` ``avg_fn``: ``d * avg + (1 - d) * current`` with ``d = ema_decay(...)``.
+
+    Integer tensors (BatchNorm ``num_batches_tracked``) take the current value.
+    """
     def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged))) if warmup else decay
-        return averaged * d + current * (1 - d)
+        if not averaged.is_floating_point():
+            return current
+        return averaged.lerp(current.to(averaged.dtype), 1.0 - ema_decay(decay, int(num_averaged), warmup, warmup_power))
     return update
 
 
-class EMA(EMAWeightAveraging):
+class EMA(WeightAveraging):
     """Exponential moving average of the weights (and buffers), used for validation and saved in checkpoints.
+
+    The decay of the update after ``n`` earlier updates is ``min(decay, 1 - (1 + n) ** -(2/3))`` with
+    ``warmup`` (timm ``ModelEmaV3``'s warm-up, the rule CLIP and diffusion use; 0.66 at n = 4, 0.999 only
+    after ~31.6k updates), else ``decay``; the first update copies the weights.
 
     Args:
         decay: EMA decay per update (``ema_decay``); 0 makes the average equal the model.
-        warmup: ramp the decay up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (timm ModelEmaV3).
+        warmup: ramp the decay up with timm ``ModelEmaV3``'s rule (above).
+        warmup_power: exponent of that ramp (timm's default 2/3; 3/4 reaches the decay sooner).
         update_every_n_steps: update after every n-th optimizer step.
         update_starting_at_step: first optimizer step (0-based) that updates the average.
         device: where the averaged copy lives (``cpu`` saves accelerator memory); default: the model's device.
         use_buffers: average buffers too (BatchNorm statistics); otherwise they are copied.
     """
 
-    def __init__(self, decay: float = 0.999, warmup: bool = False, update_every_n_steps: int = 1,
-                 update_starting_at_step: int | None = None, device: str | None = None, use_buffers: bool = True):
-        super().__init__(device=device, use_buffers=use_buffers, decay=decay,
-                         update_every_n_steps=update_every_n_steps, update_starting_at_step=update_starting_at_step)
-        self._kwargs["avg_fn"] = ema_avg_fn(decay, warmup)
-        self.decay, self.warmup = decay, warmup
+    def __init__(self, decay: float = 0.999, warmup: bool = False, warmup_power: float = 2 / 3,
+                 update_every_n_steps: int = 1, update_starting_at_step: int | None = None,
+                 device: str | None = None, use_buffers: bool = True):
+        # Lightning's WeightAveraging with our avg_fn (its EMAWeightAveraging fixes avg_fn to a constant decay)
+        super().__init__(device=device, use_buffers=use_buffers, avg_fn=ema_avg_fn(decay, warmup, warmup_power))
+        self.decay, self.warmup, self.warmup_power = decay, warmup, warmup_power
+        self.update_every_n_steps, self.update_starting_at_step = update_every_n_steps, update_starting_at_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """After every ``update_every_n_steps``-th optimizer step from ``update_starting_at_step`` on."""
+        if step_idx is None:
+            return False
+        started = self.update_starting_at_step is None or step_idx >= self.update_starting_at_step
+        return started and self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0
 
     @property
     def average_model(self) -> torch.nn.Module | None:
@@ -47,11 +75,23 @@ class EMA(EMAWeightAveraging):
         return None if self._average_model is None else self._average_model.module
 
 
-class _StepUpdateSWALR(SWALR):
-    """SWALR that also answers timm's ``step_update`` (VisionModule.lr_scheduler_step calls it every interval)."""
+class _StepUpdate:
+    """Gives a torch LR scheduler timm's ``step_update`` (``VisionModule.lr_scheduler_step`` calls it).
+
+    Everything else (``step``, ``state_dict``, ``optimizer``...) is the wrapped scheduler's, so Lightning's
+    SWA callback keeps stepping, saving and restoring the very scheduler it made.
+    """
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
 
     def step_update(self, num_updates: int, metric: Any = None) -> None:
-        self.step()
+        self.scheduler.step()
+
+    def __getattr__(self, name: str):
+        if name == "scheduler":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
 
 
 class SWA(StochasticWeightAveraging):
@@ -64,5 +104,6 @@ class SWA(StochasticWeightAveraging):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        if type(self._swa_scheduler) is SWALR:
-            self._swa_scheduler.__class__ = _StepUpdateSWALR
+        configs = trainer.lr_scheduler_configs  # Lightning put its SWALR (interval "epoch") in the first slot
+        if configs and not hasattr(configs[0].scheduler, "step_update"):
+            configs[0].scheduler = _StepUpdate(configs[0].scheduler)

@@ -1,9 +1,10 @@
 """Quantization callbacks: QAT int8, PTQ int8 (+ layer-wise calibration), BitNet b1.58, HAWQ mixed precision.
 
 Independent of techniques: they act on ``pl_module.backbone`` when the module has one, else on the module,
-and read batches through the trainer's own dataloaders and batch-transfer hooks. The quantized results are
-kept on the callback (``int8_model``, ``bits``...) and written under ``<default_root_dir>/quantized/``.
-Mixed precision and the Hessian estimate need ``model(images) -> logits`` (classification-style backbones).
+and read batches through the trainer's own dataloaders and the module's public batch-transfer hooks. The
+quantized results are kept on the callback (``int8_model``, ``bits``...) and written atomically under
+``<default_root_dir>/quantized/``. Mixed precision and the Hessian estimate need ``model(images) -> logits``
+(classification-style backbones).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,8 +21,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from modules.components import quant
+from modules.components import hawq, quant, ternary
 from modules.components.errors import ConfigError
+from modules.components.files import write_atomic
 
 
 def target_module(pl_module: pl.LightningModule) -> nn.Module:
@@ -40,8 +43,20 @@ def example_input(pl_module: pl.LightningModule, batch_size: int = 2) -> torch.T
     return torch.randn(batch_size, 3, size, size, device=pl_module.device)
 
 
+def images_and_labels(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a batch: a dict with ``image``/``label`` keys or a sequence starting with them."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch[0], batch[1]
+
+
 def training_batches(trainer: pl.Trainer, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` (images, labels) batches of the training data after the DataModule's device transfer hooks."""
+    """``count`` (images, labels) batches of the training data, moved and prepared as in training.
+
+    The module's public hooks run in Lightning's order (before transfer, transfer, after transfer); the
+    trainer points them at the DataModule's overrides, which normalise the uint8 loader output.
+    """
+    pl_module = trainer.lightning_module
     loader = trainer.train_dataloader
     if loader is None:
         if trainer.datamodule is None:
@@ -49,15 +64,19 @@ def training_batches(trainer: pl.Trainer, count: int) -> list[tuple[torch.Tensor
         loader = trainer.datamodule.train_dataloader()
     batches = []
     for batch in itertools.islice(iter(loader), count):
-        batch = trainer.lightning_module._apply_batch_transfer_handler(batch)
-        batches.append((batch[0], batch[1]))
+        batch = pl_module.on_before_batch_transfer(batch, 0)
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        batches.append(images_and_labels(pl_module.on_after_batch_transfer(batch, 0)))
     return batches
 
 
 def output_dir(trainer: pl.Trainer, path: str | None) -> Path:
-    folder = Path(path) if path else Path(trainer.default_root_dir) / "quantized"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return Path(path) if path else Path(trainer.default_root_dir) / "quantized"
+
+
+def save_program(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``quant.save_int8`` through an atomic write (a crash never leaves a truncated ``.pt2``)."""
+    write_atomic(path, lambda tmp: quant.save_int8(model, example.cpu(), tmp))
 
 
 class QuantizationAwareTraining(Callback):
@@ -65,19 +84,32 @@ class QuantizationAwareTraining(Callback):
 
     torchao's pt2e QAT flow: the backbone is exported and weights are fake-quantized per output channel
     (symmetric), activations per tensor (affine), with conv+BN folded, for CNNs and for the Linear layers of
-    ViTs; the optimizer is rebuilt if export created new Parameter objects. At the end of fit the fake-quant
-    network is converted into ``self.int8_model`` and saved as ``int8.pt2`` (``torch.export.load(path).module()``;
-    ``quant.compile_int8`` lowers it to x86 int8 kernels).
+    ViTs; the optimizer is rebuilt if export created new Parameter objects. As in the standard recipe
+    (torchvision's QAT reference, PyTorch's pt2e QAT tutorial: on 10 epochs, BN frozen for the last 5 and
+    observers for the last 4), the final part of QAT runs with BatchNorm statistics frozen (normalising with
+    the running statistics the int8 model will fold) and then with the observers frozen (fixed scales).
+    At the end of fit the network is converted into ``self.int8_model`` and saved as ``int8.pt2``
+    (``torch.export.load(path).module()``; ``quant.compile_int8`` lowers it to x86 int8 kernels).
     Checkpoints written after ``start_epoch`` hold the fake-quant graph's keys; resuming them is not supported.
 
     Args:
         start_epoch: epoch at whose start fake quantization is inserted.
+        freeze_bn_after: fraction of the QAT optimizer steps after which BN statistics freeze (None: never).
+        freeze_observers_after: fraction of the QAT steps after which the observers freeze (None: never).
         output: folder for ``int8.pt2`` (default ``<default_root_dir>/quantized``).
     """
 
-    def __init__(self, start_epoch: int = 0, output: str | None = None):
+    def __init__(self, start_epoch: int = 0, freeze_bn_after: float | None = 0.5,
+                 freeze_observers_after: float | None = 0.6, output: str | None = None):
+        for name, value in (("freeze_bn_after", freeze_bn_after), ("freeze_observers_after", freeze_observers_after)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"QuantizationAwareTraining.{name} = {value}: use a fraction in [0, 1] or null")
         self.start_epoch, self.output = start_epoch, output
+        self.freeze_bn_after, self.freeze_observers_after = freeze_bn_after, freeze_observers_after
         self.int8_model: nn.Module | None = None
+        self.qat_start_step: int | None = None
+        self.bn_frozen_at: int | None = None
+        self.observers_frozen_at: int | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch < self.start_epoch or isinstance(target_module(pl_module), torch.fx.GraphModule):
@@ -88,7 +120,28 @@ class QuantizationAwareTraining(Callback):
         set_target_module(pl_module, prepared)
         if {id(p) for p in prepared.parameters()} != before:  # new tensors: give the optimizer the new ones
             trainer.strategy.setup_optimizers(trainer)
+        self.qat_start_step = trainer.global_step
         rank_zero_info(f"QAT: fake-quant int8 inserted at epoch {trainer.current_epoch}")
+
+    def _reached(self, trainer, fraction: float | None) -> bool:
+        if fraction is None or self.qat_start_step is None:
+            return False
+        total = trainer.estimated_stepping_batches - self.qat_start_step
+        return trainer.global_step >= self.qat_start_step + fraction * total
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        prepared = target_module(pl_module)
+        if not isinstance(prepared, torch.fx.GraphModule):
+            return
+        if self.bn_frozen_at is not None or self._reached(trainer, self.freeze_bn_after):
+            quant.freeze_batchnorm_statistics(prepared)  # again after each .train(), which unfreezes the graph
+            if self.bn_frozen_at is None:
+                self.bn_frozen_at = trainer.global_step
+                rank_zero_info(f"QAT: BatchNorm statistics frozen at step {trainer.global_step}")
+        if self.observers_frozen_at is None and self._reached(trainer, self.freeze_observers_after):
+            quant.freeze_observers(prepared)
+            self.observers_frozen_at = trainer.global_step
+            rank_zero_info(f"QAT: observers frozen at step {trainer.global_step}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         prepared = target_module(pl_module)
@@ -97,7 +150,7 @@ class QuantizationAwareTraining(Callback):
         self.int8_model = quant.convert_int8(prepared)
         if trainer.is_global_zero:
             path = output_dir(trainer, self.output) / "int8.pt2"
-            quant.save_int8(self.int8_model, example_input(pl_module).cpu(), path)
+            save_program(self.int8_model, example_input(pl_module), path)
             rank_zero_info(f"QAT: int8 model ({quant.model_bytes(self.int8_model)} bytes) saved to {path}")
 
 
@@ -139,81 +192,105 @@ class PostTrainingQuantization(Callback):
         self.int8_model = self.quantize(target_module(pl_module), images)
         if trainer.is_global_zero:
             path = output_dir(trainer, self.output) / "int8.pt2"
-            quant.save_int8(self.int8_model, images[0].cpu(), path)
+            save_program(self.int8_model, images[0], path)
             rank_zero_info(f"PTQ: int8 model ({quant.model_bytes(self.int8_model)} bytes) saved to {path}")
 
 
 class BitNet(Callback):
-    """BitNet b1.58: ternary {-1, 0, +1} x per-channel scale weights in Linear/Conv2d layers during training.
+    """BitNet b1.58 training: ternary weights and normalised 8-bit activations in Linear/Conv2d layers.
 
     Layers are swapped when fit starts (same Parameter objects and state-dict keys, so checkpoints and resume
-    work); gradients pass straight through the rounding. At the end of fit the ternary codes and scales are
-    exported to ``ternary.pt``.
+    work); gradients pass straight through the rounding. At the end of fit the model is written to
+    ``ternary.pt`` with its ternary weights packed at 2 bits each (``ternary.load_ternary`` reads it back);
+    ``self.file_bytes`` is that file's size.
 
     Args:
-        method: ``absmean`` (BitNet b1.58) or ``median`` (BitNet b1.58 Reloaded) weight scale.
-        activation_bits: absmax activation bits (8 in the paper); ``None`` for float activations.
+        weight_scale: ternary scale; default ``ternary.AbsMean()`` per tensor (the paper); variants
+            ``AbsMean(per_channel=True)``, ``AbsMedian()`` (BitNet b1.58 Reloaded).
+        input_norm: parameter-free norm of each layer's input before the activation quantizer; default
+            ``ternary.RMSNorm()`` (BitLinear), ``ternary.LayerNorm()``, or null for none.
+        activation_bits: absmax activation bits per token (8 in the paper); null for float activations.
         skip: layer names kept in float (default: the timm model's stem conv and classifier).
         output: folder for ``ternary.pt``.
     """
 
-    def __init__(self, method: str = "absmean", activation_bits: int | None = 8, skip: list[str] | None = None,
-                 output: str | None = None):
-        quant.ternary_scale(torch.ones(1, 1), method)  # validates the method name early
-        self.method, self.activation_bits, self.skip, self.output = method, activation_bits, skip, output
+    def __init__(self, weight_scale: ternary.TernaryScale | None = None,
+                 input_norm: ternary.RMSNorm | ternary.LayerNorm | None = ternary.RMSNorm(),
+                 activation_bits: int | None = 8, skip: list[str] | None = None, output: str | None = None):
+        self.weight_scale = weight_scale or ternary.AbsMean()
+        self.input_norm, self.activation_bits, self.skip, self.output = input_norm, activation_bits, skip, output
         self.swapped: list[str] = []
+        self.file_bytes: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.swapped = quant.to_bitnet(target_module(pl_module), self.method, self.activation_bits, self.skip)
-        rank_zero_info(f"BitNet: {len(self.swapped)} ternary layers ({self.method})")
+        self.swapped = ternary.to_bitnet(target_module(pl_module), self.weight_scale, self.activation_bits,
+                                         self.input_norm, self.skip)
+        rank_zero_info(f"BitNet: {len(self.swapped)} ternary layers ({self.weight_scale})")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            path = output_dir(trainer, self.output) / "ternary.pt"
-            torch.save(quant.export_ternary(target_module(pl_module)), path)
-            rank_zero_info(f"BitNet: ternary weights saved to {path}")
+            payload = ternary.ternary_state(target_module(pl_module))
+            path = write_atomic(output_dir(trainer, self.output) / "ternary.pt", lambda tmp: torch.save(payload, tmp))
+            self.file_bytes = os.path.getsize(path)
+            rank_zero_info(f"BitNet: packed ternary model ({self.file_bytes} bytes, 2 bits per ternary weight) "
+                           f"saved to {path}")
 
 
 class MixedPrecision(Callback):
-    """HAWQ-style per-layer weight bit-widths under a size budget, chosen at the end of fit.
+    """HAWQ per-layer weight bit-widths under a size budget, chosen at the end of fit.
 
     Each Linear/Conv2d weight's Hessian trace is estimated with Hutchinson's method on a few training
-    batches; bits are then lowered greedily where the trace-weighted quantization error grows least, until
-    the quantized layers fit ``budget`` x their fp32 size. The table of chosen bits is printed and saved as
-    ``mixed_precision.json``; ``self.quantized_model`` holds a copy with the weights fake-quantized.
+    batches, drawing until the estimate converges (PyHessian's tolerance rule); bits are then allocated by an
+    exact multiple-choice knapsack so that all quantized layers fit ``budget`` x their fp32 size with the
+    least trace-weighted quantization error (``hawq.allocate_bits``). As in HAWQ-V3, the first conv and the
+    classifier stay at ``pinned_bits`` (8) and count towards the budget. The table of chosen bits is printed
+    and saved as ``mixed_precision.json``; ``self.quantized_model`` holds a copy with the weights fake-quantized.
 
     Args:
         budget: size of the quantized layers as a fraction of their fp32 bytes (0.125 = all 4-bit on average).
         choices: allowed bit-widths.
-        hessian_batches: batches for the trace estimate.
-        samples: Rademacher vectors per batch.
-        skip: layers left in float (default: none, every Linear/Conv2d gets bits).
+        hessian_batches: batches for the trace estimate (the Hessian of their mean loss).
+        tol: relative change of the running trace estimate at which drawing stops (PyHessian: 1e-3).
+        max_samples: upper bound on Rademacher draws per layer (PyHessian: 100).
+        pinned: layers fixed at ``pinned_bits`` (default: the timm model's stem conv and classifier); [] for none.
+        pinned_bits: their bit-width.
+        skip: layers left in float and outside the budget (default: none).
         output: folder for ``mixed_precision.json``.
     """
 
     def __init__(self, budget: float = 0.125, choices: list[int] | None = None, hessian_batches: int = 2,
-                 samples: int = 8, skip: list[str] | None = None, output: str | None = None):
+                 tol: float = 1e-3, max_samples: int = 100, pinned: list[str] | None = None, pinned_bits: int = 8,
+                 skip: list[str] | None = None, output: str | None = None):
         self.budget, self.choices = budget, list(choices or [2, 4, 8])
-        self.hessian_batches, self.samples, self.skip, self.output = hessian_batches, samples, skip or [], output
+        self.hessian_batches, self.tol, self.max_samples = hessian_batches, tol, max_samples
+        self.pinned, self.pinned_bits, self.skip, self.output = pinned, pinned_bits, skip or [], output
         self.bits: dict[str, int] = {}
-        self.traces: dict[str, float] = {}
+        self.traces: dict[str, float | None] = {}
+        self.samples: dict[str, int] = {}
         self.quantized_model: nn.Module | None = None
 
     def choose(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
         """Estimate traces on ``batches`` and allocate bits for ``model`` (which is not modified)."""
-        self.traces = quant.layer_hessian_traces(model, batches, self.skip, self.samples)
-        weights = {name: layer.weight.detach() for name, layer in quant.quantizable_layers(model, self.skip).items()}
+        layers = quant.quantizable_layers(model, self.skip)
+        pinned = hawq.pinned_layers(model, quant.default_skip(model) if self.pinned is None else self.pinned, self.skip)
+        free = [n for n in layers if n not in pinned]
+        traces, self.samples = hawq.layer_hessian_traces(model, batches, free, self.tol, self.max_samples)
+        self.traces = {n: traces.get(n) for n in layers}  # None: pinned, not estimated
+        weights = {name: layer.weight.detach() for name, layer in layers.items()}
         budget_bytes = self.budget * sum(w.numel() * 4 for w in weights.values())
-        self.bits = quant.allocate_bits(self.traces, weights, budget_bytes, self.choices)
+        fixed = dict.fromkeys(pinned, self.pinned_bits)
+        self.bits = hawq.allocate_bits(traces, weights, budget_bytes, self.choices, fixed)
         self.quantized_model = copy.deepcopy(model)
-        quant.apply_weight_bits(self.quantized_model, self.bits)
+        hawq.apply_weight_bits(self.quantized_model, self.bits)
         return self.bits
 
     def table(self) -> str:
-        rows = [f"{'layer':40s} {'params':>9s} {'trace/param':>12s} {'bits':>4s}"]
+        rows = [f"{'layer':40s} {'params':>9s} {'trace/param':>12s} {'draws':>5s} {'bits':>4s}"]
         for name, bits in self.bits.items():
             numel = self.quantized_model.get_submodule(name).weight.numel()
-            rows.append(f"{name:40s} {numel:9d} {self.traces[name] / numel:12.3e} {bits:4d}")
+            trace = self.traces[name]
+            per_param = f"{trace / numel:12.3e}" if trace is not None else f"{'pinned':>12s}"
+            rows.append(f"{name:40s} {numel:9d} {per_param} {self.samples.get(name, '-')!s:>5s} {bits:4d}")
         return "\n".join(rows)
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -221,5 +298,6 @@ class MixedPrecision(Callback):
         self.choose(target_module(pl_module), batches)
         if trainer.is_global_zero:
             rank_zero_info("MixedPrecision: chosen bits per layer\n" + self.table())
-            path = output_dir(trainer, self.output) / "mixed_precision.json"
-            path.write_text(json.dumps({"bits": self.bits, "traces": self.traces, "budget": self.budget}, indent=1))
+            text = json.dumps({"bits": self.bits, "traces": self.traces, "draws": self.samples,
+                               "budget": self.budget}, indent=1)
+            write_atomic(output_dir(trainer, self.output) / "mixed_precision.json", lambda tmp: tmp.write_text(text))

@@ -1,9 +1,11 @@
 """Model soups (Model soups: averaging weights of multiple fine-tuned models improves accuracy...).
 
 * ``ModelSoup``: a callback that, at the end of fit, soups the run's final weights with a sweep's checkpoints.
-* ``python -m callbacks.soups --config ... --checkpoints a.ckpt b.ckpt --method greedy --output soup.ckpt``:
-  the same over a list of checkpoints; the model/data configs are those the ingredients were trained with and
-  the DataModule's validation split is the held-out set greedy selection scores on (``--monitor``).
+* ``visionlab soup --config ... --checkpoints a.ckpt b.ckpt --method greedy --output soup.ckpt``: the same
+  over a list of checkpoints; the model/data configs are those the ingredients were trained with.
+
+Greedy selection scores (``--monitor``) on the DataModule's held-out split, carved from its training data
+(``holdout_dataloader()``), never on the validation split whose accuracy is reported.
 """
 
 from __future__ import annotations
@@ -35,9 +37,40 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
+class HeldOutData(pl.LightningDataModule):
+    """A DataModule's held-out split (``holdout_dataloader()``: data carved from its training split) as the
+    validation data of ``trainer.validate``, through the same batch hooks (device transfer, normalisation).
+
+    Soups select ingredients on such a split and never on the one whose accuracy is reported, as the paper's
+    code (mlfoundations/model-soups: ``ImageNet2p``, 2% of ImageNet train held out from fine-tuning).
+    """
+
+    def __init__(self, datamodule: pl.LightningDataModule):
+        super().__init__()
+        if not callable(getattr(datamodule, "holdout_dataloader", None)):
+            raise ConfigError(f"{type(datamodule).__name__} has no holdout_dataloader(): a soup selects its "
+                              "ingredients on a held-out split carved from the training data, never on the "
+                              "validation split it reports; use a DataModule that carves one")
+        self.datamodule = datamodule
+
+    def val_dataloader(self):
+        return self.datamodule.holdout_dataloader()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return self.datamodule.on_before_batch_transfer(batch, dataloader_idx)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return self.datamodule.transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.datamodule.on_after_batch_transfer(batch, dataloader_idx)
+
+
 def held_out_evaluator(module: pl.LightningModule, datamodule: pl.LightningDataModule, monitor: str = "val/acc1",
                        recompute_bn: bool = True, bn_batches: int = 20) -> Callable[[dict], float]:
-    """``evaluate(state_dict) -> score``: load into ``module``, recompute BN on training batches, validate."""
+    """``evaluate(state_dict) -> score``: load into ``module``, recompute BN on training batches, score the
+    DataModule's held-out split (:class:`HeldOutData`) with the module's own validation step."""
+    held_out = HeldOutData(datamodule)
     trainer = pl.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     network = getattr(module, "backbone", module)
@@ -53,7 +86,7 @@ def held_out_evaluator(module: pl.LightningModule, datamodule: pl.LightningDataM
         module.load_state_dict(state)
         if bn_images:
             recompute_batchnorm(network, bn_images)
-        metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics = trainer.validate(module, datamodule=held_out, verbose=False)[0]
         if monitor not in metrics:
             raise ConfigError(f"validation logs no {monitor!r} (it logs {sorted(metrics)}): set monitor")
         return float(metrics[monitor])
@@ -101,7 +134,8 @@ class ModelSoup(Callback):
         checkpoints: other ingredients: paths or glob patterns (e.g. ``runs/sweep/*/checkpoints/last.ckpt``).
         method: ``greedy`` or ``uniform``.
         include_current: add this run's final weights as an ingredient.
-        monitor: held-out metric (higher is better) logged by the module's validation step.
+        monitor: metric (higher is better) logged by the module's validation step, computed on the
+            DataModule's held-out split (``holdout_dataloader()``, carved from the training data).
         recompute_bn: re-estimate BatchNorm statistics of each evaluated soup on training batches.
         bn_batches: training batches for that.
         output: soup checkpoint path (default ``<default_root_dir>/soup.ckpt``).

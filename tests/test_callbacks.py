@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.averaging import EMA, SWA
+from callbacks.averaging import EMA, SWA, ema_decay
+from callbacks.soups import make_soup
 from datamodules import sources
 from modules.classification import ClassificationModule
 from modules.components.errors import ConfigError
@@ -119,18 +120,45 @@ def test_ema_checkpoint_holds_average_and_resume_keeps_it(tmp_path, loader):
         torch.testing.assert_close(check.average[k], avg[k], msg=k)
 
 
+def test_ema_warmup_decay_is_timm_model_ema_v3():
+    from timm.utils import ModelEmaV3
+
+    timm_ema = ModelEmaV3(torch.nn.Linear(1, 1), decay=0.9999, use_warmup=True)
+    for updates in (1, 2, 4, 10, 100, 10_000, 10_000_000):  # ModelEmaV3 is called with the 1-based step count
+        assert ema_decay(0.9999, updates, warmup=True) == pytest.approx(timm_ema.get_decay(updates + 1), abs=1e-12)
+    assert ema_decay(0.999, 4, warmup=True) == pytest.approx(1 - 5 ** (-2 / 3))  # 0.658, not (1 + 4) / (10 + 4)
+    assert ema_decay(0.999, 4, warmup=False) == 0.999
+
+
+def test_ema_warmup_average_follows_timm_decays(tmp_path, loader):
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    recorder, module = Recorder(), tiny_module()
+    trainer(tmp_path, [EMA(decay=0.9, warmup=True), recorder], num_sanity_val_steps=0).fit(module, loader, loader)
+    timm_ema = ModelEmaV3(torch.nn.Linear(1, 1), decay=0.9, use_warmup=True)
+    expected = recorder.steps[0]  # the first update copies the weights
+    for step, weights in enumerate(recorder.steps[1:], start=2):
+        d = timm_ema.get_decay(step)
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in weights}
+    assert_close_dicts(recorder.validation[0], expected)
+
+
 # --- SWA -------------------------------------------------------------------------------------------
 def test_swa_average_is_mean_of_collected_weights(tmp_path, loader):
     torch.manual_seed(0)
     recorder, module = Recorder(), tiny_module()
     swa = SWA(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1)  # 1-based: averaging from epoch index 1
-    trainer(tmp_path, [swa, recorder], max_epochs=4, num_sanity_val_steps=0).fit(module, loader, loader)
+    fit = trainer(tmp_path, [swa, recorder], max_epochs=4, num_sanity_val_steps=0)
+    fit.fit(module, loader, loader)
     assert (swa.swa_start, swa.swa_end) == (1, 3)
     collected = recorder.epoch_starts[1:4]  # SWA averages the weights at the start of epochs 1..3
     mean = {k: torch.stack([c[k] for c in collected]).mean(0) for k in collected[0]}
     assert_close_dicts(params(module), mean, rtol=1e-5, atol=1e-6)
     assert not torch.equal(collected[0]["backbone.head.weight"], collected[-1]["backbone.head.weight"])
-    assert swa._swa_scheduler.get_last_lr()[0] == pytest.approx(0.02)  # SWALR stepped through step_update
+    scheduler = fit.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.02)  # SWALR stepped through step_update
+    assert set(scheduler.state_dict()) >= {"base_lrs", "last_epoch"}  # checkpoints save SWALR's own state
 
 
 # --- soups -----------------------------------------------------------------------------------------
@@ -184,6 +212,55 @@ def test_greedy_soup_never_below_best_ingredient():
     assert evaluate(soup) == pytest.approx(score)
 
 
+def test_greedy_soup_adds_an_ingredient_only_when_the_score_rises():
+    states = [{"w": torch.tensor([float(i)])} for i in range(4)]
+    soup, kept, score = greedy_soup(states, lambda s: 0.5, [0.5, 0.5, 0.5, 0.5])  # ties everywhere
+    assert kept == [0] and score == 0.5 and torch.equal(soup["w"], states[0]["w"])  # the paper's `>`
+    rises = {0.0: 0.7, 1.0: 0.5, 0.5: 0.8}  # w = 0 alone, w = 1 alone, their mean
+    soup, kept, score = greedy_soup(states[:2], lambda s: rises[float(s["w"])], [0.7, 0.5])
+    assert kept == [0, 1] and score == 0.8 and float(soup["w"]) == 0.5
+
+
+class SplitData(pl.LightningDataModule):
+    """Train / held-out (carved from training data) / validation splits as tensors."""
+
+    def __init__(self, train, holdout, val):
+        super().__init__()
+        self.train, self.holdout, self.val = train, holdout, val
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=64)
+
+    def holdout_dataloader(self):
+        return DataLoader(self.holdout, batch_size=64)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=64)
+
+
+def test_soup_selects_on_the_held_out_split_not_the_reported_one():
+    torch.manual_seed(0)
+    train, holdout, val = fashion_tensors(128, 0), fashion_tensors(96, 2000), fashion_tensors(96, 4000)
+    states = fine_tunes(tiny_module("test_resnet").state_dict(), [0.01, 0.3], train)
+    probe = tiny_module("test_resnet")
+
+    def score(state, split):
+        probe.load_state_dict(state)
+        recompute_batchnorm(probe.backbone, [train.tensors[0][:64]])
+        return accuracy(probe, split)
+
+    module = tiny_module("test_resnet")
+    report = make_soup(module, SplitData(train, holdout, val), states, ["a", "b"], bn_batches=1)
+    assert report["ingredient_scores"] == pytest.approx([score(s, holdout) for s in states], abs=1e-6)
+    assert report["ingredient_scores"] != pytest.approx([score(s, val) for s in states], abs=1e-6)
+
+    class NoHoldout(SplitData):
+        holdout_dataloader = None
+
+    with pytest.raises(ConfigError, match="held-out split carved from the training data"):
+        make_soup(module, NoHoldout(train, holdout, val), states, ["a", "b"])
+
+
 def test_mismatched_soup_ingredients_give_clear_error():
     a = tiny_module("test_resnet").state_dict()
     b = tiny_module("test_vit").state_dict()
@@ -207,8 +284,12 @@ def test_recompute_batchnorm_matches_batch_statistics():
 
 
 @pytest.mark.slow
-def test_soup_command_over_cli_checkpoints(tmp_path, run_cli, beton_cache):
+def test_soup_command_over_cli_checkpoints(tmp_path, run_cli, beton_cache, monkeypatch):
+    from datamodules.ffcv_datamodule import FFCVDataModule
     from tests.conftest import cli_args
+
+    if not hasattr(FFCVDataModule, "holdout_dataloader"):  # stand-in until the DataModule carves a held-out split
+        monkeypatch.setattr(FFCVDataModule, "holdout_dataloader", FFCVDataModule.val_dataloader, raising=False)
 
     paths = []
     for seed in (0, 1):

@@ -1,12 +1,10 @@
-"""Quantization pieces in pure torch: BitNet b1.58 ternary layers, int8 conversion, HAWQ-style mixed precision.
+"""Quantization pieces in pure torch: int8 conversion, uniform fake quant, layer-wise calibration, layer lookup.
 
-* BitNet b1.58 (The Era of 1-bit LLMs; BitNet b1.58 Reloaded): ternary weights {-1, 0, +1} times a per-output-
-  channel scale (absmean, or the median variant), 8-bit absmax activations, straight-through gradients.
+BitNet b1.58 lives in ``ternary.py`` and HAWQ mixed precision in ``hawq.py``; both build on the helpers here.
+
 * int8: torchao's pt2e flow (``torch.export`` + x86 Inductor quantizer): fake-quant QAT or calibrated PTQ with
   per-channel symmetric weights and per-tensor affine (static or dynamic) activations, converted to int8
   weights and lowered to int8 CPU kernels by ``torch.compile``.
-* Mixed precision (HAWQ-v2): Hutchinson estimate of each layer's Hessian trace, then per-layer bit-widths that
-  minimise sum(trace_i / n_i * ||Q_b(W_i) - W_i||^2) under a model-size budget.
 * Layer-wise calibration (Improving Post Training Neural Quantization, AdaQuant): per layer, tune the weight so
   that its quantized output matches the float output on calibration inputs.
 """
@@ -32,70 +30,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
-def ternary_scale(weight: torch.Tensor, method: str = "absmean", eps: float = 1e-5) -> torch.Tensor:
-    """Per-output-channel scale (out, 1, ...) of a weight: mean(|W|) (BitNet b1.58) or median(|W|) (Reloaded)."""
-    flat = weight.detach().abs().flatten(1)  # (out, fan_in)
-    if method == "absmean":
-        scale = flat.mean(dim=1)
-    elif method == "median":
-        scale = flat.median(dim=1).values
-    else:
-        raise ConfigError(f"unknown ternary scale method {method!r}: use 'absmean' or 'median'")
-    return scale.clamp_min(eps).view(-1, *([1] * (weight.dim() - 1)))
-
-
-def ternary_codes(weight: torch.Tensor, method: str = "absmean") -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes in {-1, 0, 1} with the shape of ``weight`` and the per-channel float scale (out,)."""
-    scale = ternary_scale(weight, method)
-    codes = (weight.detach() / scale).round().clamp(-1, 1).to(torch.int8)
-    return codes, scale.flatten()
-
-
-def ternary_weight(weight: torch.Tensor, method: str = "absmean") -> torch.Tensor:
-    """Ternary weight ``scale * clamp(round(W / scale), -1, 1)`` with straight-through gradients to ``W``."""
-    scale = ternary_scale(weight, method)
-    quantized = (weight.detach() / scale).round().clamp(-1, 1) * scale
-    return quantized + (weight - weight.detach())  # exact ternary values, identity gradient (as in BitNet)
-
-
-def absmax_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Symmetric absmax fake-quant of activations per token/sample (last dim for (B, N, D), (C,H,W) for images)."""
-    qmax = 2 ** (bits - 1) - 1
-    dims = tuple(range(1, x.dim())) if x.dim() == 4 else (-1,)
-    scale = x.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-5) / qmax
-    return round_ste(x / scale).clamp(-qmax - 1, qmax) * scale
-
-
-class BitLinear(nn.Linear):
-    """nn.Linear with BitNet b1.58 ternary weights and absmax-quantized activations in the forward pass.
-
-    Args:
-        method: ``absmean`` or ``median`` weight scale.
-        activation_bits: bits of the absmax activation quantizer; ``None`` keeps float activations.
-    """
-
-    method: str = "absmean"
-    activation_bits: int | None = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits:
-            x = absmax_activation(x, self.activation_bits)
-        return nn.functional.linear(x, ternary_weight(self.weight, self.method), self.bias)
-
-
-class BitConv2d(nn.Conv2d):
-    """nn.Conv2d with BitNet b1.58 ternary weights (see :class:`BitLinear`)."""
-
-    method: str = "absmean"
-    activation_bits: int | None = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_bits:
-            x = absmax_activation(x, self.activation_bits)
-        return self._conv_forward(x, ternary_weight(self.weight, self.method), self.bias)
-
-
-# --- layer swapping ------------------------------------------------------------------------------
+# --- layer lookup --------------------------------------------------------------------------------
 def default_skip(model: nn.Module) -> list[str]:
     """Names kept in float by convention: a timm model's stem conv and classifier (from its pretrained_cfg)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -117,46 +52,6 @@ def quantizable_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def to_bitnet(model: nn.Module, method: str = "absmean", activation_bits: int | None = 8,
-              skip: Sequence[str] | None = None) -> list[str]:
-    """Swap Linear/Conv2d layers for BitLinear/BitConv2d in place, sharing the same Parameter objects.
-
-    Sharing keeps the optimizer's references and the state-dict keys; returns the swapped names.
-    """
-    skip = default_skip(model) if skip is None else skip
-    swapped = []
-    for name, layer in quantizable_layers(model, skip).items():
-        if isinstance(layer, (BitLinear, BitConv2d)):
-            continue
-        cls = BitLinear if isinstance(layer, nn.Linear) else BitConv2d
-        new = copy.copy(layer)  # shares parameters, buffers and hooks
-        new.__class__ = cls
-        new.method, new.activation_bits = method, activation_bits
-        replace_submodule(model, name, new)
-        swapped.append(name)
-    return swapped
-
-
-def export_ternary(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """``{layer: {"codes": int8 {-1,0,1}, "scale": (out,) float}}`` for every BitNet layer of ``model``."""
-    return {
-        name: dict(zip(("codes", "scale"), ternary_codes(m.weight, m.method)))
-        for name, m in model.named_modules() if isinstance(m, (BitLinear, BitConv2d))
-    }
-
-
-def ternary_bytes(model: nn.Module) -> int:
-    """Storage at 1.58 bits (packed 5 trits per byte) for ternary layers, fp32 for everything else."""
-    total = 0
-    ternary = {id(m.weight) for m in model.modules() if isinstance(m, (BitLinear, BitConv2d))}
-    for p in model.state_dict(keep_vars=True).values():
-        if id(p) in ternary:
-            total += -(-p.numel() // 5) + p.shape[0] * 4  # codes + fp32 scale per channel
-        else:
-            total += p.numel() * p.element_size()
-    return total
 
 
 # --- uniform fake quant and layer-wise calibration -----------------------------------------------
@@ -304,6 +199,32 @@ def prepare_int8(model: nn.Module, example: torch.Tensor, qat: bool = False) -> 
     return allow_exported_model_train_eval(prepared)
 
 
+def freeze_batchnorm_statistics(prepared: torch.fx.GraphModule) -> bool:
+    """Make the training-mode batch norms of an exported QAT graph normalise with their running statistics.
+
+    The final phase of the standard QAT recipe (torch.ao's ``freeze_bn_stats``; in pt2e, PyTorch's QAT
+    tutorial sets the ``training`` argument of the graph's batch-norm nodes to False): the statistics stop
+    moving and the folded weights see the values conversion will use. torchao's ``.train()`` turns the nodes
+    back to training mode, so call this again after each ``.train()``. Returns True when a node changed.
+    """
+    changed = False
+    for node in prepared.graph.nodes:
+        if node.target in (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default) \
+                and node.args[5] is True:  # (input, weight, bias, running_mean, running_var, training, ...)
+            node.args = (*node.args[:5], False, *node.args[6:])
+            changed = True
+    if changed:
+        prepared.recompile()
+    return changed
+
+
+def freeze_observers(prepared: nn.Module) -> None:
+    """Stop the fake-quant observers of a prepared graph: scales and zero points keep their current values."""
+    from torchao.quantization.pt2e import disable_observer
+
+    prepared.apply(disable_observer)
+
+
 @torch.no_grad()
 def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Run calibration batches through an observer-instrumented model (PTQ)."""
@@ -385,105 +306,3 @@ def model_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
-
-
-# --- mixed precision (HAWQ-v2) -------------------------------------------------------------------
-def hutchinson_trace(loss_fn: Callable[[], torch.Tensor], params: dict[str, torch.Tensor], samples: int = 8,
-                     generator: torch.Generator | None = None) -> dict[str, float]:
-    """Tr(H) per named parameter block by Hutchinson's estimator E_v[v^T H v], v Rademacher.
-
-    ``loss_fn`` recomputes the loss (on a fixed batch); the Hessian-vector products use double backward.
-    """
-    names = list(params)
-    tensors = [params[n] for n in names]
-    loss = loss_fn()
-    grads = torch.autograd.grad(loss, tensors, create_graph=True)
-    traces = dict.fromkeys(names, 0.0)
-    for _ in range(samples):
-        vs = [torch.randint(0, 2, t.shape, generator=generator).to(t) * 2 - 1 for t in tensors]
-        hvs = torch.autograd.grad(grads, tensors, grad_outputs=vs, retain_graph=True)
-        for name, v, hv in zip(names, vs, hvs):
-            traces[name] += float((v * hv).sum()) / samples
-    return traces
-
-
-def quantization_error(weight: torch.Tensor, bits: int) -> float:
-    """||Q_b(W) - W||^2 for per-channel symmetric uniform quantization."""
-    with torch.no_grad():
-        return float((fake_quantize_weight(weight, bits) - weight).pow(2).sum())
-
-
-def allocate_bits(traces: dict[str, float], weights: dict[str, torch.Tensor], budget_bytes: float,
-                  choices: Sequence[int] = (2, 4, 8)) -> dict[str, int]:
-    """Per-layer bit-widths whose total weight size stays within ``budget_bytes``.
-
-    Greedy HAWQ: start every layer at the highest bit-width, then repeatedly lower the layer whose next
-    step down adds the least sensitivity (mean Hessian trace x quantization error) per byte saved.
-    """
-    choices = sorted(set(choices))
-    size = lambda name, bits: weights[name].numel() * bits / 8  # noqa: E731
-    minimum = sum(size(n, choices[0]) for n in weights)
-    if minimum > budget_bytes:
-        raise ConfigError(f"a budget of {budget_bytes:.0f} bytes is below the smallest possible size {minimum:.0f} "
-                          f"(all layers at {choices[0]} bits): raise the budget or allow fewer bits")
-    bits = dict.fromkeys(weights, choices[-1])
-    cost = {(n, b): max(traces[n], 0.0) / weights[n].numel() * quantization_error(weights[n], b)
-            for n in weights for b in choices}
-    total = sum(size(n, bits[n]) for n in weights)
-    while total > budget_bytes:
-        best, best_ratio = None, float("inf")
-        for n, b in bits.items():
-            idx = choices.index(b)
-            if idx == 0:
-                continue
-            lower = choices[idx - 1]
-            ratio = (cost[(n, lower)] - cost[(n, b)]) / (size(n, b) - size(n, lower))
-            if ratio < best_ratio:
-                best, best_ratio = n, ratio
-        lower = choices[choices.index(bits[best]) - 1]
-        total -= size(best, bits[best]) - size(best, lower)
-        bits[best] = lower
-    return bits
-
-
-@torch.no_grad()
-def apply_weight_bits(model: nn.Module, bits: dict[str, int]) -> None:
-    """Replace each named layer's weight by its per-channel ``bits``-bit fake-quantized value, in place."""
-    for name, b in bits.items():
-        layer = model.get_submodule(name)
-        layer.weight.copy_(fake_quantize_weight(layer.weight, b))
-
-
-def mixed_precision_bytes(model: nn.Module, bits: dict[str, int]) -> int:
-    """Weight storage at the chosen bits (+ fp32 per-channel scales); all other tensors at their dtype."""
-    quantized = {id(model.get_submodule(n).weight): b for n, b in bits.items()}
-    total = 0
-    for p in model.state_dict(keep_vars=True).values():
-        if id(p) in quantized:
-            total += -(-p.numel() * quantized[id(p)] // 8) + p.shape[0] * 4
-        else:
-            total += p.numel() * p.element_size()
-    return total
-
-
-def layer_hessian_traces(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                         skip: Sequence[str] = (), samples: int = 8, seed: int = 0) -> dict[str, float]:
-    """Hutchinson Tr(H) of the cross-entropy loss w.r.t. each Linear/Conv2d weight, averaged over ``batches``.
-
-    ``model(images)`` must return logits (B, num_classes). BatchNorm/dropout run in eval mode.
-    """
-    layers = quantizable_layers(model, skip)
-    params = {name: layer.weight for name, layer in layers.items()}
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    totals = dict.fromkeys(params, 0.0)
-    try:
-        for images, labels in batches:
-            traces = hutchinson_trace(lambda: nn.functional.cross_entropy(model(images), labels), params,
-                                      samples, generator)
-            for name, value in traces.items():
-                totals[name] += value / len(batches)
-    finally:
-        model.train(was_training)
-    return totals

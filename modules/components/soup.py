@@ -1,7 +1,7 @@
 """Model soups (Wortsman et al., 2022): average the weights of models fine-tuned from one initialisation.
 
 Pure torch over state dicts: uniform soup, greedy soup (ingredients in order of held-out score, each kept only
-if the soup's held-out score does not drop), an architecture check, and BatchNorm statistic recomputation.
+if it raises the soup's held-out score), an architecture check, and BatchNorm statistic recomputation.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def greedy_soup(states: Sequence[StateDict], evaluate: Callable[[StateDict], flo
     """Greedy soup. ``evaluate(state) -> held-out score`` (higher is better).
 
     Ingredients are tried in decreasing order of their own score; each is kept only if the soup's score
-    does not drop, so the result never scores below the best ingredient (on the held-out set).
+    rises strictly (``>``, as the paper's code: a tie adds nothing and keeps the smaller soup), so the
+    result never scores below the best ingredient on the held-out set. ``evaluate`` must score a split
+    held out from training and distinct from the reported one (the paper: 2% of ImageNet train).
 
     Returns:
         (soup state dict, indices of the kept ingredients, the soup's held-out score).
@@ -78,7 +80,7 @@ def greedy_soup(states: Sequence[StateDict], evaluate: Callable[[StateDict], flo
     for i in order[1:]:
         candidate = average_states([states[j] for j in kept + [i]])
         score = evaluate(candidate)
-        if score >= best:
+        if score > best:
             kept, best, soup = kept + [i], score, candidate
     return soup, kept, best
 
