@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,6 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 
 from datamodules.replay import apply_crops, replay_datamodule
+from modules.components.checkpoints import load_checkpoint
 from modules.components.distill import build_teacher
 from modules.components.errors import ConfigError, VisionlabError
 from modules.components.sparse_logits import SparseLogits, save_sparse_logits
@@ -38,7 +39,9 @@ def default_device() -> torch.device:
 
 @torch.no_grad()
 def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output: str | Path,
-                 device: str | torch.device | None = None, teacher_name: str = "", temperature: float = 1.0) -> SparseLogits:
+                 device: str | torch.device | None = None, teacher_name: str = "", temperature: float = 1.0,
+                 teacher_image_size: int | None = None, teacher_mean: Sequence[float] | None = None,
+                 teacher_std: Sequence[float] | None = None) -> SparseLogits:
     """Store ``teacher``'s top-k logits on ``epochs`` augmented passes over ``datamodule``'s training split.
 
     Args:
@@ -51,6 +54,10 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
         device: where the teacher and the crops run (default: CUDA when available).
         teacher_name: recorded in the file's metadata.
         temperature: T of the stored softmax (``topk_logsumexp``); the student's KD temperature must match it.
+        teacher_image_size: side the teacher sees each crop at (the same box, resized for the teacher, as FKD
+            runs its teacher at its own resolution); ``None``: the data's ``image_size``, the student's.
+        teacher_mean: the teacher's normalisation mean (0..1 per channel); ``None``: the data's.
+        teacher_std: the teacher's normalisation std; ``None``: the data's.
 
     Returns:
         What was written (arrays in memory).
@@ -65,8 +72,21 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
     device = torch.device(device) if device is not None else default_device()
     teacher = teacher.to(device).eval()
     hp = dm.hparams
+    teacher_size = teacher_image_size or dm.image_size
+    if (teacher_mean is None) != (teacher_std is None):
+        raise ConfigError("pass both --teacher_mean and --teacher_std, or neither (the data's normalisation)")
+    if teacher_mean is None:
+        normalize = dm.normalize
+    else:
+        mean = torch.tensor(teacher_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(teacher_std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+
+        def normalize(crops: torch.Tensor) -> torch.Tensor:
+            return (crops.float() - mean) / std
     meta = {**dm.replay_meta(), "teacher": teacher_name or type(teacher).__name__, "seed": dm.seed,
-            "rrc_scale": list(hp.rrc_scale), "rrc_ratio": list(hp.rrc_ratio), "hflip": hp.hflip}
+            "rrc_scale": list(hp.rrc_scale), "rrc_ratio": list(hp.rrc_ratio), "hflip": hp.hflip,
+            "teacher_image_size": int(teacher_size),
+            "teacher_normalisation": None if teacher_mean is None else [list(teacher_mean), list(teacher_std)]}
     num_samples = meta["num_samples"]
     stored = SparseLogits.empty(num_samples, epochs, topk, dm.num_classes, meta, temperature)
     seen = np.zeros(num_samples, bool)
@@ -76,8 +96,8 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
         stored.meta["decoded_hw"] = [int(height), int(width)]
         for epoch in range(epochs):
             boxes, flips = dm.crop_params(rows, epoch, height, width)  # (B, 4), (B,)
-            crops = apply_crops(images, torch.from_numpy(boxes), torch.from_numpy(flips), dm.image_size)
-            logits = teacher(dm.normalize(crops)).float()  # (B, C)
+            crops = apply_crops(images, torch.from_numpy(boxes), torch.from_numpy(flips), teacher_size)
+            logits = teacher(normalize(crops)).float()  # (B, C)
             if logits.shape[1] != dm.num_classes:
                 raise ConfigError(f"the teacher predicts {logits.shape[1]} classes, the data has {dm.num_classes}: "
                                   "use a teacher trained on these classes")
@@ -106,6 +126,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--epochs", type=int, default=10, help="K augmented epochs to store")
     parser.add_argument("--topk", type=int, default=10, help="logits kept per crop")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the stored targets")
+    parser.add_argument("--teacher_image_size", type=Optional[int], default=None,
+                        help="side the teacher sees each crop at (default: the teacher checkpoint's image_size)")
+    parser.add_argument("--teacher_mean", type=Optional[list[float]], default=None,
+                        help="the teacher's normalisation mean (default: its checkpoint's data mean, else the data's)")
+    parser.add_argument("--teacher_std", type=Optional[list[float]], default=None,
+                        help="the teacher's normalisation std (default: its checkpoint's data std, else the data's)")
     parser.add_argument("--output", type=str, required=True, help="file to write, e.g. runs/x/train_logits.vlsl")
     parser.add_argument("--batch_size", type=Optional[int], default=None, help="overrides data.batch_size")
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -125,9 +151,16 @@ def main(args: list[str] | None = None) -> SparseLogits:
         datamodule.prepare_data()
         datamodule.setup("predict")
         teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
+        mean, std, teacher_size = cfg.teacher_mean, cfg.teacher_std, cfg.teacher_image_size
+        if Path(cfg.teacher).is_file():  # the teacher's own resolution and normalisation, as it was trained
+            trained = load_checkpoint(cfg.teacher, "teacher checkpoint")
+            data = trained.get("datamodule_hyper_parameters") or {}
+            teacher_size = teacher_size or (trained.get("hyper_parameters") or {}).get("image_size")
+            if mean is None and std is None and data.get("mean") is not None and data.get("std") is not None:
+                mean, std = list(data["mean"]), list(data["std"])
         start = time.perf_counter()
         stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher,
-                              cfg.temperature)
+                              cfg.temperature, teacher_size, mean, std)
         seconds = time.perf_counter() - start
     except Exception as err:
         user_error = err if isinstance(err, VisionlabError) else _user_error(err)

@@ -13,7 +13,9 @@ decoded pixels, so the student sees bit-for-bit the crop the teacher saw (on the
   ``image`` (B, 3, S, S) normalised float, ``label`` (B,), ``index`` (B,), ``topk_values`` (B, k) float32,
   ``topk_indices`` (B, k) int64, ``topk_logsumexp`` (B,) float32 and ``logits_temperature`` (the storing
   temperature, a float); validation batches are the parents' ``(images, labels)``. Training epoch e replays
-  stored epoch e % K.
+  stored epoch e % K; with ``crops_per_image = n`` (FKD's region-level soft labels, ``--num_crops``) each
+  image of a batch comes n times, as stored epochs ``(e n + j) % K`` for j < n, crop-major: the batch holds
+  ``n * batch_size`` crops.
 """
 
 from __future__ import annotations
@@ -145,9 +147,12 @@ class _IndexedDataset(_SourceDataset):
 class _Replay:
     """The replay logic both back-ends share (mixed into a DataModule that sets ``_init_replay``)."""
 
-    def _init_replay(self, logits_path: str | None, decode_size: int | None) -> None:
+    def _init_replay(self, logits_path: str | None, decode_size: int | None, crops_per_image: int = 1) -> None:
+        if crops_per_image < 1:
+            raise ConfigError(f"crops_per_image {crops_per_image} must be at least 1")
         self.logits_path = logits_path
         self.decode_size = decode_size
+        self.crops_per_image = crops_per_image
         self.replay_epoch = 0  # used when no Trainer is attached (scripts, tests)
         self.stored: SparseLogits | None = None
 
@@ -203,14 +208,23 @@ class _Replay:
         if stored.meta.get("decoded_hw") != decoded:
             raise ConfigError(f"{self.logits_path} was stored from {stored.meta.get('decoded_hw')} px decoded images, "
                               f"the loader gives {decoded}: use the store-logits run's data settings")
-        rows, column = indices.cpu().numpy(), self.epoch % stored.epochs
-        crops = apply_crops(images, torch.from_numpy(stored.crop_boxes[rows, column].astype(np.int64)),
-                            torch.from_numpy(stored.flips[rows, column].astype(bool)), self.image_size)
+        n = self.crops_per_image
+        if n > stored.epochs:
+            raise ConfigError(f"data.crops_per_image {n} exceeds the {stored.epochs} stored epochs of {self.logits_path}: "
+                              f"store at least {n} epochs or use fewer crops")
+        rows = np.tile(indices.cpu().numpy(), n)  # (n B,) crop-major, as FKD concatenates its crops
+        columns = np.repeat([(self.epoch * n + j) % stored.epochs for j in range(n)], len(indices))  # (n B,)
+        crops = apply_crops(images.repeat(n, 1, 1, 1), torch.from_numpy(stored.crop_boxes[rows, columns].astype(np.int64)),
+                            torch.from_numpy(stored.flips[rows, columns].astype(bool)), self.image_size)
         device = images.device
-        values = torch.from_numpy(stored.topk_values[rows, column].astype(np.float32)).to(device)  # (B, k)
-        classes = torch.from_numpy(stored.topk_indices[rows, column].astype(np.int64)).to(device)  # (B, k)
-        lse = torch.from_numpy(stored.topk_logsumexp[rows, column].astype(np.float32)).to(device)  # (B,)
-        return {"image": self.normalize(crops), "label": labels.long().view(-1), "index": indices.long().view(-1),
+
+        def read(array, dtype):
+            return torch.from_numpy(array[rows, columns].astype(dtype)).to(device)
+
+        values, classes = read(stored.topk_values, np.float32), read(stored.topk_indices, np.int64)  # (n B, k)
+        lse = read(stored.topk_logsumexp, np.float32)  # (n B,)
+        return {"image": self.normalize(crops), "label": labels.long().view(-1).repeat(n),
+                "index": indices.long().view(-1).repeat(n),
                 "topk_values": values, "topk_indices": classes, "topk_logsumexp": lse,
                 "logits_temperature": float(stored.meta["temperature"])}
 
@@ -226,12 +240,14 @@ class ReplayDataModule(_Replay, FFCVDataModule):
         logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
         decode_size: decode every training image as its centre square resized to this side; ``None``
             when all images already share one size (the embedded Fashion-MNIST).
+        crops_per_image: n stored crops of each image per training step (FKD's ``num_crops``).
         **kwargs: the ``FFCVDataModule`` arguments.
     """
 
-    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, **kwargs):
+    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, crops_per_image: int = 1,
+                 **kwargs):
         super().__init__(**kwargs)
-        self._init_replay(logits_path, decode_size)
+        self._init_replay(logits_path, decode_size, crops_per_image)
 
     def pipelines(self, split: str, train: bool) -> dict:
         if split != "train":
@@ -275,12 +291,14 @@ class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
         logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
         decode_size: centre square resized to this side before cropping; ``None`` keeps images as they are
             (they must then share one size).
+        crops_per_image: n stored crops of each image per training step (FKD's ``num_crops``).
         **kwargs: the ``TorchvisionDataModule`` arguments.
     """
 
-    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, **kwargs):
+    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, crops_per_image: int = 1,
+                 **kwargs):
         super().__init__(**kwargs)
-        self._init_replay(logits_path, decode_size)
+        self._init_replay(logits_path, decode_size, crops_per_image)
 
     def dataset(self, split: str, train: bool) -> Dataset:
         if split != "train":

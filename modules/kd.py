@@ -12,6 +12,7 @@ from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.checkpoints import backbone_state_dict
 from modules.components.distill import kd_loss, student_tokens_and_logits
 from modules.components.errors import ConfigError
+from modules.components.kd_mixing import Mixing
 from modules.components.kd_targets import FerKD, OnlineTeachers, TargetSource, named_batch
 from modules.components.kd_terms import KDStep, LossTerm
 from modules.components.optim import OptimConfig
@@ -26,9 +27,11 @@ class DistillationModule(VisionModule):
     injected *target source* (``kd_targets.OnlineTeachers``: the mean tempered softmax of frozen teachers;
     ``kd_targets.StoredLogits``: top-k teacher probabilities replayed with their crops by
     ``datamodules.replay``, the true remainder on the other classes, no teacher forward), optionally
-    calibrated (``kd_targets.FerKD``); the extra *terms* are ``kd_terms`` objects (hard labels, feature KD,
-    MEAL V2's discriminator). Each is chosen by ``class_path`` in YAML. The student is ``self.backbone``
-    (checkpoint keys ``backbone.*``, loadable by any technique's ``init_checkpoint`` or as a teacher).
+    calibrated (``kd_targets.FerKD``) and mixed with the crops (``kd_mixing``); the extra *terms* are
+    ``kd_terms`` objects (hard labels, feature KD, MEAL V2's discriminator). Each is chosen by ``class_path``
+    in YAML; ``training_step`` is: targets, calibration, mixing, then the weighted sum of the terms. The
+    student is ``self.backbone`` (checkpoint keys ``backbone.*``, loadable by any technique's
+    ``init_checkpoint`` or as a teacher).
     Teachers are frozen, always in eval mode, outside the optimizer and not saved in checkpoints: reloading
     rebuilds them from the target source's recorded arguments.
 
@@ -40,6 +43,8 @@ class DistillationModule(VisionModule):
         init_checkpoint: visionlab checkpoint whose ``backbone.*`` weights initialise the student.
         targets: where the soft targets come from (default: ``OnlineTeachers`` with no teachers).
         calibration: optional per-crop calibration of the targets (``FerKD``).
+        mixing: optional mixing of crops and targets by the same weights (``kd_mixing.SoftTargetMix``: FKD's
+            mixup/CutMix; ``kd_mixing.SelfMix``: FerKD's, within one image).
         terms: extra weighted loss terms.
         temperature: softmax temperature T of targets and student.
         kd_weight: weight of the KL loss.
@@ -55,6 +60,7 @@ class DistillationModule(VisionModule):
         init_checkpoint: str | None = None,
         targets: TargetSource | None = None,
         calibration: FerKD | None = None,
+        mixing: Mixing | None = None,
         terms: list[LossTerm] | None = None,
         temperature: float = 1.0,
         kd_weight: float = 1.0,
@@ -63,14 +69,15 @@ class DistillationModule(VisionModule):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         targets = targets if targets is not None else OnlineTeachers()
         terms = list(terms or [])
-        self.save_hyperparameters(ignore=["targets", "calibration", "terms"])
+        self.save_hyperparameters(ignore=["targets", "calibration", "mixing", "terms"])
         # primitives only (weights_only checkpoints), rebuilt by Lightning's CLI instantiator on reload
         self.hparams.update(targets=targets.config(), calibration=calibration.config() if calibration else None,
-                            terms=[term.config() for term in terms], _instantiator="lightning.pytorch.cli.instantiate_module")
+                            mixing=mixing.config() if mixing else None, terms=[term.config() for term in terms],
+                            _instantiator="lightning.pytorch.cli.instantiate_module")
         self.backbone = create_backbone(student, num_classes=num_classes, image_size=image_size, **(student_kwargs or {}))
         if init_checkpoint:
             load_state_dict_strict(self.backbone, backbone_state_dict(init_checkpoint), f"checkpoint {init_checkpoint}")
-        self.targets, self.calibration, self.terms = targets, calibration, nn.ModuleList(terms)
+        self.targets, self.calibration, self.mixing, self.terms = targets, calibration, mixing, nn.ModuleList(terms)
         self.targets.bind(num_classes, image_size)
         for term in terms:
             term.bind(self.backbone, self.targets.teachers, num_classes, image_size)
@@ -120,6 +127,8 @@ class DistillationModule(VisionModule):
         targets = self.targets(batch, temperature)
         if self.calibration is not None:
             targets = self.calibration(targets, batch["label"])
+        if self.mixing is not None:
+            batch, targets = self.mixing(batch, targets)
         tokens = None
         if self.needs_tokens:
             tokens, logits = student_tokens_and_logits(self.backbone, batch["image"], self.feature_layer)

@@ -23,7 +23,8 @@ from modules.components.distill import (
 )
 from modules.components.checkpoints import load_checkpoint
 from modules.components.errors import ConfigError
-from modules.components.kd_targets import FerKD, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
+from modules.components.kd_mixing import SelfMix, SoftTargetMix, cutmix, mixup, same_image_partners
+from modules.components.kd_targets import FerKD, KDTargets, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
 from modules.components.kd_terms import FeatureKD, HardLabels, LogitDiscriminator, ProbabilityDiscriminator
 from modules.components.optim import OptimConfig
 from modules.kd import DistillationModule
@@ -299,7 +300,8 @@ def test_cli_fast_dev_run_debug_yaml(run_cli, tmp_path, beton_cache):
     assert run_cli(cli_args(tmp_path, beton_cache, "--trainer.fast_dev_run", "true", model="kd/debug.yaml")) == 0
 
 
-def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_cache):
+@pytest.mark.parametrize("config", ["kd/stored_logits.yaml", "kd/ferkd_stored.yaml"])
+def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_cache, config):
     teacher = build_teacher("test_resnet", num_classes=10)
     checkpoint = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in teacher.state_dict().items()},
@@ -310,6 +312,92 @@ def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_c
     assert run_cli(["store-logits", "--config", str(CONFIGS / "data/fashion_mnist.yaml"), *limits, "--teacher", str(checkpoint),
                     "--epochs", "2", "--topk", "3", "--output", str(logits), "--device", "cpu"]) == 0
     args = cli_args(tmp_path, beton_cache, *limits[2:], "--data.init_args.logits_path", str(logits),
-                    "--model.init_args.student", "test_resnet", "--trainer.max_epochs", "2", model="kd/stored_logits.yaml")
+                    "--model.init_args.student", "test_resnet", "--trainer.max_epochs", "2", model=config)
     assert run_cli(args) == 0
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4  # 2 epochs x 2 batches of 128
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4  # 2 epochs x 2 batches
+    reloaded = DistillationModule.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert type(reloaded.targets) is StoredLogits
+
+
+# --- mixing crops and soft targets ------------------------------------------------------------------
+def _coded_batch(index: list[int]):
+    """Crop i is the constant image i and has the one-hot target of class i: mixing is readable from both."""
+    n = len(index)
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()
+    return {"image": images, "label": torch.arange(n), "index": torch.tensor(index)}, KDTargets(torch.eye(n), weights=torch.arange(1.0, n + 1))
+
+
+def test_same_image_partners():
+    assert same_image_partners(torch.tensor([5, 7, 5, 7])).tolist() == [2, 3, 0, 1]  # crop-major, 2 crops each
+    assert same_image_partners(torch.tensor([3, 3, 3, 9, 9])).tolist() == [1, 2, 0, 4, 3]
+    with pytest.raises(ConfigError, match="crops_per_image"):
+        same_image_partners(torch.tensor([1, 2, 2]))
+
+
+def test_cutmix_and_mixup_mix_targets_by_the_pixels_share_by_hand():
+    batch, targets = _coded_batch([0, 1, 2, 3])
+    partners = torch.tensor([1, 0, 3, 2])
+    mixed, out = cutmix(batch["image"], targets, partners, (0, 4, 0, 2))  # 4 x 2 of 8 x 8 pixels pasted
+    lam = 1 - 8 / 64
+    assert torch.equal(mixed[0, :, :4, :2], torch.ones(3, 4, 2)) and torch.equal(mixed[0, :, 4:], torch.zeros(3, 4, 8))
+    assert torch.allclose(out.probs[0], torch.tensor([lam, 1 - lam, 0.0, 0.0]))
+    assert torch.allclose(out.weights, lam * targets.weights + (1 - lam) * targets.weights[partners])
+    mixed, out = mixup(batch["image"], targets, partners, 0.3)
+    assert torch.allclose(mixed[2], torch.full((3, 8, 8), 0.3 * 2 + 0.7 * 3))
+    assert torch.allclose(out.probs[2], torch.tensor([0.0, 0.0, 0.3, 0.7]))
+
+
+def test_selfmix_mixes_only_crops_of_the_same_image():
+    """FerKD's SelfMix: each crop's partner is the other crop of its own image, and its soft target is mixed
+    by exactly the share of the partner's pixels it shows."""
+    batch, targets = _coded_batch([10, 11, 12, 10, 11, 12])  # 3 images x 2 crops, crop-major
+    pl.seed_everything(1)
+    mixed_batch, out = SelfMix(alpha=1.0)(batch, targets)
+    images = mixed_batch["image"]
+    for crop in range(6):
+        partner = (crop + 3) % 6
+        share = (images[crop] == partner).float().mean()
+        assert 0 < share < 1
+        assert set(images[crop].unique().tolist()) == {float(crop), float(partner)}
+        expected = torch.zeros(6)
+        expected[crop], expected[partner] = 1 - share, share
+        assert torch.allclose(out.probs[crop], expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="crops_per_image"):
+        SelfMix()(*_coded_batch([0, 1, 2]))
+
+
+@pytest.mark.parametrize("mixup_share", [0.0, 1.0])
+def test_soft_target_mix_pairs_across_the_batch_with_one_lambda(mixup_share):
+    batch, targets = _coded_batch(list(range(8)))
+    pl.seed_everything(0)
+    mixed_batch, out = SoftTargetMix(mixup_share=mixup_share)(batch, targets)
+    others = out.probs.masked_fill(torch.eye(8, dtype=torch.bool), 0)
+    paired = others.sum(1) > 0  # a random permutation may pair a crop with itself (as FKD's randperm)
+    partners = torch.where(paired, others.argmax(1), torch.arange(8))
+    own = out.probs.diagonal()[paired]
+    assert paired.sum() >= 2 and torch.allclose(own, own[:1].expand(len(own)))  # one lambda for the batch
+    lam = float(own[0])
+    if mixup_share:  # mixup: every pixel lam * own + (1 - lam) * partner
+        expected = lam * torch.arange(8.0) + (1 - lam) * partners.float()
+        assert torch.allclose(mixed_batch["image"].mean((1, 2, 3)), expected, atol=1e-5)
+    else:  # CutMix: the partner's share of pixels is 1 - lam
+        shares = (mixed_batch["image"] == partners.float().view(8, 1, 1, 1)).float().mean((1, 2, 3))
+        assert torch.allclose(shares[paired], torch.tensor(1 - lam), atol=1e-6)
+
+
+def test_stored_logits_with_selfmix_trains_and_reloads(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=generator)
+    values, indices = logits.topk(3, dim=-1)
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=generator), "label": torch.randint(0, 10, (8,), generator=generator),
+             "index": torch.arange(4).repeat(2), "topk_values": values, "topk_indices": indices,
+             "topk_logsumexp": logits.logsumexp(-1), "logits_temperature": 1.0}
+    model = _student(targets=StoredLogits(), calibration=FerKD(), mixing=SelfMix())
+    pl.seed_everything(0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader([batch, batch], batch_size=None))
+    assert trainer.global_step == 2
+    trainer.save_checkpoint(tmp_path / "kd.ckpt")
+    assert type(DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False).mixing) is SelfMix

@@ -234,6 +234,61 @@ def test_replay_of_mixed_size_image_folder(image_folder, beton_cache, tmp_path, 
     _assert_replay_is_exact(backend(logits_path=str(tmp_path / "train.vlsl"), decode_size=36, **settings), teacher, seen, (2,))
 
 
+def test_several_crops_per_image_replay_stored_epochs_en_plus_j(stored_run):
+    """FKD's region-level soft labels: with n crops per image, training epoch e shows every image as stored
+    epochs (e n + j) % K, crop-major, each with its own stored logits."""
+    cache, output, stored, seen, _ = stored_run
+    datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), crops_per_image=2, **DATA)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.replay_epoch = 1
+    images, labels, indices = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+    assert batch["image"].shape == (2 * BATCH, 3, 32, 32)
+    assert torch.equal(batch["index"], indices.repeat(2)) and torch.equal(batch["label"], labels.long().repeat(2))
+    for crop in range(2):
+        column = (1 * 2 + crop) % EPOCHS  # epochs 2 and 0 of the 3 stored
+        for row, index in enumerate(indices.tolist()):
+            assert torch.equal(batch["image"][crop * BATCH + row], seen[index, column])
+        rows = slice(crop * BATCH, (crop + 1) * BATCH)
+        np.testing.assert_array_equal(batch["topk_values"][rows].numpy(), stored.topk_values[indices.numpy(), column].astype(np.float32))
+        np.testing.assert_array_equal(batch["topk_logsumexp"][rows].numpy(), stored.topk_logsumexp[indices.numpy(), column])
+    too_many = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), crops_per_image=EPOCHS + 1, **DATA)
+    too_many.setup("fit")
+    with pytest.raises(ConfigError, match="exceeds the 3 stored epochs"):
+        too_many.on_after_batch_transfer([images, labels, indices], 0)
+
+
+class SizedTeacher(nn.Module):
+    """A fixed random linear classifier on 48 px inputs that keeps its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.head = nn.Linear(3 * 48 * 48, 10)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, images):
+        self.inputs.append(images.clone())
+        return self.head(images.flatten(1))
+
+
+def test_teacher_sees_the_stored_boxes_at_its_own_resolution_and_normalisation(stored_run, tmp_path):
+    cache = stored_run[0]
+    datamodule = FFCVDataModule(cache_dir=str(cache), **DATA)
+    datamodule.prepare_data()
+    teacher = SizedTeacher()
+    stored = store_logits(datamodule, teacher, 1, TOPK, tmp_path / "t48.vlsl", device="cpu", teacher_image_size=48,
+                          teacher_mean=(0.5, 0.5, 0.5), teacher_std=(0.25, 0.25, 0.25))
+    assert stored.meta["teacher_image_size"] == 48 and stored.meta["teacher_normalisation"] == [[0.5] * 3, [0.25] * 3]
+    images, _, indices = next(iter(replay_datamodule(datamodule).full_image_loader()))
+    rows = indices.numpy()
+    crops = apply_crops(images, torch.from_numpy(stored.crop_boxes[rows, 0].astype(np.int64)),
+                        torch.from_numpy(stored.flips[rows, 0].astype(bool)), 48)
+    assert torch.equal(teacher.inputs[0], (crops.float() - 127.5) / 63.75)
+    assert stored.topk_values.shape == (64, 1, TOPK)
+
+
 def test_stored_epochs_differ_and_follow_the_seed(stored_run):
     _, _, stored, _, _ = stored_run
     assert stored.meta["seed"] == DATA["seed"] and stored.meta["decoded_hw"] == [28, 28]
