@@ -173,8 +173,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=names, choices=names)
     parser.add_argument("--images", type=int, default=None, help="student training images (overrides the preset)")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (overrides the preset)")
+    parser.add_argument("--teacher_images", type=int, default=None, help="teacher training images (overrides the preset)")
+    parser.add_argument("--teacher_epochs", type=int, default=None, help="teacher epochs (overrides the preset)")
     args = parser.parse_args()
-    images, epochs = args.images, args.epochs
+    images, epochs, teacher_images, teacher_epochs = args.images, args.epochs, args.teacher_images, args.teacher_epochs
     if args.quick:
         args.teacher_images, args.teacher_epochs, args.num_teachers = 12000, 2, 1
         args.images, args.epochs, args.val_images, args.batch_size = 2000, 3, 1000, 128
@@ -182,6 +184,7 @@ def main() -> None:
         args.teacher_images, args.teacher_epochs, args.num_teachers = 15000, 3, 2
         args.images, args.epochs, args.val_images, args.batch_size = 1500, 8, 3000, 128
     args.images, args.epochs = images or args.images, epochs or args.epochs
+    args.teacher_images, args.teacher_epochs = teacher_images or args.teacher_images, teacher_epochs or args.teacher_epochs
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     root = Path(args.root)
