@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 
 import torch
 
 from modules.components.checkpoints import allowlisted, checkpoint_hparams
-from modules.components.errors import ConfigError, VisionlabError
+from modules.components.errors import ConfigError
 from modules.components.files import write_atomic
 from modules.peft import PEFTModule, load_task_file
 
@@ -45,6 +44,7 @@ def load(task: str, init_checkpoint: str | None, out: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``visionlab peft export|load ...`` (``argv`` without the tool name)."""
     parser = argparse.ArgumentParser(prog="visionlab peft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exporting = sub.add_parser("export", help="write the task-specific parameters of a PEFT checkpoint")
@@ -55,12 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     loading.add_argument("--init-checkpoint", default=None, help="backbone checkpoint (default: the one recorded in the task file)")
     loading.add_argument("--out", default=None, help="save the rebuilt model's state dict here (merging methods: a plain timm state dict)")
     args = parser.parse_args(argv)
-    try:
-        lines = [export(args.checkpoint, args.out)] if args.command == "export" else load(args.task, args.init_checkpoint, args.out)
-        print("\n".join(lines))
-    except VisionlabError as err:
-        print(f"visionlab peft: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    # user errors (VisionlabError) propagate to app/cli.py's one error path: one line, exit code 2
+    lines = [export(args.checkpoint, args.out)] if args.command == "export" else load(args.task, args.init_checkpoint, args.out)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -387,11 +387,12 @@ def test_task_file_needs_the_backbone(tmp_path):
         load_task_file(tmp_path / "task.pt")
 
 
-def test_tool_errors_are_one_line_exit_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_tool_user_errors_reach_the_cli_error_path_as_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="task file .* does not exist"):
         peft_main(["load", "--task", str(tmp_path / "missing.pt")])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("visionlab peft: error: task file")
+    torch.save({"state_dict": {}, "hyper_parameters": {"backbone": "resnet18"}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ConfigError, match="not a PEFT checkpoint"):
+        peft_main(["export", "--checkpoint", str(tmp_path / "plain.ckpt"), "--out", str(tmp_path / "task.pt")])
 
 
 # --- configs --------------------------------------------------------------------------------------
