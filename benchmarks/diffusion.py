@@ -111,7 +111,8 @@ def train_diffusion(root: Path, name: str, classes: list[int], images: int, epoc
                mid_step=mid_step, end_step=end_step, fd_mid=mid["val/fd_classifier"], fd=end["val/fd_classifier"],
                acc_mid=mid["val/sample_acc"], acc=end["val/sample_acc"], loss=end["val/mse"], ddpm_fd=ddpm_fd,
                seconds=time.time() - start)
-    print(f"  {name}: fd {row['fd_mid']:.2f} -> {row['fd']:.2f}, sample acc {row['acc_mid']:.3f} -> {row['acc']:.3f} "
+    print(f"  {name}: fd {row['fd_mid']:.2f} -> {row['fd']:.2f} (DDPM {ddpm_fd:.2f}), sample acc {row['acc_mid']:.3f} -> "
+          f"{row['acc']:.3f}, {total:,} params, {row['pct']:.2f}% trained, {row['step_ms']:.1f} ms/step "
           f"({row['seconds']:.0f} s)", flush=True)
     return row
 
