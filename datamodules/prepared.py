@@ -73,7 +73,7 @@ def write_prepared(folder: Path, sources: dict, class_names: list[str], settings
         source, path = sources[split], folder / f"{split}.beton"
         estimate = estimate_seconds(source, writers)
         _say(f"writing {len(source)} {split} images to {path} with {writers} processes "
-             f"({settings.write_mode}); estimated {estimate / 60:.1f} min")
+             f"({settings.write_mode}); estimated {estimate / 60:.1f} min from decoding alone (encoding adds to it)")
         start = time.perf_counter()
         _, skipped = write_beton(source, path, settings, writers, skip_unreadable)
         seconds = time.perf_counter() - start
