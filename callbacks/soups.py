@@ -53,6 +53,9 @@ class HeldOutData(pl.LightningDataModule):
                               "validation split it reports; use a DataModule that carves one")
         self.datamodule = datamodule
 
+    def setup(self, stage: str) -> None:
+        self.datamodule.setup(stage)
+
     def val_dataloader(self):
         return self.datamodule.holdout_dataloader()
 
@@ -71,6 +74,7 @@ def held_out_evaluator(module: pl.LightningModule, datamodule: pl.LightningDataM
     """``evaluate(state_dict) -> score``: load into ``module``, recompute BN on training batches, score the
     DataModule's held-out split (:class:`HeldOutData`) with the module's own validation step."""
     held_out = HeldOutData(datamodule)
+    datamodule.prepare_data()  # e.g. FFCV's .beton files (validate prepares only the wrapper)
     trainer = pl.Trainer(accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     network = getattr(module, "backbone", module)
