@@ -43,6 +43,17 @@ class VisionModule(pl.LightningModule):
         return [p for p in self.optimizer_root().parameters() if p.requires_grad]
 
     # --- Lightning hooks -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``configs/trainer/fsdp.yaml``), shard with FSDP2.
+
+        Each transformer block is one unit, then each top-level network (see ``shard_blocks``). Under any
+        other strategy there is no device mesh and nothing changes.
+        """
+        if self.device_mesh is not None:
+            from modules.components.sharding import shard_blocks
+
+            shard_blocks(self, self.device_mesh["data_parallel"])
+
     def setup(self, stage: str) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:
