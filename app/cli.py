@@ -163,6 +163,7 @@ TOOLS = {
     "store-logits": ("app.store_logits", "store a teacher's sparse top-k logits over K augmented epochs (KD)"),
     "sample": ("app.sample", "write N class-conditional samples per class of a diffusion checkpoint to PNG"),
     "prepare-data": ("app.prepare_data", "write a data config's train/val .beton files and manifest before training"),
+    "peft": ("app.peft_tool", "export a PEFT run's task file, or rebuild a model from backbone + task file"),
 }
 
 

@@ -45,7 +45,9 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        name = found.group(1) if found else "an unsupported global"
+        if found is None:  # not a torch file at all (garbage, another format)
+            raise ConfigError(f"{what} {path} cannot be read (UnpicklingError): it is corrupt or not a checkpoint") from None
+        name = found.group(1)
         raise ConfigError(
             f"{what} {path} needs {name}, which visionlab does not load (weights_only=True): if you trust this "
             f"file, allow it deliberately with torch.serialization.add_safe_globals([{name}]) before loading"
