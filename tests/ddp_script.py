@@ -61,7 +61,8 @@ def main() -> None:
     trainer.fit(model, data)
     out.mkdir(parents=True, exist_ok=True)
     record = {"ids": seen.ids, "val_acc1": float(trainer.callback_metrics["val/acc1"]),
-              "world_size": trainer.world_size, "global_step": trainer.global_step}
+              "world_size": trainer.world_size, "global_step": trainer.global_step,
+              "environment": type(trainer.strategy.cluster_environment).__name__}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
     trainer.save_checkpoint(out / "final.ckpt")  # rank 0 writes
 

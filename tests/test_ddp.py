@@ -74,3 +74,16 @@ def test_ddp_random_order_shards_and_reshuffles(id_tree, tmp_path):
         assert sorted(rank0 + rank1) == list(range(SAMPLES))
     assert ddp[0]["ids"][0] != ddp[0]["ids"][1]
     assert not np.array_equal(ddp[0]["ids"][0], sorted(ddp[0]["ids"][0]))
+
+
+def test_torchrun_launch_without_slurm(id_tree, tmp_path):
+    """torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR...): Lightning's TorchElasticEnvironment."""
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "ddp_script.py"), "--source", str(id_tree), "--cache", str(tmp_path / "cache"),
+           "--out", str(out), "--devices", "2", "--batch-size", "8", "--order", "sequential"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["environment"] for r in ranks] == ["TorchElasticEnvironment"] * 2
+    assert sorted(ranks[0]["ids"][0] + ranks[1]["ids"][0]) == list(range(SAMPLES))
