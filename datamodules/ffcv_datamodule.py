@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -11,24 +12,41 @@ import torch
 from datamodules.base import ImageDataModule
 from datamodules.beton import WriteSettings
 from datamodules.prepared import MANIFEST, SPLITS, check_prepared, complete_manifest, read_manifest, write_prepared
-from modules.components.errors import ConfigError
+from modules.components.errors import ConfigError, DataError
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class _Loader:
-    """An ``ffcv.loader.Loader`` whose epoch buffers are allocated outside ``torch.inference_mode``.
+    """An ``ffcv.loader.Loader`` whose epoch buffers are allocated outside ``torch.inference_mode``, and which
+    refuses to start an epoch over a ``.beton`` that was replaced or changed since the loader opened it.
 
     ``Trainer.validate/test/predict`` iterate loaders under inference mode; FFCV allocates its batch buffers
     when an epoch starts and fills them in place from its own thread, which torch forbids for inference
-    tensors (the loader thread dies and the main thread waits forever).
+    tensors (the loader thread dies and the main thread waits forever). FFCV reads its file through a memory
+    map and a sample table read once: after an ``os.replace`` it silently keeps serving the old file, and a
+    file rewritten in place can crash its reader thread (a hang), so the file's identity is checked first.
     """
 
-    def __init__(self, loader):
+    def __init__(self, loader, path: str):
         self.loader = loader
+        self.path = path
+        self.identity = _file_identity(path)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        try:
+            now = _file_identity(self.path)
+        except FileNotFoundError:
+            now = None
+        if now != self.identity:
+            raise DataError(f"{self.path} was replaced, changed or deleted while this run reads it: restart the run "
+                            "(FFCV maps the file once; it would keep serving the old data or crash its reader thread)")
         with torch.inference_mode(False):
             return iter(self.loader)
 
@@ -250,7 +268,7 @@ class FFCVDataModule(ImageDataModule):
             pipelines=self.pipelines(split, train),
             drop_last=train,
             batches_ahead=self.batches_ahead,
-        ))
+        ), str(self.beton_path(split)))
 
     def train_dataloader(self):
         return self.make_loader("train", train=True)

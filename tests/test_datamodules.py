@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,20 @@ def test_ffcv_loader_works_under_inference_mode(beton_cache):
     with torch.inference_mode():
         images, labels = _collect(dm.val_dataloader())
     assert images.shape[0] == labels.shape[0] == 300
+
+
+def test_beton_replaced_under_a_running_loader_is_an_error_not_stale_data(tmp_path):
+    """FFCV maps a .beton once: after os.replace it would keep serving the old file (or crash its thread)."""
+    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=64, val_limit=64,
+                        batch_size=32, num_workers=1, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    first, _ = _collect(loader)
+    _collect(loader)  # a second epoch over the unchanged file is fine
+    path = dm.beton_path("val")
+    replacement = path.with_name("other.beton")
+    write_beton(sources.restrict(sources.fashion_mnist("val"), None, 64, 64, "val"), replacement, num_workers=1)
+    os.replace(replacement, path)
+    with pytest.raises(DataError, match="replaced, changed or deleted"):
+        _collect(loader)
