@@ -48,7 +48,35 @@ class _Loader:
             raise DataError(f"{self.path} was replaced, changed or deleted while this run reads it: restart the run "
                             "(FFCV maps the file once; it would keep serving the old data or crash its reader thread)")
         with torch.inference_mode(False):
-            return iter(self.loader)
+            return _Epoch(iter(self.loader), self.path)
+
+
+class _Epoch:
+    """One epoch of an ``ffcv.loader.Loader`` that fails instead of hanging when FFCV's reader thread dies.
+
+    ffcv 1.0.2's ``EpochIterator.__next__`` waits on ``output_queue.get()`` without a timeout, so an exception
+    in its reader thread (a decoding stage that raises, a file that vanished) leaves the training loop waiting
+    forever. Here ``next`` first waits until a batch is queued or the thread has ended, using only the
+    thread's ``is_alive``/``join`` and the queue's ``empty``.
+    """
+
+    def __init__(self, epoch, path: str):
+        self.epoch = epoch
+        self.path = path
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self.epoch.output_queue.empty():
+            if not self.epoch.is_alive() and self.epoch.output_queue.empty():
+                raise DataError(f"FFCV's reader thread for {self.path} stopped before the end of the epoch (its "
+                                "exception is printed above): fix the data or pipeline and restart")
+            self.epoch.join(timeout=0.002)
+        return next(self.epoch)
+
+    def __len__(self) -> int:
+        return len(self.epoch)
 
 
 def _require_ffcv():

@@ -219,3 +219,37 @@ def test_beton_replaced_under_a_running_loader_is_an_error_not_stale_data(tmp_pa
     os.replace(replacement, path)
     with pytest.raises(DataError, match="replaced, changed or deleted"):
         _collect(loader)
+
+
+def test_a_dying_ffcv_reader_thread_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=64, val_limit=96,
+                        batch_size=32, num_workers=1, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    assert len(_collect(loader)[1]) == 96  # a whole epoch still ends normally
+    real = EpochIterator.run_pipeline
+
+    def fails_on_the_second_batch(self, b_ix, *args):
+        if b_ix == 1:
+            raise RuntimeError("injected decoding failure")
+        return real(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", fails_on_the_second_batch)
+    outcome = {}
+
+    def consume():
+        try:
+            outcome["batches"] = sum(1 for _ in loader)
+        except DataError as err:
+            outcome["error"] = str(err)
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the loader hung after its reader thread died"
+    assert "stopped before the end of the epoch" in outcome.get("error", ""), outcome
