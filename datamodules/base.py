@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -76,6 +77,7 @@ class ImageDataModule(pl.LightningDataModule):
         batch_augment: list[nn.Module] | None = None,
         normalized_augment: list[nn.Module] | None = None,
         augment_seed: int | None = None,
+        holdout_fraction: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["batch_augment", "normalized_augment"])
@@ -130,6 +132,34 @@ class ImageDataModule(pl.LightningDataModule):
             limit = hp.train_limit if split == "train" else hp.val_limit
             self._sources[split] = sources.restrict(raw, self.classes, limit, self.seed, split)
         return self._sources[split]
+
+    # --- held-out split of the training data (model-soup selection) ------------------------------
+    def num_train_samples(self) -> int:
+        return len(self.get_source("train"))
+
+    def holdout_split(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """(training indices, held-out indices): a seeded ``holdout_fraction`` of the training split.
+
+        Model soups pick ingredients on data carved from the training set (the paper's ImageNet2p, 2% of
+        ImageNet train), never on the split whose accuracy is reported. With ``holdout_fraction: 0`` the
+        training indices are ``None`` (all of them).
+        """
+        fraction = self.hparams.holdout_fraction
+        if not 0 <= fraction < 1:
+            raise ConfigError(f"data.holdout_fraction {fraction} must be in [0, 1)")
+        count = self.num_train_samples()
+        held = int(round(fraction * count))
+        if fraction == 0:
+            return None, np.arange(0)
+        order = np.random.default_rng(self.seed).permutation(count)
+        return np.sort(order[held:]), np.sort(order[:held])
+
+    def holdout_dataloader(self):
+        """The held-out training images with validation transforms (``data.holdout_fraction`` > 0)."""
+        if not self.hparams.holdout_fraction:
+            raise ConfigError("a held-out split is needed (model soups select on data carved from training): set "
+                              "data.init_args.holdout_fraction, e.g. 0.02 as the paper's ImageNet2p")
+        return self.split_loader("train", train=False, indices=self.holdout_split()[1])
 
     # --- batches ---------------------------------------------------------------------------------
     def set_normalization(self, mean, std) -> None:

@@ -298,8 +298,16 @@ class FFCVDataModule(ImageDataModule):
             batches_ahead=self.batches_ahead,
         ), str(self.beton_path(split)))
 
+    def num_train_samples(self) -> int:
+        from ffcv.reader import Reader
+
+        return int(Reader(str(self.beton_path("train"))).num_samples)
+
+    def split_loader(self, split: str, train: bool, indices=None):
+        return self.make_loader(split, train=train, indices=indices)
+
     def train_dataloader(self):
-        return self.make_loader("train", train=True)
+        return self.make_loader("train", train=True, indices=self.holdout_split()[0])
 
     def val_dataloader(self):
         return self.make_loader("val", train=False)

@@ -307,7 +307,7 @@ class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
         return _IndexedDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]))
 
     def full_image_loader(self):
-        return self._loader("train", train=False)
+        return self.split_loader("train", train=False)
 
     def decoded_pixels(self) -> str:
         return "source" if self.decode_size is None else f"torchvision centre{self.decode_size}"

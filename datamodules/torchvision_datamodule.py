@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -66,9 +66,12 @@ class TorchvisionDataModule(ImageDataModule):
         """``split`` as ``(uint8 (3, S, S) image, label)`` items with train or eval transforms."""
         return _SourceDataset(self.get_source(split), self.transform(train))
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def split_loader(self, split: str, train: bool, indices=None) -> DataLoader:
+        dataset = self.dataset(split, train)
+        if indices is not None:
+            dataset = Subset(dataset, [int(i) for i in indices])
         return DataLoader(
-            self.dataset(split, train),
+            dataset,
             batch_size=self.batch_size,
             shuffle=train,
             drop_last=train,
@@ -79,11 +82,11 @@ class TorchvisionDataModule(ImageDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.split_loader("train", train=True, indices=self.holdout_split()[0])
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self.split_loader("val", train=False)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
-        return self._loader(split, train=False)
+        return self.split_loader(split, train=False)

@@ -253,3 +253,28 @@ def test_a_dying_ffcv_reader_thread_is_an_error_not_a_hang(tmp_path, monkeypatch
     worker.join(timeout=120)
     assert not worker.is_alive(), "the loader hung after its reader thread died"
     assert "stopped before the end of the epoch" in outcome.get("error", ""), outcome
+
+
+@pytest.mark.parametrize("module", [FFCVDataModule, TorchvisionDataModule])
+def test_holdout_split_is_carved_from_training_and_never_trained_on(module, tmp_path):
+    dm = module(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=200, val_limit=64,
+                batch_size=20, num_workers=1, holdout_fraction=0.1, seed=3, hflip=False, rrc_scale=(1.0, 1.0),
+                rrc_ratio=(1.0, 1.0), **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {}))
+    dm.prepare_data()
+    dm.setup("fit")
+    train, held = dm.holdout_split()
+    assert len(held) == 20 and len(train) == 180 and not set(train) & set(held)
+    assert sorted([*train, *held]) == list(range(200))
+    again = module(source="fashion_mnist", image_size=28, train_limit=200, holdout_fraction=0.1, seed=3,
+                   **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {}))
+    again.prepare_data()
+    assert np.array_equal(again.holdout_split()[1], held)  # seeded: every run of a sweep holds out the same images
+    held_images, _ = _collect(dm.holdout_dataloader())
+    train_images, _ = _collect(dm.train_dataloader())
+    assert len(held_images) == 20 and len(train_images) == 180
+    source = sources.restrict(sources.fashion_mnist("train"), None, 200, 3, "train")
+    expected = torch.stack([torch.from_numpy(np.asarray(source[int(i)][0])) for i in held]).float()
+    expected = expected[..., 0] if expected.dim() == 4 else expected  # grey stored as RGB
+    torch.testing.assert_close(held_images[:, 0].float(), expected, rtol=0, atol=1.0)  # the held-out pixels, in order
+    with pytest.raises(Exception, match="holdout_fraction"):
+        module(source="fashion_mnist", train_limit=10, **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {})).holdout_dataloader()
