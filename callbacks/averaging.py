@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 
+from modules.components.errors import ConfigError
+
 
 def ema_decay(decay: float, updates: int, warmup: bool, warmup_power: float = 2 / 3) -> float:
     """Decay of the EMA update that follows ``updates`` earlier ones (timm ``ModelEmaV3``'s rule).
@@ -35,6 +37,16 @@ def ema_avg_fn(decay: float, warmup: bool, warmup_power: float = 2 / 3):
             return current
         return averaged.lerp(current.to(averaged.dtype), 1.0 - ema_decay(decay, int(num_averaged), warmup, warmup_power))
     return update
+
+
+def refuse_sharded(trainer, callback: str) -> None:
+    """Averaging copies the LightningModule's parameters; under FSDP each rank holds only its shards, so the
+    copy would average shards as if they were whole tensors. Refuse with one line instead."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise ConfigError(f"{callback} does not support sharded training ({type(trainer.strategy).__name__}): it would "
+                          "average parameter shards; use DDP (configs/trainer/ddp.yaml) with EMA/SWA, or drop the callback")
 
 
 class EMA(WeightAveraging):
@@ -61,6 +73,10 @@ class EMA(WeightAveraging):
         super().__init__(device=device, use_buffers=use_buffers, avg_fn=ema_avg_fn(decay, warmup, warmup_power))
         self.decay, self.warmup, self.warmup_power = decay, warmup, warmup_power
         self.update_every_n_steps, self.update_starting_at_step = update_every_n_steps, update_starting_at_step
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        refuse_sharded(trainer, "EMA")
+        super().setup(trainer, pl_module, stage)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After every ``update_every_n_steps``-th optimizer step from ``update_starting_at_step`` on."""
@@ -101,6 +117,10 @@ class SWA(StochasticWeightAveraging):
     each epoch are averaged with equal weight; BatchNorm statistics are recomputed in one extra epoch.
     Arguments are Lightning's (``swa_lrs``, ``swa_epoch_start``, ``annealing_epochs``, ``annealing_strategy``).
     """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        refuse_sharded(trainer, "SWA")
+        super().setup(trainer, pl_module, stage)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
