@@ -285,23 +285,20 @@ def test_recompute_batchnorm_matches_batch_statistics():
 
 @pytest.mark.slow
 def test_soup_command_over_cli_checkpoints(tmp_path, run_cli, beton_cache, monkeypatch):
-    from datamodules.ffcv_datamodule import FFCVDataModule
     from tests.conftest import cli_args
 
-    if not hasattr(FFCVDataModule, "holdout_dataloader"):  # stand-in until the DataModule carves a held-out split
-        monkeypatch.setattr(FFCVDataModule, "holdout_dataloader", FFCVDataModule.val_dataloader, raising=False)
-
+    holdout = ["--data.init_args.holdout_fraction", "0.1"]  # the sweep and the soup hold out the same images
     paths = []
     for seed in (0, 1):
         root = tmp_path / f"run{seed}"
-        assert run_cli(cli_args(root, beton_cache, "--seed_everything", str(seed))) == 0
+        assert run_cli(cli_args(root, beton_cache, "--seed_everything", str(seed), *holdout)) == 0
         paths.append(str(root / "checkpoints" / "last.ckpt"))
     out = tmp_path / "soup.ckpt"
     assert run_cli([
         "soup", "--config", str(CONFIGS / "trainer/debug.yaml"), "--config", str(CONFIGS / "data/fashion_mnist.yaml"),
         "--config", str(CONFIGS / "classification/debug.yaml"), "--data.init_args.cache_dir", str(beton_cache),
         "--data.init_args.num_workers", "1", "--checkpoints", f"[{paths[0]},{paths[1]}]", "--output", str(out),
-        "--bn_batches", "2",
+        "--bn_batches", "2", *holdout,
     ]) == 0  # `visionlab soup ...`
     saved = torch.load(out, weights_only=False)
     report = saved["soup"]
