@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datamodules.ffcv_datamodule import FFCVDataModule, index_decoder
 from datamodules.torchvision_datamodule import TorchvisionDataModule, _SourceDataset
@@ -223,9 +223,12 @@ class CaptionFolderDataModule(_FolderCaptions, TorchvisionCaptionDataModule):
         super().__init__(templates=templates, context_length=context_length, **kwargs)
         self._init_folder_captions(captions_file)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def split_loader(self, split: str, train: bool, indices=None) -> DataLoader:
+        dataset = _IndexedDataset(self.get_source(split), self.transform(train))
+        if indices is not None:  # a held-out split: batch indices stay positions in get_source(split)
+            dataset = Subset(dataset, [int(i) for i in indices])
         return DataLoader(
-            _IndexedDataset(self.get_source(split), self.transform(train)),
+            dataset,
             batch_size=self.batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.seed) if train else None,
