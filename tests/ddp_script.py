@@ -62,7 +62,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"ids": seen.ids, "val_acc1": float(trainer.callback_metrics["val/acc1"]),
               "world_size": trainer.world_size, "global_step": trainer.global_step,
-              "environment": type(trainer.strategy.cluster_environment).__name__}
+              "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
     trainer.save_checkpoint(out / "final.ckpt")  # rank 0 writes
 
