@@ -16,19 +16,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import lightning.pytorch as pl
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
+from app.data_tool import data_config_parser
 from modules.components.errors import ConfigError, VisionlabError
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="visionlab prepare-data", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="data YAML (an FFCV DataModule); repeatable")
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
-    parser.add_argument("--trainer", type=Optional[dict], default=None, help="accepted and ignored (shared configs)")
-    parser.add_argument("--model", type=Optional[dict], default=None, help="accepted and ignored (shared configs)")
-    parser.add_argument("--seed_everything", type=Optional[int], default=None, help="accepted and ignored")
+    parser = data_config_parser("visionlab prepare-data", __doc__.splitlines()[0])
     parser.add_argument("--output", type=str, required=True, help="folder for train.beton, val.beton, manifest.json")
     parser.add_argument("--workers", type=Optional[int], default=None, help="writer processes (default: all cores)")
     return parser

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 from torch import nn
 
+from app.data_tool import data_config_parser
 from datamodules.replay import apply_crops, replay_datamodule
 from modules.components.checkpoints import load_checkpoint
 from modules.components.distill import build_teacher
@@ -117,11 +117,7 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="visionlab store-logits", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="data (and trainer) YAML; repeatable")
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True)
-    parser.add_argument("--trainer", type=Optional[dict], default=None, help="accepted and ignored (shared configs)")
-    parser.add_argument("--seed_everything", type=Optional[int], default=None, help="accepted and ignored")
+    parser = data_config_parser("visionlab store-logits", __doc__.splitlines()[0])
     parser.add_argument("--teacher", type=str, required=True, help="visionlab classifier checkpoint (.ckpt)")
     parser.add_argument("--epochs", type=int, default=10, help="K augmented epochs to store")
     parser.add_argument("--topk", type=int, default=10, help="logits kept per crop")

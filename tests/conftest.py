@@ -75,3 +75,14 @@ def run_cli(monkeypatch, tmp_path):
         return 0
 
     return _run
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    """The single ``visionlab: error:`` line on stderr (no traceback), containing every fragment."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("visionlab: error:")]
+    assert len(lines) == 1, err[-2000:]
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

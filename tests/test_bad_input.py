@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import cli_args
+from tests.conftest import one_line_error as _one_line_error, cli_args
 
 
-def _one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("visionlab: error:")]
-    assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def _no_checkpoints(root):

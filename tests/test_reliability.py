@@ -17,18 +17,11 @@ from callbacks.checkpoint import AtomicCheckpointIO, LatestCheckpoint
 from modules.components.errors import DataError
 from modules.components.files import write_atomic
 from tests.conftest import ROOT, cli_args
+from tests.conftest import one_line_error as _one_line_error
 
 BATCHES, EPOCHS, EVERY, KILL_AT = 8, 2, 3, 11  # steps 1..16; last.ckpt at 3, 6, 8 (epoch end), 9; killed at 11
 
 
-def _one_line_error(capsys, *fragments: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("visionlab: error:")]
-    assert len(lines) == 1, err[-2000:]
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _fit_process(root: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
