@@ -6,6 +6,7 @@ import difflib
 import importlib
 import inspect
 import os
+import pickle
 import re
 import sys
 from argparse import ArgumentError
@@ -21,6 +22,7 @@ from callbacks.checkpoint import AtomicCheckpointIO, LatestCheckpoint, resolve_r
 from callbacks.lost_rank import LostRankReport
 from callbacks.slurm import SLURMRequeue
 
+from modules.components.checkpoints import refused_pickle
 from modules.components.errors import ConfigError, VisionlabError
 
 
@@ -152,6 +154,8 @@ def _user_error(err: BaseException) -> VisionlabError | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, VisionlabError):
             return err
+        if isinstance(err, pickle.UnpicklingError):  # Lightning's own read of --ckpt_path (hparams, resume)
+            return refused_pickle("checkpoint (--ckpt_path)", err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

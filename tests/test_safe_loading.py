@@ -66,3 +66,13 @@ def test_cli_refuses_a_malicious_init_checkpoint(run_cli, tmp_path, beton_cache,
     lines = [line for line in err.splitlines() if line.startswith("visionlab: error:")]
     assert len(lines) == 1 and "posix.mkdir" in lines[0] and "Traceback" not in err
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_cli_refuses_a_malicious_ckpt_path(run_cli, tmp_path, beton_cache, capsys):
+    """Lightning reads --ckpt_path itself (hyper-parameters, then the resume): one line, nothing runs."""
+    path, marker = _malicious_checkpoint(tmp_path)
+    code = run_cli(cli_args(tmp_path / "run", beton_cache, "--ckpt_path", str(path)))
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists(), err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("visionlab: error:")]
+    assert len(lines) == 1 and "posix.mkdir" in lines[0] and "Traceback" not in err

@@ -30,6 +30,16 @@ def allowlisted():
     return torch.serialization.safe_globals(_safe_types())
 
 
+def refused_pickle(what: str, err: pickle.UnpicklingError) -> ConfigError:
+    """The one-line error for a pickle that ``weights_only=True`` refused (it names the global it asked for)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found is None:  # not a torch file at all (garbage, another format)
+        return ConfigError(f"{what} cannot be read (UnpicklingError): it is corrupt or not a checkpoint")
+    name = found.group(1)
+    return ConfigError(f"{what} needs {name}, which visionlab does not load (weights_only=True): if you trust this "
+                       f"file, allow it deliberately with torch.serialization.add_safe_globals([{name}]) before loading")
+
+
 def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     """``torch.load`` of a checkpoint with ``weights_only=True`` and the project's allow-list.
 
@@ -44,14 +54,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
         with allowlisted():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found is None:  # not a torch file at all (garbage, another format)
-            raise ConfigError(f"{what} {path} cannot be read (UnpicklingError): it is corrupt or not a checkpoint") from None
-        name = found.group(1)
-        raise ConfigError(
-            f"{what} {path} needs {name}, which visionlab does not load (weights_only=True): if you trust this "
-            f"file, allow it deliberately with torch.serialization.add_safe_globals([{name}]) before loading"
-        ) from None
+        raise refused_pickle(f"{what} {path}", err) from None
     except Exception as err:  # truncated / not a torch file
         raise ConfigError(f"{what} {path} cannot be read ({type(err).__name__}): it is corrupt or not a checkpoint") from None
     if not isinstance(ckpt, dict):
