@@ -12,14 +12,13 @@ tree is not read again, so it need not exist on the training nodes.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 from jsonargparse import ArgumentParser
 
 from app.data_tool import data_config_parser
-from modules.components.errors import ConfigError, VisionlabError
+from modules.components.errors import ConfigError
 
 
 def build_parser() -> ArgumentParser:
@@ -40,18 +39,10 @@ def prepare(datamodule, output: str | Path, workers: int | None = None) -> dict:
 
 def main(args: list[str] | None = None) -> dict:
     """``visionlab prepare-data`` entry point; user errors end as one ``visionlab: error:`` line, exit 2."""
-    from app.cli import _user_error
-
     parser = build_parser()
     cfg = parser.parse_args(args)
-    try:
-        manifest = prepare(parser.instantiate_classes(cfg).data, cfg.output, cfg.workers)
-    except Exception as err:
-        user_error = err if isinstance(err, VisionlabError) else _user_error(err)
-        if user_error is None:
-            raise
-        print(f"visionlab: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
+    # user errors reach app/cli.py's one error path (one line, exit 2)
+    manifest = prepare(parser.instantiate_classes(cfg).data, cfg.output, cfg.workers)
     counts = ", ".join(f"{split} {entry['samples']}" for split, entry in manifest["splits"].items())
     print(f"prepare-data: {cfg.output}: {counts} images, {manifest['num_classes']} classes; "
           f"train with --data.init_args.prepared {cfg.output}")

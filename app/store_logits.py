@@ -15,7 +15,6 @@ Then train a student with ``data.class_path: datamodules.replay.ReplayDataModule
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,7 +28,7 @@ from app.data_tool import data_config_parser
 from datamodules.replay import apply_crops, replay_datamodule
 from modules.components.checkpoints import load_checkpoint
 from modules.components.distill import build_teacher
-from modules.components.errors import ConfigError, VisionlabError
+from modules.components.errors import ConfigError
 from modules.components.sparse_logits import SparseLogits, save_sparse_logits
 
 
@@ -136,34 +135,26 @@ def build_parser() -> ArgumentParser:
 
 def main(args: list[str] | None = None) -> SparseLogits:
     """``visionlab store-logits`` entry point; prints a one-line summary and returns what it stored."""
-    from app.cli import _user_error
-
     parser = build_parser()
     cfg = parser.parse_args(args)
-    try:
-        datamodule = replay_datamodule(parser.instantiate_classes(cfg).data)
-        if cfg.batch_size:
-            datamodule.batch_size = cfg.batch_size
-        datamodule.prepare_data()
-        datamodule.setup("predict")
-        teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
-        mean, std, teacher_size = cfg.teacher_mean, cfg.teacher_std, cfg.teacher_image_size
-        if Path(cfg.teacher).is_file():  # the teacher's own resolution and normalisation, as it was trained
-            trained = load_checkpoint(cfg.teacher, "teacher checkpoint")
-            data = trained.get("datamodule_hyper_parameters") or {}
-            teacher_size = teacher_size or (trained.get("hyper_parameters") or {}).get("image_size")
-            if mean is None and std is None and data.get("mean") is not None and data.get("std") is not None:
-                mean, std = list(data["mean"]), list(data["std"])
-        start = time.perf_counter()
-        stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher,
-                              cfg.temperature, teacher_size, mean, std)
-        seconds = time.perf_counter() - start
-    except Exception as err:
-        user_error = err if isinstance(err, VisionlabError) else _user_error(err)
-        if user_error is None:
-            raise
-        print(f"visionlab: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
+    # user errors reach app/cli.py's one error path (one line, exit 2)
+    datamodule = replay_datamodule(parser.instantiate_classes(cfg).data)
+    if cfg.batch_size:
+        datamodule.batch_size = cfg.batch_size
+    datamodule.prepare_data()
+    datamodule.setup("predict")
+    teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
+    mean, std, teacher_size = cfg.teacher_mean, cfg.teacher_std, cfg.teacher_image_size
+    if Path(cfg.teacher).is_file():  # the teacher's own resolution and normalisation, as it was trained
+        trained = load_checkpoint(cfg.teacher, "teacher checkpoint")
+        data = trained.get("datamodule_hyper_parameters") or {}
+        teacher_size = teacher_size or (trained.get("hyper_parameters") or {}).get("image_size")
+        if mean is None and std is None and data.get("mean") is not None and data.get("std") is not None:
+            mean, std = list(data["mean"]), list(data["std"])
+    start = time.perf_counter()
+    stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher,
+                          cfg.temperature, teacher_size, mean, std)
+    seconds = time.perf_counter() - start
     size_mb = Path(cfg.output).stat().st_size / 2**20
     print(f"store-logits: wrote {cfg.output} ({size_mb:.2f} MiB): {stored.num_samples} samples x {stored.epochs} epochs, "
           f"top-{stored.topk} of {stored.meta['num_classes']} classes, teacher {stored.meta['teacher']}, {seconds:.1f} s")
