@@ -401,3 +401,66 @@ def test_stored_logits_with_selfmix_trains_and_reloads(tmp_path):
     assert trainer.global_step == 2
     trainer.save_checkpoint(tmp_path / "kd.ckpt")
     assert type(DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False).mixing) is SelfMix
+
+
+# --- the hard-label term with an injected criterion (BCE, as the classifier takes) ------------------
+def _hard_step(logits, labels) -> "KDStep":
+    from modules.components.kd_terms import KDStep
+
+    probs = torch.full_like(logits, 1.0 / logits.shape[-1])
+    return KDStep({"image": torch.zeros(len(logits), 3, 8, 8), "label": labels}, logits, KDTargets(probs), 1.0, [])
+
+
+def test_hard_labels_binary_cross_entropy_on_index_and_mixed_labels_by_hand():
+    from timm.loss import BinaryCrossEntropy
+
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # sigmoid: 3/4, 1/2
+    term = HardLabels(1.0, criterion=BinaryCrossEntropy(smoothing=0.0))
+    # one-hot (1, 0): mean of -ln(3/4) and -ln(1 - 1/2) over the 2 logits
+    by_hand = (math.log(4 / 3) + math.log(2.0)) / 2
+    assert torch.allclose(term(_hard_step(logits, torch.tensor([0]))), torch.tensor(by_hand), atol=1e-6)
+    # mixed labels (1/4, 3/4), e.g. mixup with lambda 1/4: -(1/4 ln 3/4 + 3/4 ln 1/4) and ln 2
+    mixed = (-(0.25 * math.log(0.75) + 0.75 * math.log(0.25)) + math.log(2.0)) / 2
+    assert torch.allclose(term(_hard_step(logits, torch.tensor([[0.25, 0.75]]))), torch.tensor(mixed), atol=1e-6)
+    # timm's smoothing on index labels: off = s / C, on = 1 - s + s / C; s = 0.2 -> targets (0.9, 0.1)
+    smoothed = HardLabels(1.0, criterion=BinaryCrossEntropy(smoothing=0.2))(_hard_step(logits, torch.tensor([0])))
+    by_hand = (-(0.9 * math.log(0.75) + 0.1 * math.log(0.25)) + math.log(2.0)) / 2
+    assert torch.allclose(smoothed, torch.tensor(by_hand), atol=1e-6)
+    # the default stays cross-entropy: softmax(ln 3, 0) = (3/4, 1/4); soft labels by their cross-entropy
+    assert torch.allclose(HardLabels(1.0)(_hard_step(logits, torch.tensor([0]))), torch.tensor(math.log(4 / 3)), atol=1e-6)
+    soft_ce = -(0.25 * math.log(0.75) + 0.75 * math.log(0.25))
+    assert torch.allclose(HardLabels(1.0)(_hard_step(logits, torch.tensor([[0.25, 0.75]]))), torch.tensor(soft_ce), atol=1e-6)
+
+
+def test_hard_labels_criterion_in_the_students_loss_and_its_checkpoint(tmp_path):
+    from timm.loss import BinaryCrossEntropy
+
+    torch.manual_seed(0)
+    model = _student(["test_resnet"], kd_weight=0.7, terms=[HardLabels(0.5, criterion=BinaryCrossEntropy(smoothing=0.1))])
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 9])
+    with torch.no_grad():
+        loss, logs = model.distillation_loss([images, labels])
+        logits = model.backbone(images)
+        targets = nn.functional.one_hot(labels, 10).float() * 0.9 + 0.1 / 10
+        bce = -(targets * nn.functional.logsigmoid(logits) + (1 - targets) * nn.functional.logsigmoid(-logits)).mean()
+        expected = 0.7 * kd_loss(logits, model.teachers[0](images).softmax(-1)) + 0.5 * bce
+    assert torch.allclose(logs["hard_loss"], bce, atol=1e-6) and torch.allclose(loss, expected, atol=1e-6)
+    spec = model.hparams["terms"][0]["init_args"]["criterion"]
+    assert spec["class_path"] == "timm.loss.binary_cross_entropy.BinaryCrossEntropy"  # primitives: weights_only loads
+    assert {k: spec["init_args"][k] for k in ("smoothing", "weight", "reduction", "pos_weight")} == {
+        "smoothing": 0.1, "weight": None, "reduction": "mean", "pos_weight": None}
+    trainer = _fit(model, tmp_path, limit_train_batches=1, limit_val_batches=0)
+    trainer.save_checkpoint(tmp_path / "bce.ckpt")
+    reloaded = DistillationModule.load_from_checkpoint(tmp_path / "bce.ckpt", weights_only=True)
+    criterion = reloaded.terms[0].criterion
+    assert isinstance(criterion, BinaryCrossEntropy) and criterion.smoothing == 0.1
+    with pytest.raises(ConfigError, match="set the smoothing on the criterion"):
+        HardLabels(1.0, label_smoothing=0.1, criterion=BinaryCrossEntropy())
+    with pytest.raises(ConfigError, match="pos_weight"):
+        HardLabels(1.0, criterion=BinaryCrossEntropy(pos_weight=torch.ones(10)))
+
+
+def test_cli_hard_labels_bce_yaml_builds_the_criterion(run_cli, tmp_path, beton_cache):
+    args = cli_args(tmp_path, beton_cache, "--trainer.fast_dev_run", "true", "--model.init_args.student", "test_resnet",
+                    "--model.init_args.targets.init_args.teachers", "[test_resnet]", model="kd/hard_labels_bce.yaml")
+    assert run_cli(args) == 0

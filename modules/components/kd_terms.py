@@ -3,7 +3,8 @@
 The module's loss is ``kd_weight * T^2 KL(targets || student) + sum(term.weight * term(step))`` over its
 ``terms``:
 
-* ``HardLabels``: cross-entropy on the ground-truth labels.
+* ``HardLabels``: the loss on the ground-truth (or mixed) labels: cross-entropy, or an injected criterion
+  (``timm.loss.BinaryCrossEntropy``) as the classifier takes.
 * ``FeatureKD``: MSE between projected student features and the first teacher's layer-normed features
   (ScaleKD-style cross-attention projector, or a linear one for CNN teachers).
 * ``LogitDiscriminator``: MEAL V2's output discriminator as in the paper's code (szq0214/MEAL-V2): the
@@ -15,6 +16,7 @@ The module's loss is ``kd_weight * T^2 KL(targets || student) + sum(term.weight 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -73,22 +75,55 @@ class LossTerm(KDPart):
 
 
 class HardLabels(LossTerm):
-    """Cross-entropy on the ground-truth labels (MEAL V2 uses none: weight 0 or leave it out).
+    """The student's loss on the ground-truth labels (MEAL V2 uses none: weight 0 or leave it out).
+
+    The loss is the injected ``criterion`` the classifier takes too (``ClassificationModule.criterion``), called
+    as ``criterion(logits, label)`` on the batch's labels: (B,) class indices, or (B, C) probabilities where a
+    mixing step made the labels soft (mixup/CutMix). E.g. ``timm.loss.BinaryCrossEntropy`` (DeiT III, ResNet
+    strikes back; its ``smoothing`` applies to index labels) or ``timm.loss.SoftTargetCrossEntropy``, by
+    ``class_path``, as timm's ``LogitDistillationTask`` applies its task criterion to the (mixed) targets.
+    Without a criterion: cross-entropy with ``label_smoothing`` (for index or soft labels).
 
     Args:
         weight: factor in the loss.
-        label_smoothing: label smoothing of the cross-entropy.
+        label_smoothing: label smoothing of the default cross-entropy (a criterion carries its own).
+        criterion: the loss on (logits, labels); ``None``: cross-entropy.
     """
 
     name = "hard_loss"
 
-    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0):
+    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, criterion: nn.Module | None = None):
         super().__init__(weight)
-        self.label_smoothing = label_smoothing
-        self.remember(weight=weight, label_smoothing=label_smoothing)
+        if criterion is not None and label_smoothing:
+            raise ConfigError(f"HardLabels: label_smoothing {label_smoothing} and a criterion "
+                              f"({type(criterion).__name__}): set the smoothing on the criterion")
+        self.label_smoothing, self.criterion = label_smoothing, criterion
+        self.remember(weight=weight, label_smoothing=label_smoothing,
+                      criterion=None if criterion is None else module_spec(criterion))
 
     def forward(self, step: KDStep) -> torch.Tensor:
-        return F.cross_entropy(step.logits, step.batch["label"], label_smoothing=self.label_smoothing)
+        labels = step.batch["label"]  # (B,) indices or (B, C) mixed probabilities
+        if self.criterion is not None:
+            return self.criterion(step.logits, labels)
+        return F.cross_entropy(step.logits, labels, label_smoothing=self.label_smoothing)
+
+
+def module_spec(module: nn.Module) -> dict:
+    """``{class_path, init_args}`` that rebuild ``module`` (a loss), from the attributes named like its arguments.
+
+    Checkpoints keep primitive hyper-parameters only (``weights_only=True``): an argument that is not a
+    primitive, or that the module does not keep under its own name, is an error rather than a silent default.
+    """
+    args = {}
+    for name, parameter in list(inspect.signature(type(module).__init__).parameters.items())[1:]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(module, name, parameter.default)
+        if value is parameter.empty or not isinstance(value, (str, int, float, bool, type(None))):
+            raise ConfigError(f"{type(module).__name__}.{name} = {type(value).__name__} cannot be recorded in a "
+                              "checkpoint's hyper-parameters: use a loss whose arguments are numbers, strings or None")
+        args[name] = value
+    return {"class_path": f"{type(module).__module__}.{type(module).__qualname__}", "init_args": args}
 
 
 class FeatureKD(LossTerm):
