@@ -111,8 +111,9 @@ class HardLabels(LossTerm):
 def module_spec(module: nn.Module) -> dict:
     """``{class_path, init_args}`` that rebuild ``module`` (a loss), from the attributes named like its arguments.
 
-    Checkpoints keep primitive hyper-parameters only (``weights_only=True``): an argument that is not a
-    primitive, or that the module does not keep under its own name, is an error rather than a silent default.
+    Checkpoints keep primitive hyper-parameters only (``weights_only=True``): an argument whose value is not a
+    primitive (a tensor ``pos_weight``) is an error rather than silently dropped. An argument the module does not
+    keep under its own name (``nn.CrossEntropyLoss``'s deprecated ``size_average``) is recorded at its default.
     """
     args = {}
     for name, parameter in list(inspect.signature(type(module).__init__).parameters.items())[1:]:
