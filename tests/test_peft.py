@@ -248,6 +248,45 @@ def test_adaptformer_adapter_reads_the_residual_stream_beside_the_mlp():
         torch.testing.assert_close(wrapped(x), by_hand, atol=1e-5, rtol=1e-5)
 
 
+def test_sequential_adapters_after_efficientnet_family_blocks_by_hand():
+    """MobileNetV2/EfficientNet blocks have no MLP: one sequential 1x1 adapter after every block, y + s * up(relu(down(y)))."""
+    base = timm.create_model("test_efficientnet", num_classes=3).eval()
+    blocks = [f"blocks.{i}.{j}" for i, stage in enumerate(base.blocks) for j in range(len(stage))]
+    model = build(dict(backbone="test_efficientnet", image_size=32), AdapterTuning(dim=4, scale=0.5, style="sequential"))
+    assert model.method.site_names == blocks and len(blocks) > 3
+    head = {f"backbone.classifier.{leaf}" for leaf in ("weight", "bias")}
+    assert set(model.task_parameter_names()) == _adapter_names(blocks) | head
+    plain = timm.create_model("test_efficientnet", num_classes=3).eval()
+    plain.load_state_dict({k.replace(".inner", ""): v for k, v in model.backbone.state_dict().items() if ".adapter." not in k})
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain(x), atol=0, rtol=0)  # zero up-projection: the plain model
+        wrapped = model.backbone.get_submodule(blocks[1])
+        torch.nn.init.normal_(wrapped.adapter.up.weight, std=0.5)
+        seen = {}
+        handle = wrapped.register_forward_pre_hook(lambda module, inputs: seen.update(features=inputs[0]))
+        model(x)
+        handle.remove()
+        features = seen["features"]  # (B, C, H, W) into the block
+        y = plain.get_submodule(blocks[1])(features)
+        down, up = wrapped.adapter.down, wrapped.adapter.up
+        hidden = torch.relu(torch.einsum("bchw,dc->bdhw", y, down.weight) + down.bias[:, None, None])
+        by_hand = y + 0.5 * (torch.einsum("bdhw,cd->bchw", hidden, up.weight) + up.bias[:, None, None])
+        # float32: a 1x1 projection over <= 64 channels, eps 1.2e-7 x 64 x |y| ~ 1e-5
+        torch.testing.assert_close(wrapped(features), by_hand, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(model(x), plain(x))
+    with pytest.raises(ConfigError, match="sequential"):
+        build(dict(backbone="test_efficientnet", image_size=32), AdapterTuning(style="parallel"))
+
+
+def test_ssf_on_efficientnet_family_blocks_sits_after_every_batchnorm():
+    """SSF on a ConvNet: per-channel scale and shift after every BN affine (the bias-free conv into a BN needs none)."""
+    model = build(dict(backbone="test_efficientnet", image_size=32), SSFTuning())
+    norms = [n for n, m in timm.create_model("test_efficientnet").named_modules() if isinstance(m, nn.BatchNorm2d)]
+    on_main_path = {s for s in model.method.site_names if ".se." not in s}
+    assert on_main_path == {f"{n}.drop" for n in norms}  # BatchNormAct2d: between the affine and the activation
+
+
 def test_low_bit_adapter_follows_the_papers_layout():
     adapter = Adapter(192, AdapterConfig(dim=8, bias=False, quantizer=NormalQuantile(1)))
     assert adapter.down.bias is None and adapter.up.bias is None and isinstance(adapter.act, nn.ReLU)

@@ -128,3 +128,32 @@ def test_binary_cross_entropy_criterion_with_and_without_mixup(mixup):
     by_hand = -(target * torch.nn.functional.logsigmoid(seen["logits"])
                 + (1 - target) * torch.nn.functional.logsigmoid(-seen["logits"])).mean()
     torch.testing.assert_close(loss, by_hand, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, trainable_pct", [("linear_probe", (0.5, 0.6)), ("ssf", (1.9, 2.2)), ("adapter", (1.5, 2.0))])
+def test_peft_on_imagenet_mobilenet_v2_starts_from_the_pretrained_network(method, trainable_pct):
+    """What benchmarks/pretrained.py trains: PEFT over the torchvision ImageNet weights with a new 10-class head.
+
+    Trainable shares by hand (2.24M parameters): head 12,810 (0.57%); SSF + head: 2 x 17,056 BN channels + head
+    (2.07%); adapters (dim 8 after 17 blocks of 1,504 channels in all) + head: 25,704 + 12,810 (1.70%).
+    """
+    import warnings
+
+    from modules.components.peft_methods import AdapterTuning, LinearProbe, SSFTuning
+    from modules.peft import PEFTModule
+
+    path = _torchvision_mobilenet_file()
+    kwargs = {"pretrained_file": path, "pretrained_layout": "torchvision"}
+    plain = create_backbone("mobilenetv2_100", num_classes=10, image_size=64, **kwargs).eval()
+    methods = {"linear_probe": LinearProbe(), "ssf": SSFTuning(init_std=0.0), "adapter": AdapterTuning(style="sequential")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFTModule warns of a random backbone when init_checkpoint is unset
+        model = PEFTModule("mobilenetv2_100", num_classes=10, image_size=64, backbone_kwargs=kwargs, method=methods[method])
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable_pct[0] < 100 * trainable / total < trainable_pct[1]
+    assert model.backbone.classifier.weight.requires_grad and model.backbone.classifier.weight.shape == (10, 1280)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # identity SSF / zero-initialised adapters: exactly the ImageNet network's features
+        torch.testing.assert_close(model.eval().backbone.forward_features(images), plain.forward_features(images),
+                                   rtol=0, atol=0)

@@ -15,11 +15,14 @@ import copy
 import inspect
 
 import torch
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
 from modules.components.errors import ConfigError
 from modules.components.low_bit import QuantLinear, WeightQuantizer, task_storage_bytes
-from modules.components.peft import AdapterConfig, insert_adapters, insert_ssf, merge_ssf
+from modules.components.peft import (Adapter, AdapterConfig, SequentialAdapter, insert_adapters, insert_ssf, merge_ssf,
+                                     replace_submodule)
 from modules.components.side_network import SideNetwork, backbone_intermediates
 
 
@@ -147,7 +150,8 @@ class AdapterTuning(PEFTMethod):
     Args:
         dim: bottleneck width.
         scale: adapter output multiplier (AdaptFormer's s).
-        style: ``parallel`` (AdaptFormer) or ``sequential`` (after the MLP / residual block; ResNets).
+        style: ``parallel`` (AdaptFormer) or ``sequential`` (after the MLP / residual block; ResNets and the
+            EfficientNet-family blocks of MobileNetV2/V3 and EfficientNet, see :func:`insert_mobile_block_adapters`).
         bias: biases in the projections (the low-bit adapters' code has none).
         dropout: dropout after the activation.
         activation: timm activation name.
@@ -162,7 +166,10 @@ class AdapterTuning(PEFTMethod):
 
     def wrap(self, backbone: nn.Module, image_size: int) -> None:
         cfg = AdapterConfig(self.dim, self.scale, self.style, self.bias, self.dropout, self.activation, self.quantizer)
-        self.site_names = insert_adapters(backbone, cfg)
+        if mobile_blocks(backbone):
+            self.site_names = insert_mobile_block_adapters(backbone, cfg, torch.zeros(1, 3, image_size, image_size))
+        else:
+            self.site_names = insert_adapters(backbone, cfg)
 
 
 class SideTuning(PEFTMethod):
@@ -191,6 +198,49 @@ class SideTuning(PEFTMethod):
         with torch.no_grad():
             features = backbone_intermediates(backbone, images, self.taps)  # [(B, C_i, H_i, W_i)]
         return extra(features)
+
+
+def mobile_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks of a timm EfficientNet-family model (MobileNetV2/V3, EfficientNet(-Lite), MixNet...).
+
+    Their inverted-residual blocks (``blocks.<stage>.<index>``) have no ``mlp``, so ``insert_adapters``
+    finds no site in them; other models give an empty list.
+    """
+    if not isinstance(model, (EfficientNet, MobileNetV3)):
+        return []
+    return [f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage))]
+
+
+def insert_mobile_block_adapters(model: nn.Module, cfg: AdapterConfig, example: torch.Tensor) -> list[str]:
+    """Sequential adapters after every EfficientNet-family block, as ``insert_adapters`` does for ResNet blocks.
+
+    Each block's output ``y`` (B, C, H, W) becomes ``y + adapter(y)``: a 1x1 bottleneck over the channels (the
+    up-projection starts at zero, so the wrapped model starts as the plain one). The channel count of each
+    block comes from one traced forward of ``example``. Parallel adapters need an MLP branch (ViT,
+    ConvNeXt): these blocks have none.
+    """
+    if cfg.style != "sequential":
+        raise ConfigError(f"parallel adapters need blocks with an MLP (ViT, ConvNeXt): {type(model).__name__}'s "
+                          "inverted-residual blocks take style 'sequential'")
+    names, channels = mobile_blocks(model), {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:  # returns None: the output stays as it is
+            channels[name] = output.shape[1]
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for name in names:
+        replace_submodule(model, name, SequentialAdapter(model.get_submodule(name), Adapter(channels[name], cfg, channel_dim=1)))
+    return names
 
 
 def _known(base: type) -> dict[str, type]:
