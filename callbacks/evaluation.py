@@ -1,7 +1,9 @@
 """Evaluation outputs: a results JSON per validate/test run, and ReaL-style multi-label accuracy.
 
-* ``EvalResults``: after ``validate``/``test``, writes ``{dataset, checkpoint, split: {metric: value}}``
-  atomically (``modules.components.files.write_atomic``) to ``path``.
+* ``EvalResults``: after ``validate``/``test``, writes ``{dataset, checkpoint, split: {metric: value}, sets: {prefix:
+  {metric: value}}}`` atomically (``modules.components.files.write_atomic``) to ``path``; ``sets`` groups the
+  metrics per evaluation set and weight set: ``val`` (main set), ``val_<name>`` (``data.extra_eval``), ``val_raw``
+  / ``val_avg`` (the other weights of an EMA / SWA run).
 * ``ReaLAccuracy`` / ``ReaLEvaluation``: "Are we done with ImageNet?" (Beyer et al., 2020) relabelled the
   validation set with the *set* of correct classes per image. A top-1 prediction counts when it is in the
   image's set; images whose set is empty (no valid label) are left out of the count. The labels JSON is the
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,6 +22,8 @@ from torchmetrics import Metric
 
 from modules.components.errors import ConfigError, DataError
 from modules.components.files import write_atomic
+
+EVAL_KEY = re.compile(r"(val|test)(_\w+)?/")  # val/acc1, val_imagenet_v2/acc1, val_raw/loss
 
 
 def read_real_labels(path: str | Path, num_classes: int) -> torch.Tensor:
@@ -83,6 +88,8 @@ class ReaLEvaluation(pl.Callback):
 
     @torch.no_grad()
     def _batch(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if dataloader_idx:  # the labels file is the main validation set's; data.extra_eval sets come after it
+            return
         images = batch[0]
         rows = torch.arange(self._seen, self._seen + images.shape[0])
         self._seen += images.shape[0]
@@ -100,7 +107,7 @@ class ReaLEvaluation(pl.Callback):
 
 
 class EvalResults(pl.Callback):
-    """Writes the run's ``val/*`` / ``test/*`` metrics as JSON after ``validate`` or ``test``.
+    """Writes the run's ``val*/*`` / ``test*/*`` metrics as JSON after ``validate`` or ``test`` (top-1/top-5 per set).
 
     Args:
         path: the JSON file (replaced atomically).
@@ -113,10 +120,14 @@ class EvalResults(pl.Callback):
     def _write(self, trainer, split: str) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.split("/")[0] in {"val", "test"}}
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if EVAL_KEY.match(k)}
+        sets: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            prefix, _, name = key.partition("/")
+            sets.setdefault(prefix, {})[name] = value
         datamodule = trainer.datamodule
         result = {"dataset": str(getattr(datamodule, "prepared", None) or getattr(datamodule, "source", "")),
-                  "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, split: metrics}
+                  "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None, split: metrics, "sets": sets}
         write_atomic(self.path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
     def on_validation_end(self, trainer, pl_module) -> None:

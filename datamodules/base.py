@@ -51,6 +51,11 @@ class ImageDataModule(pl.LightningDataModule):
             ``datamodules.augment.NormalizedRandomErasing``.
         augment_seed: seed of the device augmentation (default ``seed``); draws depend on (seed, rank, epoch,
             step) only, so a rerun repeats them whatever the model consumes from the global RNG.
+        holdout_fraction: share of the training split held out for model-soup selection (``holdout_split``).
+        extra_eval: more evaluation sets, ``{name: ImageFolder path}`` (e.g. ``{imagenet_v2: /data/v2}``), each
+            class folder named as a training class or by its index; served after ``val`` by ``val_dataloader``
+            with validation transforms (and the ``classes``/``val_limit`` selection), logged as
+            ``val_<name>/...``.
     """
 
     def __init__(
@@ -78,9 +83,15 @@ class ImageDataModule(pl.LightningDataModule):
         normalized_augment: list[nn.Module] | None = None,
         augment_seed: int | None = None,
         holdout_fraction: float = 0.0,
+        extra_eval: dict[str, str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["batch_augment", "normalized_augment"])
+        self.extra_eval = dict(extra_eval or {})
+        for name in self.extra_eval:
+            if not name.isidentifier() or name in {"train", "val", "raw"}:
+                raise ConfigError(f"data.extra_eval name {name!r} must be an identifier other than train, val, raw "
+                                  "(it names the log keys val_<name>/...)")
         self.source = source
         self.image_size = image_size
         self.batch_size = batch_size
@@ -121,10 +132,22 @@ class ImageDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def source_classes(self) -> list[str]:
+        """Class names of the source before any ``classes`` selection (what extra sets' folders are named)."""
+        return list(sources.FASHION_MNIST_CLASSES) if self.is_embedded else sources.folder_classes(self.source, self.hparams.class_index)
+
+    def eval_sets(self) -> list[str]:
+        """Evaluation splits in ``val_dataloader`` order: ``val``, then the ``extra_eval`` names."""
+        return ["val", *self.extra_eval]
+
     def get_source(self, split: str):
-        """The (cached) source of ``split`` ('train' or 'val'), after class/limit restriction."""
+        """The (cached) source of ``split`` ('train', 'val' or an ``extra_eval`` name), after class/limit restriction."""
         if split not in self._sources:
             hp = self.hparams
+            if split in self.extra_eval:
+                raw = sources.labelled_folder(self.extra_eval[split], self.source_classes())
+                self._sources[split] = sources.restrict(raw, self.classes, hp.val_limit, self.seed, f"eval-{split}")
+                return self._sources[split]
             if self.is_embedded:
                 raw = sources.fashion_mnist(split, hp.fashion_mnist_dir)
             else:
@@ -161,6 +184,10 @@ class ImageDataModule(pl.LightningDataModule):
                               "data.init_args.holdout_fraction, e.g. 0.02 as the paper's ImageNet2p")
         return self.split_loader("train", train=False, indices=self.holdout_split()[1])
 
+    def split_loader(self, split: str, train: bool, indices=None):
+        """A loader over ``split`` (optionally only ``indices``) with train or eval transforms (the back-end's)."""
+        raise NotImplementedError
+
     # --- batches ---------------------------------------------------------------------------------
     def set_normalization(self, mean, std) -> None:
         """Store mean/std on the 0..255 scale (plain tensors: a DataModule has no buffers; moved per batch)."""
@@ -189,6 +216,15 @@ class ImageDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch[0], batch[1]
         return [self.prepare_images(images), labels.long().view(-1), *batch[2:]]
+
+    def val_dataloader(self):
+        """The ``val`` loader, or a list of one loader per ``eval_sets()`` entry when ``extra_eval`` is set."""
+        loaders = [self.split_loader(split, train=False) for split in self.eval_sets()]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def eval_dataloader(self, split: str):
+        """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
+        return self.split_loader(split, train=False)
 
     def test_dataloader(self):
         return self.val_dataloader()

@@ -210,6 +210,8 @@ class FFCVDataModule(ImageDataModule):
         return self.cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
     def beton_path(self, split: str) -> Path:
+        if split in self.extra_eval:
+            return self.extra_folder(split) / "val.beton"
         return self.folder() / f"{split}.beton"
 
     def manifest(self) -> dict:
@@ -218,7 +220,8 @@ class FFCVDataModule(ImageDataModule):
         return self._manifest
 
     def write_prepared(self, folder: Path | None = None) -> dict:
-        """Write both splits and the manifest into ``folder`` (default: the cache folder), listing the source."""
+        """Write both splits and the manifest into ``folder`` (default: the cache folder), listing the source;
+        then the ``extra_eval`` sets that are not written yet (``extra_folder``)."""
         if self.prepared is not None:
             raise ConfigError(f"data.prepared is set ({self.prepared}): the files are read from there, not written")
         folder = Path(folder) if folder is not None else self.folder()
@@ -226,12 +229,14 @@ class FFCVDataModule(ImageDataModule):
         description = {"selection": self.selection(), "source_fingerprint": {s: self.get_source(s).fingerprint for s in SPLITS}}
         self._manifest = write_prepared(folder, {s: self.get_source(s) for s in SPLITS}, names, self.settings,
                                         description, self.write_workers, self.skip_unreadable)
+        self._prepare_extras(folder)
         return self._manifest
 
     def prepare_data(self) -> None:
         _require_ffcv()
         if self.prepared is not None:
-            return check_prepared(self.prepared, self.manifest())
+            check_prepared(self.prepared, self.manifest())
+            return self._prepare_extras(self.prepared)
         folder = self.folder()
         manifest = complete_manifest(folder)
         if manifest is not None and self.verify_source:
@@ -239,6 +244,7 @@ class FFCVDataModule(ImageDataModule):
             manifest = manifest if manifest["source_fingerprint"] == current else None
         if manifest is None:
             self.write_prepared(folder)
+        self._prepare_extras(folder)
 
     def setup(self, stage: str) -> None:
         _require_ffcv()
@@ -248,6 +254,44 @@ class FFCVDataModule(ImageDataModule):
                               "with a cache_dir local to each node set data.cache_shared false")
         self._manifest = None
         check_prepared(folder, self.manifest())
+        for name in self.extra_eval:
+            check_prepared(self.extra_folder(name), read_manifest(self.extra_folder(name)))
+
+    # --- extra evaluation sets (data.extra_eval) -------------------------------------------------
+    def source_classes(self) -> list[str]:
+        if self.prepared is None:
+            return super().source_classes()
+        manifest = self.manifest()
+        if manifest["selection"]["classes"]:
+            raise ConfigError(f"{self.prepared} was prepared with data.classes, so the full class list that names "
+                              "data.extra_eval's folders is unknown: prepare without data.classes, or from the source")
+        return list(manifest["classes"])
+
+    def _extra_selection(self, name: str) -> dict:
+        classes = "\n".join(self.source_classes())
+        return {"source": str(Path(self.extra_eval[name]).expanduser().resolve()), "classes": self.classes,
+                "val_limit": self.hparams.val_limit, "seed": self.seed,
+                "source_classes": hashlib.sha1(classes.encode()).hexdigest()}
+
+    def extra_folder(self, name: str, root: Path | None = None) -> Path:
+        """The folder of extra set ``name``'s ``val.beton`` and manifest: inside this data's folder (``root``),
+        keyed by the set's path, the class selection and the write settings."""
+        key = json.dumps([self._extra_selection(name), self.settings.as_dict()], sort_keys=True)
+        return Path(root or self.folder()) / f"eval-{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def _prepare_extras(self, root: Path) -> None:
+        """Write each extra set whose folder under ``root`` has no complete manifest (or, with
+        ``verify_source``, whose images changed)."""
+        for name in self.extra_eval:
+            folder = self.extra_folder(name, root)
+            manifest = complete_manifest(folder)
+            if manifest is not None and self.verify_source:
+                manifest = manifest if manifest["source_fingerprint"] == {"val": self.get_source(name).fingerprint} else None
+            if manifest is None:
+                source = self.get_source(name)
+                description = {"selection": self._extra_selection(name), "source_fingerprint": {"val": source.fingerprint}}
+                write_prepared(folder, {"val": source}, [str(n) for n in self.class_names], self.settings, description,
+                               self.write_workers, self.skip_unreadable)
 
     def _distributed(self) -> bool:
         trainer = self.trainer
@@ -308,10 +352,3 @@ class FFCVDataModule(ImageDataModule):
 
     def train_dataloader(self):
         return self.make_loader("train", train=True, indices=self.holdout_split()[0])
-
-    def val_dataloader(self):
-        return self.make_loader("val", train=False)
-
-    def eval_dataloader(self, split: str):
-        """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
-        return self.make_loader(split, train=False)

@@ -37,18 +37,17 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def complete_manifest(folder: Path) -> dict | None:
-    """The manifest when it and both files exist (no file is opened beyond the manifest), else ``None``."""
+    """The manifest when it and all its files exist (no file is opened beyond the manifest), else ``None``."""
     try:
         manifest = read_manifest(folder)
     except (ConfigError, DataError):
         return None
-    return manifest if all((folder / manifest["splits"][s]["file"]).is_file() for s in SPLITS) else None
+    return manifest if all((folder / entry["file"]).is_file() for entry in manifest["splits"].values()) else None
 
 
 def check_prepared(folder: Path, manifest: dict) -> None:
     """Check each file against the manifest: complete, sample count and table checksum."""
-    for split in SPLITS:
-        entry = manifest["splits"][split]
+    for entry in manifest["splits"].values():
         path = folder / entry["file"]
         if not path.is_file():
             raise DataError(f"{path} listed in {folder / MANIFEST} is missing: run visionlab prepare-data again")
@@ -61,7 +60,7 @@ def _say(message: str) -> None:
 
 def write_prepared(folder: Path, sources: dict, class_names: list[str], settings: WriteSettings, description: dict,
                    num_workers: int | None = None, skip_unreadable: bool = False) -> dict:
-    """Write ``folder/{train,val}.beton`` from ``sources`` (split -> image source), then the manifest.
+    """Write ``folder/<split>.beton`` for each of ``sources`` (split -> image source), then the manifest.
 
     Prints an estimate before each split (from decoding a few images) and the measured rate after it; FFCV's
     own progress bar counts images per second in between.
@@ -69,8 +68,8 @@ def write_prepared(folder: Path, sources: dict, class_names: list[str], settings
     folder = Path(folder)
     writers = num_workers or default_writers()
     splits = {}
-    for split in SPLITS:
-        source, path = sources[split], folder / f"{split}.beton"
+    for split, source in sources.items():
+        path = folder / f"{split}.beton"
         estimate = estimate_seconds(source, writers)
         _say(f"writing {len(source)} {split} images to {path} with {writers} processes "
              f"({settings.write_mode}); estimated {estimate / 60:.1f} min from decoding alone (encoding adds to it)")
@@ -89,7 +88,7 @@ def write_prepared(folder: Path, sources: dict, class_names: list[str], settings
         "format": FORMAT,
         "num_classes": len(class_names),
         "class_names": list(class_names),
-        "classes": list(sources["train"].classes),
+        "classes": list(next(iter(sources.values())).classes),
         "splits": splits,
         "write": settings.as_dict(),
         **description,

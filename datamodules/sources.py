@@ -224,6 +224,37 @@ def image_folder(root: str | Path, split: str, val_fraction: float = 0.1, seed: 
             f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}"
             f"{'/' + split if (root / split).is_dir() else ''}: expected one sub-folder of images per class"
         )
+    return FileSource(files, labels, classes, _fingerprint(files, labels))
+
+
+def _fingerprint(files: Sequence[Path], labels: Sequence[int]) -> str:
     stats = ((f, f.stat(), y) for f, y in zip(files, labels))
     digest = hashlib.sha1("\n".join(f"{f}:{st.st_size}:{st.st_mtime_ns}:{y}" for f, st, y in stats).encode()).hexdigest()[:12]
-    return FileSource(files, labels, classes, f"folder-{digest}")
+    return f"folder-{digest}"
+
+
+def labelled_folder(root: str | Path, classes: Sequence[str]) -> FileSource:
+    """An extra evaluation set in ImageFolder layout, labelled with the training classes' indices.
+
+    Each class folder is named as a training class (``classes``, the folder names or class-index map of the
+    training data) or by its 0-based index, as ImageNet-V2's ``0`` .. ``999``; another name is an error,
+    since guessing would mislabel silently.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"evaluation folder {root} does not exist: set data.extra_eval to ImageFolder trees")
+    position = {name: index for index, name in enumerate(classes)}
+    files, labels = [], []
+    for folder in _class_dirs(root):
+        label = position.get(folder.name)
+        if label is None and folder.name.isdigit() and int(folder.name) < len(classes):
+            label = int(folder.name)
+        if label is None:
+            raise ConfigError(f"class folder {folder.name!r} of {root} is neither a training class nor a class index "
+                              f"below {len(classes)}: name the folders as the training classes")
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"no images found under {root}: expected one sub-folder of images per class")
+    return FileSource(files, labels, classes, _fingerprint(files, labels))

@@ -59,7 +59,7 @@ class TorchvisionDataModule(ImageDataModule):
         return v2.Compose([*ops, v2.PILToTensor()])  # uint8 (3, H, W); normalised on the device
 
     def setup(self, stage: str) -> None:
-        for split in ("train", "val"):
+        for split in ("train", *self.eval_sets()):
             self.get_source(split)
 
     def dataset(self, split: str, train: bool) -> Dataset:
@@ -83,10 +83,3 @@ class TorchvisionDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.split_loader("train", train=True, indices=self.holdout_split()[0])
-
-    def val_dataloader(self) -> DataLoader:
-        return self.split_loader("val", train=False)
-
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
-        return self.split_loader(split, train=False)

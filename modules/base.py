@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import lightning.pytorch as pl
@@ -42,6 +43,29 @@ class VisionModule(pl.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.optimizer_root().parameters() if p.requires_grad]
 
+    #: set to ``"raw"`` by the averaging callbacks (``callbacks/averaging.py``) while they evaluate the raw weights
+    eval_weights: str = ""
+
+    def eval_prefix(self, dataloader_idx: int = 0) -> str:
+        """Log namespace of an evaluation batch: ``val`` for the data's main set, ``val_<name>`` for its
+        ``extra_eval`` set number ``dataloader_idx``, with ``_raw`` after ``val`` while the raw weights of an
+        EMA/SWA run are evaluated (``val_raw``, ``val_raw_<name>``).
+
+        A technique evaluates several sets by taking ``dataloader_idx=0`` in ``validation_step`` and logging
+        under this prefix with ``add_dataloader_idx=False`` (``ClassificationModule`` does).
+        """
+        parts = ["val", self.eval_weights] if self.eval_weights else ["val"]
+        if dataloader_idx:
+            datamodule = self.trainer.datamodule
+            names = datamodule.eval_sets() if hasattr(datamodule, "eval_sets") else []
+            parts.append(names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx))
+        return "_".join(parts)
+
+    @staticmethod
+    def evaluates_sets(step) -> bool:
+        """Whether an evaluation step logs per set (takes ``dataloader_idx``, see ``eval_prefix``)."""
+        return "dataloader_idx" in inspect.signature(step).parameters
+
     # --- Lightning hooks -------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy`` (``configs/trainer/fsdp.yaml``), shard with FSDP2.
@@ -61,6 +85,9 @@ class VisionModule(pl.LightningModule):
                 f"the model has {self.num_classes} classes but the data has {data_classes}: "
                 f"set model num_classes to {data_classes} (the CLI links it from the data automatically)"
             )
+        if getattr(self.trainer.datamodule, "extra_eval", None) and not self.evaluates_sets(self.validation_step):
+            raise ConfigError(f"data.extra_eval needs a technique that logs each evaluation set on its own; "
+                              f"{type(self).__name__} does not (ClassificationModule does): drop data.extra_eval")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trained_for = checkpoint.get("hyper_parameters", {}).get("num_classes")
@@ -128,7 +155,8 @@ class MaskedPretrainingModule(VisionModule):
     def _log_losses(self, stage: str, out: dict) -> None:
         for key, value in out.items():
             if key == "loss" or key.endswith("_loss"):
-                self.log(f"{stage}/{key}", value, prog_bar=key == "loss", sync_dist=stage == "val")
+                self.log(f"{stage}/{key}", value, prog_bar=key == "loss" and stage in {"train", "val"},
+                         sync_dist=stage != "train", add_dataloader_idx=False)
 
     def training_step(self, batch, batch_idx):
         images = batch[0]
@@ -139,9 +167,10 @@ class MaskedPretrainingModule(VisionModule):
             self._log_grid("mim/recon", images, out)
         return out["loss"]
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         images = batch[0]
         out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
-        self._log_losses("val", out)
-        if batch_idx == 0:
+        prefix = self.eval_prefix(dataloader_idx)
+        self._log_losses(prefix, out)
+        if batch_idx == 0 and prefix == "val":
             self._log_grid("mim/val_recon", images, out)

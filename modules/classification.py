@@ -81,6 +81,7 @@ class ClassificationModule(VisionModule):
         self.label_smoothing = label_smoothing
         self.train_metrics = accuracy_metrics(num_classes)
         self.val_metrics = accuracy_metrics(num_classes)
+        self.extra_val_metrics = nn.ModuleDict()  # per extra evaluation set / raw weights (eval_metrics)
 
     def optimizer_root(self) -> nn.Module:
         return self.backbone
@@ -123,20 +124,30 @@ class ClassificationModule(VisionModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def eval_metrics(self, prefix: str) -> nn.ModuleDict:
+        """The accuracy metrics of one evaluation set / weight set (``eval_prefix``): each accumulates its own."""
+        if prefix == "val":
+            return self.val_metrics
+        if prefix not in self.extra_val_metrics:  # made on first use: the sets come from the data
+            self.extra_val_metrics[prefix] = accuracy_metrics(self.num_classes).to(self.device)
+        return self.extra_val_metrics[prefix]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         images, labels = batch
         self._check_labels(labels)
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.log("val/loss", loss, sync_dist=True)
-        for name, metric in self.val_metrics.items():
+        prefix = self.eval_prefix(dataloader_idx)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), sync_dist=True, add_dataloader_idx=False)
+        for name, metric in self.eval_metrics(prefix).items():
             metric(logits, labels)
-            self.log(f"val/{name}", metric, prog_bar=name == "acc1")
-        if batch_idx == 0:
+            attribute = f"val_metrics.{name}" if prefix == "val" else f"extra_val_metrics.{prefix}.{name}"
+            self.log(f"{prefix}/{name}", metric, prog_bar=prefix == "val" and name == "acc1", add_dataloader_idx=False,
+                     metric_attribute=attribute)  # Lightning indexes metric attributes once: name new ones
+        if batch_idx == 0 and prefix == "val":
             self.log_images("val/examples", images[:32])
 
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self.validation_step(batch, batch_idx, dataloader_idx)
 
     def predict_step(self, batch, batch_idx):
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
