@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from callbacks.checkpoint import AtomicCheckpointIO, LatestCheckpoint, resolve_resume_path
 from callbacks.lost_rank import LostRankReport
-from callbacks.slurm import SLURMRequeue
+from callbacks.slurm import SLURMRequeue, pin_logger_version
 
 from modules.components.checkpoints import refused_pickle
 from modules.components.errors import ConfigError, VisionlabError
@@ -66,6 +66,10 @@ class VisionlabCLI(LightningCLI):
         )
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # Under SLURM a requeued job logs on in its first run's version folder (see callbacks/slurm.py).
+        pin_logger_version(self.config[self.subcommand] if self.subcommand else self.config)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init

@@ -1,19 +1,102 @@
-"""The project's sbatch template on a real two-node SLURM cluster: DDP across nodes, preemption + requeue."""
+"""SLURM: the requeue callback in process, and the project's sbatch template on a real two-node cluster (DDP across
+nodes, preemption + requeue into the same TensorBoard version folder)."""
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
+import signal
 import time
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 
-from tests.conftest import CONFIGS, ROOT
+from callbacks.slurm import SIGNAL_VARIABLE, SLURMRequeue, next_hpc_checkpoint, parse_signal
+from modules.components.errors import ConfigError
+from tests.conftest import CONFIGS, ROOT, cli_args
 from tests.slurm.cluster import Cluster, available
 
-pytestmark = pytest.mark.slow
 TEMPLATE = ROOT / "slurm" / "visionlab.sbatch"
+JOB = "4242"
+
+
+# --- in process: a one-task SLURM job (environment variables as srun sets them) ------------------------------
+@pytest.fixture
+def slurm_job(monkeypatch, tmp_path):
+    """SLURM's variables for one task of job 4242, a PATH without scontrol (or srun), signal handlers restored."""
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key == SIGNAL_VARIABLE:
+            monkeypatch.delenv(key)
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "visionlab",
+                       "SLURM_JOB_ID": JOB, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # like a container without SLURM's client tools
+    unhandled = []
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    for s in (signal.SIGUSR1, signal.SIGUSR2):  # a signal nobody handles must fail the test, not end pytest
+        signal.signal(s, lambda signum, frame: unhandled.append(signum))
+    yield unhandled
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+class SendSignal(pl.Callback):
+    """Deliver ``signum`` to this process after optimizer step ``step`` (what SLURM sends before the time limit)."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("template, sent", [(None, signal.SIGUSR1), ("USR2", signal.SIGUSR2), ("SIGUSR2", signal.SIGUSR2)])
+def test_without_scontrol_the_job_checkpoints_and_says_to_requeue_from_outside(slurm_job, tmp_path, capsys,
+                                                                               monkeypatch, template, sent):
+    if template:
+        monkeypatch.setenv(SIGNAL_VARIABLE, template)  # what the sbatch template exports from its --signal line
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_val_batches=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path, callbacks=[SendSignal(sent, 3), SLURMRequeue()])
+    trainer.fit(BoringModel())
+    assert slurm_job == []  # the callback handled the signal itself
+    assert trainer.global_step == 3  # stopped at the batch the signal arrived in (of 32)
+    saved = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert saved["global_step"] == 3 and saved["optimizer_states"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("visionlab:")]
+    assert len(lines) == 1 and f"scontrol requeue {JOB}" in lines[0] and "from outside" in lines[0], lines
+    assert str(tmp_path / "hpc_ckpt_1.ckpt") in lines[0]
+
+
+def test_signal_names_and_checkpoint_numbering(tmp_path):
+    assert parse_signal("USR2") == parse_signal("sigusr2") == parse_signal(str(int(signal.SIGUSR2))) == signal.SIGUSR2
+    with pytest.raises(ConfigError, match="not a signal"):
+        parse_signal("USR9")
+    assert next_hpc_checkpoint(tmp_path).name == "hpc_ckpt_1.ckpt"
+    for name in ("hpc_ckpt_3.ckpt", "hpc_ckpt_10.ckpt", "last.ckpt", "hpc_ckpt_x.ckpt"):
+        (tmp_path / name).touch()
+    assert next_hpc_checkpoint(tmp_path).name == "hpc_ckpt_11.ckpt"
+
+
+def test_a_slurm_job_logs_to_the_version_folder_of_its_job_id(slurm_job, tmp_path, beton_cache):
+    from app.cli import VisionlabCLI
+
+    args = cli_args(tmp_path, beton_cache)[1:]  # a TensorBoardLogger named in the config, no version
+    cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, args=args)
+    assert cli.trainer.logger.version == int(JOB)  # a requeued run (same job id) writes to the same folder
+    pinned = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          run=False, args=[*args, "--trainer.logger.init_args.version", "mine"])
+    assert pinned.trainer.logger.version == "mine"  # a version the config chose is kept
+
+
+# --- a real two-node cluster -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -22,26 +105,29 @@ def cluster(tmp_path_factory):
     if reason:
         pytest.skip(f"no SLURM here: {reason}")
     cluster = Cluster(tmp_path_factory.mktemp("slurm"))
+    # the jobs import tests.slurm.preempt (a callback given on the command line)
+    cluster.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     try:
         yield cluster.start()
     finally:
         cluster.stop()
 
 
-def _fit_args(run_dir, cache, *extra):
-    return ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/fashion_mnist.yaml"),
+def _fit_args(run_dir, cache, *extra, data="data/fashion_mnist.yaml"):
+    return ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / data),
             "--config", str(CONFIGS / "classification/debug.yaml"),
             "--trainer.default_root_dir", str(run_dir),
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.init_args.save_dir", str(run_dir),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--data.init_args.cache_dir", str(cache), "--data.init_args.num_workers", "1", *extra]
+            "--data.init_args.num_workers", "1", *(["--data.init_args.cache_dir", str(cache)] if cache else []), *extra]
 
 
 def _log(run_dir, job_id) -> str:
     return (run_dir / f"visionlab-{job_id}.out").read_text()
 
 
+@pytest.mark.slow
 def test_two_nodes_train_one_model(cluster, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -59,31 +145,48 @@ def test_two_nodes_train_one_model(cluster, tmp_path):
     assert log.count("visionlab: best val/acc1") == 1
 
 
-def test_preempted_job_requeues_and_resumes(cluster, tmp_path):
+def _steps(events_file) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [event.step for event in EventAccumulator(str(events_file)).Reload().Scalars("train/loss")]
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    epochs = 12
-    job = cluster.sbatch(str(TEMPLATE), *_fit_args(run, tmp_path / "cache", "--trainer.max_epochs", str(epochs)), cwd=run)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline:
-        assert cluster.job(job).get("JobState") in {"PENDING", "RUNNING", "CONFIGURING"}, _log(run, job)[-3000:]
-        time.sleep(0.5)
-    assert last.exists(), "the job never finished its first epoch"
-    # What SLURM sends before the time limit (--signal=SIGUSR1@90), delivered now, mid-run.
-    subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env, check=True)
+    # The template with another signal in its one --signal line: SLURM and visionlab both follow that line.
+    text = TEMPLATE.read_text()
+    assert text.count("#SBATCH --signal=SIGUSR1@90") == 1
+    template = tmp_path / "visionlab.sbatch"
+    template.write_text(text.replace("#SBATCH --signal=SIGUSR1@90", "#SBATCH --signal=SIGUSR2@90"))
+    steps, preempted = 8, 5  # 2 epochs of 4 steps; SLURM's signal arrives after step 5, mid-way through epoch 2
+    signal_at = ["--trainer.callbacks+=tests.slurm.preempt.SignalAtStep", "--trainer.callbacks.step", str(preempted),
+                 "--trainer.callbacks.signal_name", "USR2"]
+    # torchvision loaders (the FFCV launch is the test above): FFCV would compile its numba pipelines again in
+    # each of the 4 processes (2 ranks x 2 runs), which is most of this job's time after Python's start-up
+    args = _fit_args(run, None, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+                     "--data.init_args.num_workers", "0", *signal_at, data="data/fashion_mnist_torchvision.yaml")
+    job = cluster.sbatch(str(template), *args, cwd=run)
+    cluster.start_requeued_now(job)
     info = cluster.wait(job)
-    deadline = time.time() + 120  # the state can read COMPLETED a moment before the last rank exits
+    deadline = time.time() + 60  # the state can read COMPLETED a moment before the last rank exits
     while "visionlab: last checkpoint" not in _log(run, job) and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.2)
     log = _log(run, job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert int(info["Restarts"]) == 1, log[-3000:]
     hpc = sorted(run.glob("hpc_ckpt_*.ckpt"))
-    assert len(hpc) == 1, log[-3000:]
+    assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], log[-3000:]
     saved = torch.load(hpc[0], weights_only=False)
-    assert 0 < saved["global_step"] < epochs * 4 and saved["optimizer_states"][0]["state"]
+    assert saved["global_step"] == preempted and saved["optimizer_states"][0]["state"]  # saved where it stopped
     assert f"Restored all states from the checkpoint at {hpc[0]}" in log.replace("\n", "")
-    assert "restart 1" in log
-    # The resumed run continued the step count instead of starting over.
-    assert torch.load(last, weights_only=False)["global_step"] == epochs * 4
+    assert "restart 1" in log and f"requeueing SLURM job {job}" in log
+    # The resumed run continued the step count instead of starting over...
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    # ... in the same TensorBoard version folder (the job id), its steps continuing the first run's axis.
+    versions = [p.name for p in (run / "lightning_logs").iterdir()]
+    assert versions == [f"version_{job}"], versions
+    first, second = [_steps(f) for f in sorted((run / "lightning_logs" / versions[0]).glob("events.out.tfevents.*"))]
+    assert first and second and max(first) < min(second), (first, second)
+    assert sorted(first + second) == list(range(steps)), (first, second)

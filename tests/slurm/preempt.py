@@ -1,0 +1,32 @@
+"""Loaded by tests/test_slurm.py into the SLURM job: SLURM's pre-timeout signal, sent at a known step.
+
+Rank 0 asks slurmctld (``scancel --signal``, the same delivery path as ``#SBATCH --signal``) to signal every task
+of the job after optimizer step ``step`` of the job's first run, and waits until its own process has received
+the signal, so the pre-emption happens at that step however long the delivery takes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import lightning.pytorch as pl
+
+from callbacks.slurm import SLURMRequeue
+
+
+class SignalAtStep(pl.Callback):
+    def __init__(self, step: int, signal_name: str, timeout: float = 60.0):
+        self.step, self.signal_name, self.timeout = step, signal_name, timeout
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+        if not (first_run and trainer.is_global_zero and trainer.global_step == self.step):
+            return
+        subprocess.run(["scancel", f"--signal={self.signal_name}", os.environ["SLURM_JOB_ID"]], check=True)
+        requeue = next(cb for cb in trainer.callbacks if isinstance(cb, SLURMRequeue))
+        deadline = time.monotonic() + self.timeout
+        while not requeue.signalled and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handler runs between these sleeps
+        assert requeue.signalled, f"SIG{self.signal_name} did not arrive within {self.timeout} s"
