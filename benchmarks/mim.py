@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
 from modules.classification import ClassificationModule  # noqa: E402
 from modules.components.masking import mae_shuffle  # noqa: E402
-from modules.components.mim_parts import vit_encode_visible  # noqa: E402
+from modules.components.masked_vit import encode  # noqa: E402
 from modules.components.optim import OptimConfig  # noqa: E402
 from modules.linear_probe import LinearProbeModule  # noqa: E402
 from modules.mae import MAEModule  # noqa: E402
@@ -117,7 +117,7 @@ def encoder_step_times(batch_size: int, repeats: int, mask_ratio: float = 0.75) 
         vit.forward_features(images).mean().backward()
         full_s = time.perf_counter() - started
         started = time.perf_counter()
-        vit_encode_visible(vit, images, ids_keep).mean().backward()
+        encode(vit, images, keep_index=ids_keep).mean().backward()
         masked_s = time.perf_counter() - started
         if i:
             full.append(full_s)

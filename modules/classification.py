@@ -10,8 +10,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from modules.base import VisionModule
-from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.backbones import create_backbone
+from modules.components.batches import named_batch
+from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
+from modules.components.transfer import build_from_checkpoint
 
 
 def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
@@ -26,10 +29,12 @@ class ClassificationModule(VisionModule):
     """Supervised classifier: timm backbone, label smoothing, Mixup/CutMix, optional kornia batch augmentation.
 
     Args:
-        backbone: timm model name, e.g. ``resnet18``, ``vit_tiny_patch16_224``, ``convnext_atto``.
+        backbone: timm model name, e.g. ``resnet18``, ``vit_tiny_patch16_224``, ``convnext_atto``; with
+            ``init_checkpoint`` it may be left out (null): the architecture is the one the checkpoint records.
         num_classes: classes (linked from the data).
         image_size: input size (linked from the data).
-        backbone_kwargs: extra ``timm.create_model`` arguments (``depth``, ``patch_size``...).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``depth``, ``patch_size``...); with
+            ``init_checkpoint``, merged over the recorded ones (e.g. ``global_pool``).
         drop_path_rate: stochastic depth rate.
         label_smoothing: label smoothing for the hard-label loss (and Mixup targets).
         mixup_alpha: Mixup alpha; 0 disables.
@@ -37,8 +42,9 @@ class ClassificationModule(VisionModule):
         batch_augment: deprecated, classification only: modules applied to the normalised training batch.
             Use the DataModule's ``batch_augment`` (before normalisation) / ``normalized_augment`` (after),
             which every technique gets, seeded per step (``datamodules/augment.py``).
-        init_checkpoint: a visionlab checkpoint (or plain state dict) whose backbone weights initialise
-            this model; the classifier head is skipped when its shape differs.
+        init_checkpoint: a visionlab checkpoint (or plain state dict, with ``backbone`` named) whose backbone
+            weights initialise this model (`transfer.build_from_checkpoint`): a classifier of another class
+            count is re-initialised, position embeddings are resampled to ``image_size``.
         optim: optimizer and schedule.
         criterion: the training loss, called as ``criterion(logits, target)`` with integer labels, or with
             mixup/cutmix's soft targets when those are on — e.g. ``timm.loss.BinaryCrossEntropy`` (DeiT III,
@@ -49,7 +55,7 @@ class ClassificationModule(VisionModule):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: str | None = None,
         num_classes: int = 1000,
         image_size: int = 224,
         backbone_kwargs: dict | None = None,
@@ -68,9 +74,13 @@ class ClassificationModule(VisionModule):
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
-        self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **kwargs)
         if init_checkpoint:
-            self.load_backbone_weights(init_checkpoint)
+            self.backbone, arch = build_from_checkpoint(init_checkpoint, "replace", num_classes, image_size, backbone, kwargs)
+            self.hparams.update(backbone=arch.name, backbone_kwargs=arch.kwargs)  # what later readers rebuild
+        elif backbone is None:
+            raise ConfigError("model.backbone is null: name a timm model, or set model.init_checkpoint to start from")
+        else:
+            self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **kwargs)
         self.batch_augment = nn.Sequential(*(batch_augment or []))
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
@@ -86,27 +96,19 @@ class ClassificationModule(VisionModule):
     def optimizer_root(self) -> nn.Module:
         return self.backbone
 
-    def load_backbone_weights(self, path: str) -> None:
-        """Initialise from a checkpoint's ``backbone.*`` weights: strict, except that a classifier of another
-        class count is re-initialised and position embeddings are resampled to this resolution."""
-        from modules.components.checkpoints import backbone_state_dict
-
-        load_state_dict_strict(self.backbone, backbone_state_dict(path), f"checkpoint {path}", replace_head=True)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)  # (B, num_classes)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and int(labels.max()) >= self.num_classes:
-            from modules.components.errors import ConfigError
-
             raise ConfigError(
                 f"label {int(labels.max())} out of range for a {self.num_classes}-class model: "
                 "the model's num_classes must match the data"
             )
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         self._check_labels(labels)
         images = self.batch_augment(images)
         if self.mixup is not None:
@@ -133,7 +135,8 @@ class ClassificationModule(VisionModule):
         return self.extra_val_metrics[prefix]
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        images, labels = batch
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         self._check_labels(labels)
         logits = self(images)
         prefix = self.eval_prefix(dataloader_idx)
@@ -150,5 +153,5 @@ class ClassificationModule(VisionModule):
         return self.validation_step(batch, batch_idx, dataloader_idx)
 
     def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = named_batch(batch)["image"]
         return self(images).softmax(dim=-1)

@@ -22,13 +22,15 @@ from torchmetrics.utilities import dim_zero_cat
 
 from modules.base import VisionModule
 from modules.components.backbones import create_backbone
+from modules.components.batches import named_batch
 from modules.components.clip_loss import accumulated_contrastive_backward, distributed_clip_loss, split_micro_batches
 from modules.components.contrastive import (
     LogitScale, attentive_keep_index, clip_loss, cosine_momentum, crop_to_boxes, crop_token_scores, num_kept,
-    random_keep_index, recall_at_k, sample_crop_boxes, vit_cls_attention, vit_encode, zero_shot_head,
-    zero_shot_logits,
+    random_keep_index, recall_at_k, sample_crop_boxes, zero_shot_head, zero_shot_logits,
 )
 from modules.components.errors import ConfigError
+from modules.components.frozen import Frozen
+from modules.components.masked_vit import cls_attention, encode_pooled
 from modules.components.optim import OptimConfig
 from modules.components.text import CLIP_VOCAB_SIZE, TextTransformer
 
@@ -76,7 +78,7 @@ class DualEncoder(nn.Module):
         self.logit_scale = LogitScale(init_logit_scale, max_logit_scale)
 
     def encode_image(self, images: torch.Tensor, keep_index: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = self.image_encoder(images) if keep_index is None else vit_encode(self.image_encoder, images, keep_index)
+        pooled = self.image_encoder(images) if keep_index is None else encode_pooled(self.image_encoder, images, keep_index)
         return F.normalize(self.image_projection(pooled), dim=-1)  # (B, E)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -176,14 +178,19 @@ class CLIPModule(VisionModule):
         self.local_loss, self.accum_freq = local_loss, accum_freq
         self.automatic_optimization = accum_freq == 1
         self.unmasked_tuning = unmasked_tuning
-        self.ema_image_encoder = None
+        self.ema_scorer = None  # A-CLIP's EMA image encoder: frozen (never optimised, eval mode), checkpointed
         if mask_ratio > 0 and masking == "attentive":
-            self.ema_image_encoder = ModelEmaV3(image_encoder, decay=ema_decay, use_warmup=ema_warmup).eval()
+            self.ema_scorer = Frozen(ModelEmaV3(image_encoder, decay=ema_decay, use_warmup=ema_warmup), in_checkpoint=True)
             if attention_layers is not None and not 1 <= attention_layers <= len(image_encoder.blocks):
                 raise ConfigError(f"model.attention_layers {attention_layers} must be in [1, {len(image_encoder.blocks)}] or null (all)")
         self.zeroshot_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.retrieval = RetrievalRecall((1, 5))
         self._zero_shot_head: torch.Tensor | None = None
+
+    @property
+    def ema_image_encoder(self) -> ModelEmaV3 | None:
+        """timm's EMA of the online image encoder (``.module`` is the network), when masking is attentive."""
+        return None if self.ema_scorer is None else self.ema_scorer.module
 
     def optimizer_root(self) -> nn.Module:
         return self.model  # the EMA scorer is never optimised
@@ -202,7 +209,7 @@ class CLIPModule(VisionModule):
         keep = num_kept(num_tokens, self.mask_ratio)
         if self.masking != "attentive":
             return images, random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
-        scores = vit_cls_attention(self.ema_image_encoder.module, images, self.attention_layers)  # (B, N)
+        scores = cls_attention(self.ema_image_encoder.module, images, self.attention_layers)  # (B, N)
         if self.online_crop_scale != (1.0, 1.0):
             boxes = sample_crop_boxes(images.shape[0], self.online_crop_scale, device=images.device)
             images = crop_to_boxes(images, boxes, tuple(images.shape[-2:]))
@@ -233,7 +240,8 @@ class CLIPModule(VisionModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self.accum_freq > 1:
             return self._accumulated_training_step(batch)
-        images, tokens = batch[0], batch[1]
+        batch = named_batch(batch)
+        images, tokens = batch["image"], batch["tokens"]
         view, keep_index = self.masked_view(images)
         image_features = self.model.encode_image(view, keep_index)
         text_features = self.model.encode_text(tokens)
@@ -245,8 +253,9 @@ class CLIPModule(VisionModule):
 
     def _accumulated_training_step(self, batch) -> torch.Tensor:
         """One optimizer step over ``accum_freq`` micro-batches with feature caching (manual optimization)."""
+        batch = named_batch(batch)
         try:
-            micro = split_micro_batches([batch[0], batch[1]], self.accum_freq)
+            micro = split_micro_batches([batch["image"], batch["tokens"]], self.accum_freq)
         except ValueError as error:
             raise ConfigError(f"model.accum_freq: {error}: set data batch_size to a multiple of accum_freq") from None
         views = [(*self.masked_view(images), tokens) for images, tokens in micro]  # token masks fixed per micro-batch
@@ -275,12 +284,6 @@ class CLIPModule(VisionModule):
             self.ema_image_encoder.decay = self.ema_momentum()
             self.ema_image_encoder.update(self.model.image_encoder)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.ema_image_encoder is not None:
-            self.ema_image_encoder.eval()
-        return self
-
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def build_zero_shot_head(self, class_prompt_tokens: torch.Tensor) -> torch.Tensor:
@@ -302,7 +305,9 @@ class CLIPModule(VisionModule):
         self._start_eval()
 
     def _eval_step(self, batch, stage: str) -> None:
-        images, tokens, labels, caption_ids = batch
+        batch = named_batch(batch)
+        images, tokens = batch["image"], batch["tokens"]
+        labels, caption_ids = batch["label"], batch["caption_id"]
         image_features, text_features = self.model.encode_image(images), self.model.encode_text(tokens)
         loss = clip_loss(image_features, text_features, self.model.logit_scale())
         self.zeroshot_acc1.update(zero_shot_logits(image_features, self._zero_shot_head), labels)

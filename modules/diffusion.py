@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from modules.base import VisionModule
 from modules.components.backbones import load_state_dict_strict
+from modules.components.batches import named_batch
 from modules.components.checkpoints import read_state_dict
 from modules.components.difffit import DiffFit
 from modules.components.diffusion import (IdentityAutoencoder, NoiseSchedule, ddim_sample, ddpm_sample, guided_eps,
@@ -25,11 +26,11 @@ from modules.components.dimr import multiresolution_loss
 from modules.components.dit import DiT, trainable_fraction
 from modules.components.errors import ConfigError
 from modules.components.frechet import load_feature_classifier
+from modules.components.frozen import Frozen
 from modules.components.masking import fixed_generator
 from modules.components.optim import OptimConfig
 
 DenoiserFactory = Callable[[int, int, int], nn.Module]
-FROZEN = "frechet."  # the evaluation network: moved with the module, never trained, never checkpointed
 
 
 class DiffusionModule(VisionModule):
@@ -127,12 +128,12 @@ class DiffusionModule(VisionModule):
         if finetune is not None:
             finetune.freeze(self.denoiser)
         self.ema = ModelEmaV3(self.denoiser, decay=ema_decay, use_warmup=True).requires_grad_(False) if ema_decay else None
-        # The evaluation network is a child module (so it moves with the model) that is frozen and left out of
-        # the checkpoint (on_save_checkpoint): it is rebuilt from feature_classifier.
-        self.frechet = None
+        # The evaluation network is a child module (so it moves with the model), Frozen: never trained, in eval
+        # mode and left out of the checkpoint (it is rebuilt from feature_classifier).
+        self.frechet_metric = None
         if feature_classifier:
             classifier = load_feature_classifier(feature_classifier)
-            self.frechet = FrechetInceptionDistance(feature=classifier, reset_real_features=True).requires_grad_(False)
+            self.frechet_metric = Frozen(FrechetInceptionDistance(feature=classifier, reset_real_features=True))
         self.register_buffer("classifier_classes", torch.tensor(classifier_classes or range(num_classes)), persistent=False)
 
     def _load_pretrained(self, path: str) -> None:
@@ -156,13 +157,10 @@ class DiffusionModule(VisionModule):
             raise ConfigError(f"{err}; set model.denoiser (architecture class_path and init_args) to that of the "
                               "pretrained run") from None
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.frechet is not None:  # the evaluation network is rebuilt, not loaded
-            checkpoint["state_dict"].update({FROZEN + k: v for k, v in self.frechet.state_dict().items()})
+    @property
+    def frechet(self) -> FrechetInceptionDistance | None:
+        """The Frechet distance metric over the feature classifier (None without one)."""
+        return None if self.frechet_metric is None else self.frechet_metric.module
 
     # --- the small interface used by callbacks, tools and benchmarks -----------------------------
     def optimizer_root(self) -> nn.Module:
@@ -237,7 +235,8 @@ class DiffusionModule(VisionModule):
                   f"denoiser parameters ({100 * trainable / total:.2f}%)")
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         losses = self.diffusion_losses(self.encode(images), labels)
@@ -252,7 +251,8 @@ class DiffusionModule(VisionModule):
             self.ema.update(self.denoiser, step=self.global_step)
 
     def validation_step(self, batch, batch_idx):
-        images, labels = batch
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         stage = "test" if self.trainer.testing else "val"
         losses = self.diffusion_losses(self.encode(images), labels, fixed_generator(images.device, batch_idx))
         self.log(f"{stage}/loss", losses["loss"], prog_bar=True, sync_dist=True)

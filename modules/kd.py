@@ -9,15 +9,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from modules.base import VisionModule
 from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.batches import named_batch
 from modules.components.checkpoints import backbone_state_dict
 from modules.components.distill import kd_loss, student_tokens_and_logits
 from modules.components.errors import ConfigError
 from modules.components.kd_mixing import Mixing
-from modules.components.kd_targets import FerKD, OnlineTeachers, TargetSource, named_batch
+from modules.components.kd_targets import FerKD, OnlineTeachers, TargetSource
 from modules.components.kd_terms import KDStep, LossTerm
 from modules.components.optim import OptimConfig
 
-TEACHERS = "targets.teachers."  # checkpoint keys of the frozen teachers (never saved)
 
 
 class DistillationModule(VisionModule):
@@ -90,32 +90,15 @@ class DistillationModule(VisionModule):
             self.val_metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.teacher_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._teacher_evaluated = False
-        self.train()  # Lightning keeps the modes it finds: the teachers must start in eval mode
 
     @property
     def teachers(self) -> nn.ModuleList:
         """The target source's frozen teachers (empty with stored logits)."""
         return self.targets.teachers
 
-    # --- teachers: frozen, eval mode, out of the optimizer and the checkpoint ----------------------
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
+    # --- teachers are `Frozen` inside the target source: eval mode, out of the optimizer and checkpoint ---
     def optimizer_root(self) -> nn.Module:
         return nn.ModuleDict({"backbone": self.backbone, "terms": self.terms}) if len(self.terms) else self.backbone
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(TEACHERS)]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.setdefault("state_dict", {})
-        for key, value in self.teachers.state_dict().items():
-            state.setdefault(f"{TEACHERS}{key}", value)
 
     # --- steps ---------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,5 +153,5 @@ class DistillationModule(VisionModule):
         return self.validation_step(batch, batch_idx)
 
     def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = named_batch(batch)["image"]
         return self(images).softmax(dim=-1)

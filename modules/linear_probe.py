@@ -8,7 +8,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from modules.base import VisionModule
+from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
+from modules.components.frozen import Frozen
 from modules.components.mim_parts import frozen_encoder
 from modules.components.optim import OptimConfig
 
@@ -16,23 +18,23 @@ from modules.components.optim import OptimConfig
 class LinearProbeModule(VisionModule):
     """A frozen encoder from a pretraining checkpoint, ``BatchNorm1d(affine=False)`` and a linear classifier.
 
-    Only the linear layer trains; the encoder stays in eval mode with no gradients. The checkpoint's
-    ``backbone.*`` weights must match the encoder built from ``backbone``/``backbone_kwargs`` exactly
-    (the mismatching names are listed otherwise).
+    Only the linear layer trains; the encoder is `Frozen` (eval mode, no gradients, saved in the probe's
+    checkpoint under ``backbone.*``). Its architecture is the one the checkpoint records; the checkpoint's
+    ``backbone.*`` weights must match it exactly, classifier aside (the mismatching names are listed otherwise).
 
     Args:
-        backbone: timm name of the pretrained encoder.
+        backbone: timm name of the encoder; default (null): the one the checkpoint records.
         num_classes: classes (linked from the data).
         image_size: input size (linked from the data).
         init_checkpoint: the pretraining checkpoint (``.ckpt`` of ``visionlab fit``).
-        backbone_kwargs: the same ``timm.create_model`` arguments as at pretraining.
+        backbone_kwargs: ``timm.create_model`` arguments merged over the recorded ones (e.g. ``global_pool``).
         pool: ``token`` = the model's own pooling (class token for ViTs), ``avg`` = mean of patch tokens.
         optim: optimizer and schedule (of the linear layer).
     """
 
     def __init__(
         self,
-        backbone: str = "vit_tiny_patch16_224",
+        backbone: str | None = None,
         num_classes: int = 1000,
         image_size: int = 224,
         init_checkpoint: str | None = None,
@@ -46,9 +48,9 @@ class LinearProbeModule(VisionModule):
             raise ConfigError(f"model.pool '{pool}' is not one of token, avg")
         if not init_checkpoint:
             raise ConfigError("a linear probe needs model.init_checkpoint: the .ckpt of a pretraining run")
-        self.backbone = frozen_encoder(backbone, image_size, init_checkpoint, backbone_kwargs)
+        self.backbone = Frozen(frozen_encoder(backbone, image_size, init_checkpoint, backbone_kwargs), in_checkpoint=True)
         self.pool = pool
-        dim = self.backbone.num_features
+        dim = self.backbone.module.num_features
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
@@ -58,23 +60,20 @@ class LinearProbeModule(VisionModule):
     def optimizer_root(self) -> nn.Module:
         return self.head
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(images)
+        encoder = self.backbone.module
+        tokens = encoder.forward_features(images)
         if self.pool == "avg" and tokens.ndim == 3:
-            return tokens[:, getattr(self.backbone, "num_prefix_tokens", 0):].mean(dim=1)  # (B, D)
-        return self.backbone.forward_head(tokens, pre_logits=True)  # (B, D)
+            return tokens[:, getattr(encoder, "num_prefix_tokens", 0):].mean(dim=1)  # (B, D)
+        return encoder.forward_head(tokens, pre_logits=True)  # (B, D)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))  # (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch[0], batch[1]
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         self.train_acc1(logits, labels)
@@ -83,12 +82,13 @@ class LinearProbeModule(VisionModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, labels = batch[0], batch[1]
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         logits = self(images)
         self.val_acc1(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.log("val/acc1", self.val_acc1, prog_bar=True)
 
     def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = named_batch(batch)["image"]
         return self(images).softmax(dim=-1)

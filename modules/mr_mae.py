@@ -10,6 +10,7 @@ from torch import nn
 
 from modules.base import MaskedPretrainingModule
 from modules.components.errors import ConfigError
+from modules.components.frozen import Frozen
 from modules.components.masking import gather_tokens, reconstruction_rows
 from modules.components.mim_parts import (
     feature_mimic_loss,
@@ -119,7 +120,8 @@ class MRMAEModule(MaskedPretrainingModule):
             backbone, num_classes, image_size, backbone_kwargs, "MR-MAE", decoder_dim, decoder_depth, decoder_heads,
             learned_pos_embed)
         self.specs = specs
-        self.teachers = nn.ModuleList(frozen_encoder(s.name, image_size, s.checkpoint, s.kwargs) for s in specs)
+        # Frozen: eval mode, never optimised, rebuilt from the specs on load instead of checkpointed
+        self.frozen_teachers = Frozen(nn.ModuleList(frozen_encoder(s.name, image_size, s.checkpoint, s.kwargs) for s in specs))
         self.projections = nn.ModuleList(self._projection(s, t.num_features) for s, t in zip(specs, self.teachers))
         self.input_stats = (input_mean, input_std) if input_mean is not None and input_std is not None else None
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
@@ -139,15 +141,9 @@ class MRMAEModule(MaskedPretrainingModule):
             hparams = getattr(self.trainer.datamodule, "hparams", None) or {}
             self.input_stats = (tuple(hparams.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(hparams.get("std", IMAGENET_DEFAULT_STD)))
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teachers.eval()
-        return self
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("teachers.")]:
-            del state[key]
+    @property
+    def teachers(self) -> nn.ModuleList:
+        return self.frozen_teachers.module
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -156,8 +152,6 @@ class MRMAEModule(MaskedPretrainingModule):
             value = state.pop(key)
             if key.startswith("projection."):
                 state["projections.0." + key.removeprefix("projection.")] = value
-        for key, value in self.teachers.state_dict().items():
-            state.setdefault(f"teachers.{key}", value)
 
     # --- steps -------------------------------------------------------------------------------------
     def teacher_input(self, images: torch.Tensor, spec: MimicTeacher) -> torch.Tensor:

@@ -17,13 +17,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from modules.base import VisionModule
-from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict
+from modules.components.backbones import create_backbone
+from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
-from modules.components.peft import unwrap_state_dict
-from modules.components.peft_methods import PEFTMethod, SSFTuning, build_method, classifier_name
+from modules.components.peft_methods import PEFTMethod, SSFTuning, build_method
 from modules.components.task_file import read_task_file, write_task_file
+from modules.components.transfer import build_from_checkpoint
 
 
 class PEFTModule(VisionModule):
@@ -32,12 +32,14 @@ class PEFTModule(VisionModule):
     side-tuning after Hierarchical Side-Tuning (Lin et al. 2023), and the linear-probe / full fine-tune baselines.
 
     Args:
-        backbone: timm model name (``vit_tiny_patch16_224``, ``resnet18``, ``convnext_atto``...).
+        backbone: timm model name (``vit_tiny_patch16_224``, ``resnet18``, ``convnext_atto``...); null with
+            ``init_checkpoint``: the architecture the checkpoint records.
         num_classes: classes of the target task (linked from the data).
         image_size: input size (linked from the data).
-        backbone_kwargs: extra ``timm.create_model`` arguments (``depth``, ``patch_size``...).
-        init_checkpoint: visionlab checkpoint (or plain state dict) with the pretrained ``backbone.*``
-            weights; a head of another shape is replaced by a fresh one.
+        backbone_kwargs: extra ``timm.create_model`` arguments (``depth``, ``patch_size``...), merged over the
+            checkpoint's recorded ones.
+        init_checkpoint: visionlab checkpoint (or plain state dict, with ``backbone`` named) with the pretrained
+            ``backbone.*`` weights (`transfer.build_from_checkpoint`); a head of another shape is replaced.
         method: the PEFT method (default: SSF); a ``{class_path, init_args}`` dict is accepted too.
         label_smoothing: label smoothing of the training loss.
         optim: optimizer and schedule.
@@ -45,7 +47,7 @@ class PEFTModule(VisionModule):
 
     def __init__(
         self,
-        backbone: str = "vit_tiny_patch16_224",
+        backbone: str | None = None,
         num_classes: int = 1000,
         image_size: int = 224,
         backbone_kwargs: dict | None = None,
@@ -59,25 +61,20 @@ class PEFTModule(VisionModule):
         self.save_hyperparameters(ignore=["method"])
         self.hparams["method"] = self.method.spec()  # primitives only: checkpoints load with weights_only=True
         self.label_smoothing = label_smoothing
-        self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **(backbone_kwargs or {}))
         if init_checkpoint:
-            self._load_backbone(init_checkpoint)
-        elif not self.method.trains_backbone:
+            self.backbone, arch = build_from_checkpoint(init_checkpoint, "replace", num_classes, image_size, backbone,
+                                                        backbone_kwargs)
+            self.hparams.update(backbone=arch.name, backbone_kwargs=arch.kwargs)  # what a task file rebuilds
+        elif backbone is None:
+            raise ConfigError("model.backbone is null: name a timm model, or set model.init_checkpoint to start from")
+        else:
+            self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **(backbone_kwargs or {}))
+        if not init_checkpoint and not self.method.trains_backbone:
             warnings.warn(f"PEFT method {type(self.method).__name__} on a randomly initialised backbone: set init_checkpoint", stacklevel=2)
         self.side = self.method.attach(self.backbone, num_classes, image_size)
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.train()  # Lightning keeps the modes it finds: the frozen backbone must start in eval mode
-
-    def _load_backbone(self, path: str) -> None:
-        """Load ``backbone.*`` weights; classifier weights of another shape (or absent) stay freshly initialised."""
-        state = unwrap_state_dict(backbone_state_dict(path))
-        own = self.backbone.state_dict()
-        head = {f"{classifier_name(self.backbone)}.{k}" for k in self.backbone.get_classifier().state_dict()}
-        state = {k: v for k, v in state.items() if not (k in head and (k not in own or own[k].shape != v.shape))}
-        for k in head - state.keys():
-            state[k] = own[k]
-        load_state_dict_strict(self.backbone, state, f"checkpoint {path}")
 
     # --- the small interface used by callbacks and scripts ---------------------------------------
     def task_parameter_names(self) -> list[str]:
@@ -114,7 +111,8 @@ class PEFTModule(VisionModule):
         return self.method.forward(self.backbone, self.side, images)  # (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         self.train_acc1(logits, labels)
@@ -123,7 +121,8 @@ class PEFTModule(VisionModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, labels = batch
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
         logits = self(images)
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.val_acc1(logits, labels)
@@ -133,7 +132,7 @@ class PEFTModule(VisionModule):
         return self.validation_step(batch, batch_idx)
 
     def predict_step(self, batch, batch_idx):
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        images = named_batch(batch)["image"]
         return self(images).softmax(dim=-1)
 
 

@@ -18,8 +18,9 @@ from modules.components.clip_loss import accumulated_contrastive_backward, split
 from modules.components.contrastive import (
     LogitScale, attentive_keep_index, clip_loss, contrastive_loss_from_logits, cosine_momentum, crop_to_boxes,
     crop_token_scores, gather_features, num_kept, random_keep_index, recall_at_k, sample_crop_boxes,
-    vit_cls_attention, vit_encode, zero_shot_head, zero_shot_logits,
+    zero_shot_head, zero_shot_logits,
 )
+from modules.components.masked_vit import cls_attention, encode_pooled
 from tests.conftest import cli_args
 
 
@@ -231,23 +232,23 @@ def vit():
 def test_vit_encode_unmasked_path_equals_timm_and_drops_tokens(vit):
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(vit_encode(vit, images), vit(images))
+        torch.testing.assert_close(encode_pooled(vit, images), vit(images))
         every = torch.arange(64).expand(2, -1)
-        torch.testing.assert_close(vit_encode(vit, images, every), vit(images))
+        torch.testing.assert_close(encode_pooled(vit, images, every), vit(images))
         # Changing pixels of a dropped patch leaves the features unchanged; a kept one changes them.
         keep = torch.tensor([[1, 2, 3, 5], [0, 10, 20, 30]])
-        before = vit_encode(vit, images, keep)
+        before = encode_pooled(vit, images, keep)
         edited = images.clone()
         edited[:, :, 0:4, 16:20] += 5  # patch 4 (row 0, col 4): dropped for both samples
-        torch.testing.assert_close(vit_encode(vit, edited, keep), before)
+        torch.testing.assert_close(encode_pooled(vit, edited, keep), before)
         edited[:, :, 0:4, 4:8] += 5  # patch 1: kept by sample 0 only
-        after = vit_encode(vit, edited, keep)
+        after = encode_pooled(vit, edited, keep)
         assert not torch.allclose(after[0], before[0]) and torch.allclose(after[1], before[1])
 
 
 def test_cls_attention_scores_are_a_distribution_over_patches(vit):
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    scores = vit_cls_attention(vit, images)
+    scores = cls_attention(vit, images)
     assert scores.shape == (3, 64)
     assert bool((scores > 0).all()) and bool((scores.sum(1) < 1).all())  # the rest goes to [CLS] itself
 
@@ -281,12 +282,12 @@ def test_cls_attention_averages_heads_and_all_layers_like_a_clip():
     # A-CLIP: mean over layers of the attention matrices, [CLS] row on the patches, mean over heads.
     expected = stack.mean(0)[:, :, 0, 1:].mean(1)  # (B, 64)
     tolerance = dict(atol=64 * torch.finfo(torch.float32).eps, rtol=0)  # softmax weights <= 1, length 65 sums
-    torch.testing.assert_close(vit_cls_attention(vit, images), expected, **tolerance)
+    torch.testing.assert_close(cls_attention(vit, images), expected, **tolerance)
     last_only = stack[-1][:, :, 0, 1:].mean(1)
-    torch.testing.assert_close(vit_cls_attention(vit, images, num_layers=1), last_only, **tolerance)
+    torch.testing.assert_close(cls_attention(vit, images, num_layers=1), last_only, **tolerance)
     assert (expected - last_only).abs().max() > 100 * tolerance["atol"]  # the layers really differ
     with pytest.raises(ValueError):
-        vit_cls_attention(vit, images, num_layers=4)
+        cls_attention(vit, images, num_layers=4)
 
 
 def test_token_scores_of_the_full_view_are_cropped_to_the_online_view():
@@ -324,7 +325,7 @@ def test_attentive_module_scores_the_full_view_and_keeps_top_tokens_of_the_crop(
     view, index = module.masked_view(images)
     torch.manual_seed(5)
     boxes = sample_crop_boxes(2, (0.5, 1.0))
-    scores = vit_cls_attention(module.ema_image_encoder.module, images)  # all layers, on the full view
+    scores = cls_attention(module.ema_image_encoder.module, images)  # all layers, on the full view
     expected = crop_token_scores(scores, (8, 8), boxes).topk(16, dim=1).indices.sort(1).values
     assert torch.equal(index, expected)
     torch.testing.assert_close(view, crop_to_boxes(images, boxes, (32, 32)))
@@ -332,7 +333,7 @@ def test_attentive_module_scores_the_full_view_and_keeps_top_tokens_of_the_crop(
     same_view = _tiny_clip(mask_ratio=0.75, masking="attentive", online_crop_scale=(1.0, 1.0), attention_layers=1)
     view, index = same_view.masked_view(images)
     assert view is images  # this project's earlier scorer: same view, last block
-    last_block = vit_cls_attention(same_view.ema_image_encoder.module, images, num_layers=1)
+    last_block = cls_attention(same_view.ema_image_encoder.module, images, num_layers=1)
     assert torch.equal(index, last_block.topk(16, dim=1).indices.sort(1).values)
     optimised = {id(p) for p in module.trainable_parameters()}
     assert not any(id(p) in optimised for p in module.ema_image_encoder.parameters())
@@ -476,7 +477,7 @@ def test_debug_config_runs_through_cli(run_cli, tmp_path, beton_cache):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/zeroshot_acc1", "val/i2t_recall@1", "val/i2t_recall@5",
             "val/t2i_recall@1", "val/t2i_recall@5"} <= tags
-    assert any(k.startswith("ema_image_encoder.") for k in checkpoint["state_dict"])  # resumes with its scorer
+    assert any(k.startswith("ema_scorer.module.") for k in checkpoint["state_dict"])  # resumes with its scorer
 
 
 # --- FFCV ImageFolder + captions file ------------------------------------------------------------

@@ -423,15 +423,17 @@ def test_frechet_network_moves_with_the_module_and_stays_out_of_the_checkpoint(d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build(feature_classifier=str(classifier))
-    assert model.frechet is dict(model.named_children())["frechet"]  # a child: .to(device) moves it
+    assert model.frechet is dict(model.named_children())["frechet_metric"].module  # a child: .to(device) moves it
     model.to(torch.float64)
     assert next(model.frechet.inception.parameters()).dtype == torch.float64
     assert not any(p.requires_grad for p in model.frechet.parameters())
+    model.train()
+    assert not model.frechet.inception.training  # frozen: eval mode whatever the owner's mode
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
-    assert checkpoint["state_dict"] and not any(k.startswith("frechet.") for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"] and not any(k.startswith("frechet") for k in checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)  # resuming with a feature classifier: its weights are filled back in
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
 
 
 # --- the latent autoencoder hook ----------------------------------------------------------------------

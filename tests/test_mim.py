@@ -27,7 +27,8 @@ from modules.components.masking import (
 )
 from modules.components.checkpoints import load_checkpoint
 from modules.components.optim import build_optimizer
-from modules.components.mim_parts import frozen_encoder, masked_feature_map, teacher_tokens, vit_encode_visible
+from modules.components.masked_vit import encode
+from modules.components.mim_parts import frozen_encoder, masked_feature_map, teacher_tokens
 from modules.linear_probe import LinearProbeModule
 from modules.mae import MAEModule
 from modules.mr_mae import MimicTeacher, MRMAEModule
@@ -186,12 +187,12 @@ def test_mae_encoder_sees_only_visible_tokens():
     model.backbone.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
     images = _images(2)
     ids_keep, _, mask = mae_shuffle(2, 64, 0.75)
-    latent = vit_encode_visible(model.backbone, images, ids_keep)
+    latent = encode(model.backbone, images, keep_index=ids_keep)
     assert seen == [torch.Size([2, 1 + 16, 64])]  # class token + 16 of 64 patches
     pixel_mask = token_mask_to_pixels(mask, (8, 8), 4)
     with torch.no_grad():
-        hidden_changed = vit_encode_visible(model.backbone, images + 3.0 * pixel_mask, ids_keep)
-        visible_changed = vit_encode_visible(model.backbone, images + 3.0 * (1 - pixel_mask), ids_keep)
+        hidden_changed = encode(model.backbone, images + 3.0 * pixel_mask, keep_index=ids_keep)
+        visible_changed = encode(model.backbone, images + 3.0 * (1 - pixel_mask), keep_index=ids_keep)
     assert torch.allclose(hidden_changed, latent), "masked pixels must not reach the encoder"
     assert not torch.allclose(visible_changed, latent)
 
@@ -203,7 +204,7 @@ def test_unwrapped_encoder_paths_equal_timm_forward():
     all_tokens = torch.arange(64).expand(2, 64)
     with torch.no_grad():
         reference = mae.backbone.forward_features(images)
-        assert torch.allclose(vit_encode_visible(mae.backbone, images, all_tokens), reference, atol=1e-5)
+        assert torch.allclose(encode(mae.backbone, images, keep_index=all_tokens), reference, atol=1e-5)
     swin_kwargs = {"window_size": 4, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32}
     beit_kwargs = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "use_abs_pos_emb": False,
                    "use_rel_pos_bias": False, "use_shared_rel_pos_bias": True, "init_values": 0.1}  # SimMIM's ViT
@@ -376,7 +377,6 @@ def test_cli_pretrain_then_linear_probe_and_finetune(run_cli, tmp_path, beton_ca
                      model="linear_probe/debug.yaml")
     assert run_cli(probe) == 0
     finetune = cli_args(tmp_path / "finetune", beton_cache, "--model.init_args.init_checkpoint", str(checkpoint),
-                        "--model.init_args.backbone", VIT, "--model.init_args.backbone_kwargs", '{"patch_size": 4, "depth": 2}',
                         "--data.init_args.train_limit", "256", "--data.init_args.val_limit", "128",
                         "--data.init_args.batch_size", "32", model="mae/finetune.yaml")
     assert run_cli(finetune) == 0

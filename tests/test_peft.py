@@ -446,6 +446,8 @@ def test_every_peft_yaml_instantiates_on_the_base(tmp_path, beton_cache, overlay
         args = cli_args(tmp_path, beton_cache, model=layers[0])[1:]
         if len(layers) == 2:
             args += ["--config", str(CONFIGS / layers[1])]
+        else:  # an overlay alone names no backbone (and no init_checkpoint to read one from)
+            args += ["--model.init_args.backbone", "vit_tiny_patch16_224"]
         args += ["--data.init_args.train_limit", "64", "--data.init_args.val_limit", "64"]
         cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
                            subclass_mode_data=True, run=False, args=args)

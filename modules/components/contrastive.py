@@ -1,4 +1,4 @@
-"""Contrastive image-text pieces (pure torch + timm): CLIP loss, DDP gathering, token keeping, zero-shot, recall@k.
+"""Contrastive image-text pieces (pure torch): CLIP loss, DDP gathering, token keeping, zero-shot, recall@k.
 
 CLIP (Radford et al., 2021): symmetric cross-entropy over the batch similarity matrix of L2-normalised
 image and text embeddings, scaled by a learnable temperature (init 1/0.07, clamped at 100).
@@ -90,7 +90,7 @@ def gather_features(
     return gathered[0], gathered[1]
 
 
-# --- token keeping (FLIP / Attentive Mask CLIP) ---------------------------------------------------
+# --- token keeping (FLIP / Attentive Mask CLIP; the encoder itself is `masked_vit`) ----------------
 def num_kept(num_tokens: int, mask_ratio: float) -> int:
     """Tokens kept when dropping ``mask_ratio`` of ``num_tokens``: ``int(N * (1 - ratio))`` as FLIP, at least one.
 
@@ -113,61 +113,6 @@ def random_keep_index(
 def attentive_keep_index(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Attentive Mask CLIP: the ``keep`` highest-scored tokens of (B, N) ``scores``, sorted.  # (B, keep)"""
     return scores.topk(keep, dim=1).indices.sort(dim=1).values
-
-
-def vit_tokens(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Embedded tokens of a timm VisionTransformer before its blocks: prefix tokens then patches.  # (B, P+N, D)"""
-    x = vit.patch_embed(images)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    return vit.norm_pre(x)
-
-
-def vit_encode(vit: nn.Module, images: torch.Tensor, keep_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Pooled features of a headless timm ViT that sees only the patch tokens ``keep_index`` (B, K).
-
-    Positional embeddings are added before the tokens are dropped, so kept tokens keep their positions;
-    the prefix ([CLS]/register) tokens are always kept. ``keep_index=None`` equals ``vit(images)``.
-    """
-    x = vit_tokens(vit, images)  # (B, P+N, D)
-    if keep_index is not None:
-        prefix = vit.num_prefix_tokens
-        patches = x[:, prefix:].gather(1, keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
-        x = torch.cat([x[:, :prefix], patches], dim=1)
-    x = vit.norm(vit.blocks(x))
-    return vit.forward_head(x, pre_logits=True)  # (B, D)
-
-
-@torch.no_grad()
-def vit_cls_attention(vit: nn.Module, images: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
-    """Relevance of each patch: [CLS]'s attention to it, averaged over heads and layers.  # (B, N)
-
-    Attentive Mask CLIP (Yang et al., 2023; microsoft/A-CLIP ``MaskVisionTransformer``) averages the
-    attention matrices of *all* blocks of the EMA encoder, takes the [CLS] row's weights on the patches
-    (softmax over every token, [CLS] included) and averages the heads. ``num_layers`` keeps only the last
-    that many blocks (1 = the last block only, this project's earlier scorer). Without a class token the
-    mean patch query stands in for it.
-    """
-    depth = len(vit.blocks)
-    first = 0 if num_layers is None else depth - num_layers
-    if not 0 <= first < depth:
-        raise ValueError(f"num_layers must be in [1, {depth}], got {num_layers}")
-    prefix = vit.num_prefix_tokens
-    x = vit_tokens(vit, images)  # (B, P+N, D)
-    total = None
-    for index, block in enumerate(vit.blocks):
-        if index >= first:
-            attn = block.attn
-            y = block.norm1(x)
-            batch, length, _ = y.shape
-            qkv = attn.qkv(y).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, H, L, hd)
-            query = q[:, :, :1] if prefix > 0 else q.mean(dim=2, keepdim=True)  # (B, H, 1, hd)
-            weights = ((query * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0, prefix:]  # (B, H, N)
-            total = weights if total is None else total + weights
-        if index < depth - 1:
-            x = block(x)
-    return (total / (depth - first)).mean(dim=1)  # (B, N)
 
 
 # --- Attentive Mask CLIP views: the EMA scores the full view, the online encoder sees a crop -------

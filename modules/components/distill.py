@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict, checkpoint_hparams
+from modules.components.backbones import create_backbone
 from modules.components.errors import ConfigError
 from modules.components.masking import resize_tokens
 from modules.components.mim_parts import feature_mimic_loss
+from modules.components.transfer import build_from_checkpoint
 
 # Feature KD loss: MSE between projected student tokens and layer-normalised teacher tokens (B, N_t, D_t).
 feature_kd_loss = feature_mimic_loss
@@ -153,28 +153,15 @@ def build_teacher(spec: str | nn.Module, num_classes: int, image_size: int | Non
                   kwargs: dict | None = None) -> nn.Module:
     """A frozen teacher from a visionlab classifier checkpoint path, a timm name (random init) or a module.
 
-    A checkpoint (a classifier's, or a distilled student's) is rebuilt from its ``hyper_parameters``
-    (``backbone``/``student``, their ``*_kwargs``, ``num_classes``, ``image_size``) and loaded strictly from
-    its ``backbone.*`` weights.
+    A checkpoint (a classifier's, or a distilled student's) is rebuilt from its ``hyper_parameters`` at its own
+    resolution and loaded strictly, classifier included (`transfer.build_from_checkpoint`, ``head="keep"``).
     """
     if isinstance(spec, nn.Module):
         return freeze(spec)
     path = Path(spec).expanduser()
     if not (path.suffix in {".ckpt", ".pt", ".pth"} or path.exists()):
         return freeze(create_backbone(spec, num_classes=num_classes, image_size=image_size, **(kwargs or {})))
-    if not path.is_file():
-        raise ConfigError(f"teacher checkpoint {path} does not exist: train a teacher first (visionlab fit) and pass its .ckpt")
-    hparams = checkpoint_hparams(path, "teacher checkpoint")
-    name = hparams.get("backbone") or hparams.get("student")  # a classifier's or a distilled student's
-    if not isinstance(name, str):
-        raise ConfigError(f"teacher checkpoint {path} has no hyper_parameters.backbone: pass a classifier checkpoint written by visionlab fit")
-    trained_for = hparams.get("num_classes", num_classes)
-    if trained_for != num_classes:
-        raise ConfigError(f"teacher {path} predicts {trained_for} classes but the data has {num_classes}: use a teacher trained on the same classes")
-    kwargs = hparams.get("backbone_kwargs") or hparams.get("student_kwargs") or {}
-    teacher = create_backbone(name, num_classes=num_classes, image_size=hparams.get("image_size", image_size), **kwargs)
-    load_state_dict_strict(teacher, backbone_state_dict(path), f"teacher checkpoint {path}")
-    return freeze(teacher)
+    return freeze(build_from_checkpoint(path, head="keep", num_classes=num_classes, what="teacher checkpoint")[0])
 
 
 # --- features --------------------------------------------------------------------------------------

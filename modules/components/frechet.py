@@ -12,15 +12,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict, load_checkpoint
+from modules.components.checkpoints import load_checkpoint
 from modules.components.errors import ConfigError
+from modules.components.transfer import build_from_checkpoint
 
 
 class FeatureClassifier(nn.Module):
-    """Frozen classifier taking images in [-1, 1]: ``forward`` gives pre-logit features, ``logits`` the classes.
+    """A classifier taking images in [-1, 1]: ``forward`` gives pre-logit features, ``logits`` the classes.
 
-    ``num_features`` lets torchmetrics' ``FrechetInceptionDistance(feature=...)`` use it directly.
+    ``num_features`` lets torchmetrics' ``FrechetInceptionDistance(feature=...)`` use it directly; the owner
+    holds that metric in a ``Frozen`` wrapper (eval mode, no gradients, not checkpointed).
 
     Args:
         backbone: the timm classifier.
@@ -30,13 +31,10 @@ class FeatureClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
-        self.backbone = backbone.eval().requires_grad_(False)
+        self.backbone = backbone
         self.num_features = backbone.num_features
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # always frozen: no dropout, fixed norm statistics
 
     def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
         images = ((images.float().clamp(-1, 1) + 1) / 2 - self.mean) / self.std
@@ -62,9 +60,7 @@ def load_feature_classifier(path: str | Path) -> FeatureClassifier:
     if "backbone" not in hparams or not isinstance(hparams["backbone"], str):
         raise ConfigError(f"feature classifier {path} is not a ClassificationModule checkpoint (no 'backbone' "
                           "hyperparameter): pass a .ckpt written by visionlab fit with configs/classification/*.yaml")
-    backbone = create_backbone(hparams["backbone"], num_classes=hparams["num_classes"], image_size=hparams.get("image_size"),
-                               **(hparams.get("backbone_kwargs") or {}))
-    load_state_dict_strict(backbone, backbone_state_dict(path), f"feature classifier {path}")
+    backbone, _ = build_from_checkpoint(path, head="keep", what="feature classifier")
     data = ckpt.get("datamodule_hyper_parameters") or {}
     if "mean" not in data:
         warnings.warn(f"feature classifier {path} records no data normalisation: assuming mean=std=0.5", stacklevel=2)

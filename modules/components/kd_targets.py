@@ -26,16 +26,9 @@ from torch import nn
 from modules.components.distill import (build_teacher, check_ferkd_thresholds, ensemble_soft_targets, ferkd_calibrate,
                                         renormalised_sparse_targets, sparse_soft_targets, topk_probabilities)
 from modules.components.errors import ConfigError
+from modules.components.frozen import Frozen
 
 STORED_KEYS = ("topk_values", "topk_indices", "topk_logsumexp", "logits_temperature")
-
-
-def named_batch(batch) -> dict:
-    """A batch as a dict with at least ``image`` and ``label``: dicts pass through; the positional
-    ``(images, labels, ...)`` batches of the plain DataModules are named (until every DataModule yields dicts)."""
-    if isinstance(batch, dict):
-        return batch
-    return {"image": batch[0], "label": batch[1]}
 
 
 @dataclass
@@ -71,11 +64,16 @@ class KDPart(nn.Module):
 
 # --- target sources --------------------------------------------------------------------------------
 class TargetSource(KDPart):
-    """Produces ``KDTargets`` for a named batch. ``teachers`` holds the frozen networks it runs (maybe none)."""
+    """Produces ``KDTargets`` for a named batch. ``teachers`` are the frozen networks it runs (maybe none):
+    held in a ``Frozen`` wrapper, so they stay in eval mode and out of the student's checkpoint."""
 
     def __init__(self):
         super().__init__()
-        self.teachers = nn.ModuleList()
+        self.frozen = Frozen(nn.ModuleList())
+
+    @property
+    def teachers(self) -> nn.ModuleList:
+        return self.frozen.module
 
     def bind(self, num_classes: int, image_size: int) -> None:
         """Called once by the module with the data's class count and image size."""
@@ -102,7 +100,7 @@ class OnlineTeachers(TargetSource):
     @torch.no_grad()
     def bind(self, num_classes: int, image_size: int) -> None:
         super().bind(num_classes, image_size)
-        self.teachers = nn.ModuleList(build_teacher(t, num_classes, image_size, self.teacher_kwargs) for t in self.specs)
+        self.frozen = Frozen(nn.ModuleList(build_teacher(t, num_classes, image_size, self.teacher_kwargs) for t in self.specs))
         probe = torch.zeros(2, 3, image_size, image_size)
         for i, teacher in enumerate(self.teachers):
             classes = teacher(probe).shape[-1]

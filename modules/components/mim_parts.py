@@ -1,8 +1,8 @@
-"""Encoder wrappers, the MAE decoder and frozen-teacher features shared by SimMIM, MAE and MR-MAE.
+"""SimMIM's encoders, the MAE decoder and frozen-teacher features shared by SimMIM, MAE and MR-MAE.
 
-Everything here *wraps* an unmodified timm model: it calls the model's own ``patch_embed``, position
-embedding, ``blocks``/``layers`` and ``norm`` on the tokens it chooses, so the model's weights keep
-timm's names and load into a plain timm classifier for fine-tuning.
+Everything here *wraps* an unmodified timm model: ViTs go through the one masked-ViT encoder
+(`modules.components.masked_vit`), BEiT and Swin through their own timm steps, so the weights keep timm's
+names and load into a plain timm classifier for fine-tuning.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict
+from modules.components.backbones import create_backbone
 from modules.components.errors import ConfigError
+from modules.components.masked_vit import encode, require_vit, vit_geometry, with_mask_token
 from modules.components.masking import (
     gather_tokens,
     mae_shuffle,
@@ -30,85 +30,7 @@ from modules.components.masking import (
     unpatchify,
 )
 from modules.components.pos_embed import sincos_2d
-
-
-# --- ViT token plumbing ---------------------------------------------------------------------------
-def require_vit(model: nn.Module, technique: str) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"{technique} needs a timm VisionTransformer backbone (e.g. vit_tiny_patch16_224), got {type(model).__name__}")
-    return model
-
-
-def vit_geometry(vit: VisionTransformer) -> tuple[tuple[int, int], int]:
-    """Token grid ``(h, w)`` and (square) patch size of a timm ViT."""
-    grid = tuple(vit.patch_embed.grid_size)
-    patch = vit.patch_embed.patch_size
-    return grid, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-
-
-def _split_pos_embed(vit: VisionTransformer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(prefix-token pos, patch pos) out of timm's ``pos_embed`` (which may or may not cover the prefix)."""
-    if vit.pos_embed is None:
-        return None, None
-    if vit.no_embed_class:
-        return None, vit.pos_embed
-    prefix = vit.num_prefix_tokens
-    return vit.pos_embed[:, :prefix], vit.pos_embed[:, prefix:]
-
-
-def vit_patch_tokens(vit: VisionTransformer, images: torch.Tensor, mask: torch.Tensor | None = None,
-                     mask_token: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch embeddings plus their position embedding; masked tokens (if given) become ``mask_token``.
-
-    The mask token replaces the patch embedding *before* the position embedding is added, as in SimMIM.
-    Returns ``(B, N, D)`` patch tokens (no class/register tokens).
-    """
-    x = vit.patch_embed(images)
-    if x.ndim == 4:  # NHWC patch embed output
-        x = x.flatten(1, 2)  # (B, N, D)
-    if mask is not None:
-        x = _with_mask_token(x, mask, mask_token)
-    _, patch_pos = _split_pos_embed(vit)
-    if patch_pos is not None and patch_pos.shape[1] != x.shape[1]:
-        raise ConfigError(f"images give {x.shape[1]} patches but the ViT was built for {patch_pos.shape[1]}: "
-                          "feed images of the model's image_size")
-    return x if patch_pos is None else x + patch_pos
-
-
-def vit_prefix_tokens(vit: VisionTransformer, batch_size: int) -> torch.Tensor | None:
-    """Class/register tokens with their position embedding, ``(B, P, D)`` or None when the ViT has none."""
-    tokens = [t.expand(batch_size, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
-    if not tokens:
-        return None
-    prefix = torch.cat(tokens, dim=1)
-    prefix_pos, _ = _split_pos_embed(vit)
-    return prefix if prefix_pos is None else prefix + prefix_pos
-
-
-def vit_run_blocks(vit: VisionTransformer, patch_tokens: torch.Tensor) -> torch.Tensor:
-    """Prepend prefix tokens, then timm's dropout, pre-norm, blocks and final norm.  # (B, P + K, D)"""
-    prefix = vit_prefix_tokens(vit, patch_tokens.shape[0])
-    x = patch_tokens if prefix is None else torch.cat([prefix, patch_tokens], dim=1)
-    x = vit.pos_drop(x)
-    x = vit.norm_pre(x)
-    x = vit.blocks(x)
-    return vit.norm(x)
-
-
-def vit_encode_visible(vit: VisionTransformer, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """MAE encoder: the ViT runs on the kept patch tokens only (the source of MAE's speed-up).
-
-    Args:
-        vit: a timm VisionTransformer.
-        images: (B, C, H, W).
-        ids_keep: (B, K) indices of visible patches.
-
-    Returns:
-        (B, P + K, D) encoded prefix tokens followed by the visible tokens in ``ids_keep`` order.
-    """
-    tokens = vit_patch_tokens(vit, images)  # (B, N, D)
-    visible = gather_tokens(tokens, ids_keep)  # (B, K, D)
-    return vit_run_blocks(vit, visible)
+from modules.components.transfer import build_from_checkpoint
 
 
 # --- SimMIM: mask token inside a ViT or Swin encoder ----------------------------------------------
@@ -119,12 +41,6 @@ def embed_dim_of(backbone: nn.Module) -> int:
 def patch_size_of(backbone: nn.Module) -> int:
     patch = backbone.patch_embed.patch_size
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-
-
-def _with_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
-    """Patch embeddings ``(B, ..., D)`` with the masked ones (``mask`` of the same leading shape) replaced."""
-    weight = mask.view(*x.shape[:-1], 1).to(x.dtype)
-    return x * (1 - weight) + mask_token.reshape(-1).to(x.dtype) * weight
 
 
 def masked_feature_map(backbone: nn.Module, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
@@ -145,12 +61,11 @@ def masked_feature_map(backbone: nn.Module, images: torch.Tensor, mask: torch.Te
         (B, D_out, H / stride, W / stride) feature map.
     """
     if isinstance(backbone, VisionTransformer):
-        grid, _ = vit_geometry(require_vit(backbone, "SimMIM"))
-        x = vit_run_blocks(backbone, vit_patch_tokens(backbone, images, mask, mask_token))
-        x = x[:, backbone.num_prefix_tokens:]  # (B, N, D)
+        grid, _ = vit_geometry(backbone)
+        x = encode(backbone, images, mask=mask, mask_token=mask_token)[:, backbone.num_prefix_tokens:]  # (B, N, D)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
     if isinstance(backbone, Beit):  # the steps of Beit.forward_features, with the mask token
-        x = _with_mask_token(backbone.patch_embed(images), mask, mask_token)  # (B, N, D)
+        x = with_mask_token(backbone.patch_embed(images), mask, mask_token)  # (B, N, D)
         x = torch.cat([backbone.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x if backbone.pos_embed is None else x + backbone.pos_embed
         x = backbone.pos_drop(x)
@@ -160,7 +75,7 @@ def masked_feature_map(backbone: nn.Module, images: torch.Tensor, mask: torch.Te
         x = backbone.norm(x)[:, 1:]  # (B, N, D)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *backbone.patch_embed.grid_size)
     if isinstance(backbone, SwinTransformer):
-        x = _with_mask_token(backbone.patch_embed(images), mask, mask_token)  # (B, h, w, C)
+        x = with_mask_token(backbone.patch_embed(images), mask, mask_token)  # (B, h, w, C)
         x = backbone.norm(backbone.layers(x))  # (B, h', w', C')
         return x.permute(0, 3, 1, 2)
     raise ConfigError(f"SimMIM supports timm ViT, BEiT and Swin backbones, got {type(backbone).__name__}")
@@ -258,7 +173,7 @@ def mae_reconstruct(backbone: VisionTransformer, decoder: MAEDecoder, images: to
     grid, patch = vit_geometry(backbone)
     num_patches = grid[0] * grid[1]
     ids_keep, ids_restore, mask = mae_shuffle(images.shape[0], num_patches, mask_ratio, images.device, generator)
-    latent = vit_encode_visible(backbone, images, ids_keep)  # (B, P + K, D)
+    latent = encode(backbone, images, keep_index=ids_keep)  # (B, P + K, D), visible tokens only: MAE's speed-up
     prediction = decoder(latent, ids_restore)  # (B, N, p*p*C)
     patches = patchify(images, patch)
     if norm_pix_loss:
@@ -304,24 +219,22 @@ def mae_encoder_decoder(name: str, num_classes: int, image_size: int | None, kwa
     return backbone, decoder, grid
 
 
-def frozen_encoder(name: str, image_size: int | None = None, checkpoint: str | None = None,
+def frozen_encoder(name: str | None, image_size: int | None = None, checkpoint: str | None = None,
                    kwargs: dict | None = None) -> nn.Module:
-    """A headless timm model built by name (no download), optionally loaded from a visionlab checkpoint, frozen.
+    """A headless timm encoder, from a visionlab checkpoint (its recorded architecture, ``name``/``kwargs``
+    overriding) or by name (random init, no download), frozen: ``requires_grad=False``, eval mode.
 
-    The checkpoint's ``backbone.*`` weights are loaded strictly except its classifier (features only);
-    mismatching names are listed in the error. The module has ``requires_grad=False`` and is in eval mode.
-    Used for MR-MAE teachers and linear probing.
+    The checkpoint's weights load strictly except its classifier (`transfer.build_from_checkpoint`,
+    ``head="drop"``), position embeddings resampled to ``image_size``. Used for MR-MAE teachers and linear probing.
     """
-    encoder = create_backbone(name, num_classes=0, image_size=image_size, **(kwargs or {}))
     if checkpoint:
-        state = backbone_state_dict(checkpoint)
-        own = encoder.state_dict()
-        classifier = encoder.pretrained_cfg.get("classifier") or "head"
-        classifiers = tuple(f"{c}." for c in (classifier if isinstance(classifier, (tuple, list)) else (classifier,)))
-        state = {k: v for k, v in state.items() if k in own or not k.startswith(classifiers)}
-        load_state_dict_strict(encoder, state, f"checkpoint {checkpoint}")
-    encoder.requires_grad_(False)
-    return encoder.eval()
+        encoder, _ = build_from_checkpoint(checkpoint, head="drop", image_size=image_size, backbone=name,
+                                        backbone_kwargs=kwargs)
+    elif name is None:
+        raise ConfigError("a frozen encoder needs a checkpoint or a timm model name")
+    else:
+        encoder = create_backbone(name, num_classes=0, image_size=image_size, **(kwargs or {}))
+    return encoder.requires_grad_(False).eval()
 
 
 def teacher_tokens(teacher: nn.Module, images: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
