@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import Metric
 
+from modules.components.batches import named_batch
 from modules.components.errors import ConfigError, DataError
 from modules.components.files import write_atomic
 
@@ -90,7 +91,7 @@ class ReaLEvaluation(pl.Callback):
     def _batch(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if dataloader_idx:  # the labels file is the main validation set's; data.extra_eval sets come after it
             return
-        images = batch[0]
+        images = named_batch(batch)["image"]
         rows = torch.arange(self._seen, self._seen + images.shape[0])
         self._seen += images.shape[0]
         if int(rows[-1]) >= len(self._sets):

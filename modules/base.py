@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchvision.utils import make_grid
 
+from modules.components.batches import named_batch
 from modules.components.errors import ConfigError, NonFiniteLossError
 from modules.components.masking import fixed_generator
 from modules.components.optim import OptimConfig, build_optimizer, build_scheduler, global_batch_size, peak_lr
@@ -159,7 +160,7 @@ class MaskedPretrainingModule(VisionModule):
                          sync_dist=stage != "train", add_dataloader_idx=False)
 
     def training_step(self, batch, batch_idx):
-        images = batch[0]
+        images = named_batch(batch)["image"]
         out = self.reconstruct(images)
         self._log_losses("train", out)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -168,7 +169,7 @@ class MaskedPretrainingModule(VisionModule):
         return out["loss"]
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        images = batch[0]
+        images = named_batch(batch)["image"]
         out = self.reconstruct(images, fixed_generator(images.device, batch_idx))
         prefix = self.eval_prefix(dataloader_idx)
         self._log_losses(prefix, out)
