@@ -13,6 +13,7 @@ from argparse import ArgumentError
 from pathlib import Path
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
 
@@ -68,8 +69,10 @@ class VisionlabCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        default_logger(config)
         # Under SLURM a requeued job logs on in its first run's version folder (see callbacks/slurm.py).
-        pin_logger_version(self.config[self.subcommand] if self.subcommand else self.config)
+        pin_logger_version(config)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -108,6 +111,16 @@ class VisionlabCLI(LightningCLI):
                 print(f"visionlab: last checkpoint {checkpoint.last_model_path}")
             if self.trainer.logger is not None and self.trainer.logger.log_dir:
                 print(f"visionlab: TensorBoard logs in {self.trainer.logger.log_dir}")
+
+
+def default_logger(config) -> None:
+    """The one TensorBoard logger block: unless the config names loggers (or ``logger: false``), runs log to
+    ``<trainer.default_root_dir>/tensorboard/version_<n>`` (Lightning's default would be ``lightning_logs``)."""
+    trainer = config.get("trainer") if config is not None else None
+    if trainer is None or trainer.get("logger") not in (None, True):
+        return
+    trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger",
+                               init_args=Namespace(save_dir=trainer.get("default_root_dir") or ".", name="tensorboard"))
 
 
 def _parameters(cls: type) -> list[str]:

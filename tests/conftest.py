@@ -51,9 +51,7 @@ def cli_args(root_dir: Path, cache: Path, *extra: str, model: str = "classificat
         "--config", str(CONFIGS / trainer),
         "--config", str(CONFIGS / data),
         "--config", str(CONFIGS / model),
-        "--trainer.default_root_dir", str(root_dir),
-        "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-        "--trainer.logger.init_args.save_dir", str(root_dir),
+        "--trainer.default_root_dir", str(root_dir),  # the default TensorBoard logger follows it (app/cli.py)
         "--trainer.enable_progress_bar", "false",
         "--data.init_args.cache_dir", str(cache),
         "--data.init_args.num_workers", "1",

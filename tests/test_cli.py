@@ -128,3 +128,17 @@ def test_ddp_trainer_layers_bound_the_process_group_timeout(tmp_path, beton_cach
     cli = _build(tmp_path, beton_cache, *extra)
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert cli.config["trainer"]["strategy"]["init_args"]["timeout"] == timeout
+
+
+def test_one_default_tensorboard_logger_follows_the_root_dir(tmp_path, beton_cache):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cli = _build(tmp_path, beton_cache)  # no config names a logger
+    logger = cli.trainer.logger
+    assert isinstance(logger, TensorBoardLogger)
+    assert logger.save_dir == str(tmp_path) and logger.name == "tensorboard"
+    disabled = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                            run=False, args=cli_args(tmp_path, beton_cache, "--trainer.logger", "false")[1:])
+    assert disabled.trainer.logger is None
+    for config in CONFIGS.glob("*/*.yaml"):  # the block is defined once, in app/cli.py
+        assert "TensorBoardLogger" not in config.read_text(), config
