@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from datamodules.ffcv_datamodule import FFCVDataModule, index_decoder
-from datamodules.torchvision_datamodule import TorchvisionDataModule, _SourceDataset
+from datamodules.ffcv_datamodule import FFCVDataModule, index_pipeline
+from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components.errors import ConfigError, DataError
 from modules.components.text import ClipTokenizer
 
@@ -118,12 +117,6 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
             raise DataError(f"{path}:{number} is not '<image path>\\t<caption>': {line[:80]!r}")
         captions.setdefault(Path(key.strip()).as_posix(), []).append(caption.strip())
     return captions
-
-
-class _IndexedDataset(_SourceDataset):
-    def __getitem__(self, index: int):
-        image, label = super().__getitem__(index)
-        return image, label, index
 
 
 class _CaptionTable:
@@ -223,16 +216,7 @@ class CaptionFolderDataModule(_FolderCaptions, TorchvisionCaptionDataModule):
         super().__init__(templates=templates, context_length=context_length, **kwargs)
         self._init_folder_captions(captions_file)
 
-    def split_loader(self, split: str, train: bool, indices=None) -> DataLoader:
-        dataset = _IndexedDataset(self.get_source(split), self.transform(train))
-        if indices is not None:  # a held-out split: batch indices stay positions in get_source(split)
-            dataset = Subset(dataset, [int(i) for i in indices])
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
+    yields_index = True  # a held-out Subset keeps them positions in get_source(split)
 
 
 class FFCVCaptionFolderDataModule(_FolderCaptions, FFCVCaptionDataModule):
@@ -255,8 +239,4 @@ class FFCVCaptionFolderDataModule(_FolderCaptions, FFCVCaptionDataModule):
 
     def pipelines(self, split: str, train: bool) -> dict:
         """The parent's image and label pipelines plus ``index``: each sample's position in the ``.beton``."""
-        from ffcv.pipeline import PipelineSpec
-        from ffcv.transforms import Squeeze, ToTensor
-
-        index = PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()])
-        return {**super().pipelines(split, train), "index": index}
+        return {**super().pipelines(split, train), "index": index_pipeline()}

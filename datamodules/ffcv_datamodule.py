@@ -108,6 +108,14 @@ def index_decoder():
     return IndexDecoder()
 
 
+def index_pipeline():
+    """The ``index`` entry of a pipelines dict: each sample's position in the ``.beton`` (``index_decoder``)."""
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()])
+
+
 class FFCVDataModule(ImageDataModule):
     """Labelled images through FFCV: random-resized-crop + flip for train, centre crop for val.
 

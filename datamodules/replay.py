@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datamodules.ffcv_datamodule import FFCVDataModule, index_decoder
+from datamodules.ffcv_datamodule import FFCVDataModule, index_pipeline
 from datamodules.torchvision_datamodule import CenterCropRatio, TorchvisionDataModule, _SourceDataset
 from modules.components.errors import ConfigError
 from modules.components.sparse_logits import SparseLogits, load_sparse_logits
@@ -139,11 +139,6 @@ def apply_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, 
 
 
 # --- loaders of full images with their index -------------------------------------------------------
-class _IndexedDataset(_SourceDataset):
-    def __getitem__(self, index: int):
-        return (*super().__getitem__(index), index)
-
-
 class _Replay:
     """The replay logic both back-ends share (mixed into a DataModule that sets ``_init_replay``)."""
 
@@ -253,7 +248,6 @@ class ReplayDataModule(_Replay, FFCVDataModule):
         if split != "train":
             return super().pipelines(split, train)
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
-        from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
         if self.decode_size is None:
@@ -263,7 +257,7 @@ class ReplayDataModule(_Replay, FFCVDataModule):
         return {
             "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
             "label": [IntDecoder(), ToTensor(), Squeeze()],
-            "index": PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()]),
+            "index": index_pipeline(),
         }
 
     def make_loader(self, split: str, train: bool, indices=None):
@@ -304,7 +298,7 @@ class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
         if split != "train":
             return super().dataset(split, train)
         ops = [] if self.decode_size is None else [CenterCropRatio(self.decode_size, 1.0)]
-        return _IndexedDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]))
+        return _SourceDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]), with_index=True)
 
     def full_image_loader(self):
         return self.split_loader("train", train=False)

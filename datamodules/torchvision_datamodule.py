@@ -26,8 +26,11 @@ class CenterCropRatio(torch.nn.Module):
 
 
 class _SourceDataset(Dataset):
-    def __init__(self, source, transform):
-        self.source, self.transform = source, transform
+    """``(image, label)`` items of an image source through ``transform``; ``(image, label, index)`` with ``with_index``
+    (the item's position in the source, which the caption and replay lookups key on)."""
+
+    def __init__(self, source, transform, with_index: bool = False):
+        self.source, self.transform, self.with_index = source, transform, with_index
 
     def __len__(self) -> int:
         return len(self.source)
@@ -38,7 +41,7 @@ class _SourceDataset(Dataset):
         else:
             array, label = self.source[index]
             image = Image.fromarray(np.asarray(array))
-        return self.transform(image), label
+        return (self.transform(image), label, index) if self.with_index else (self.transform(image), label)
 
 
 class TorchvisionDataModule(ImageDataModule):
@@ -62,9 +65,12 @@ class TorchvisionDataModule(ImageDataModule):
         for split in ("train", *self.eval_sets()):
             self.get_source(split)
 
+    #: loaders yield ``(images, labels, indices)`` (positions in ``get_source(split)``) instead of pairs
+    yields_index = False
+
     def dataset(self, split: str, train: bool) -> Dataset:
-        """``split`` as ``(uint8 (3, S, S) image, label)`` items with train or eval transforms."""
-        return _SourceDataset(self.get_source(split), self.transform(train))
+        """``split`` as ``(uint8 (3, S, S) image, label[, index])`` items with train or eval transforms."""
+        return _SourceDataset(self.get_source(split), self.transform(train), self.yields_index)
 
     def split_loader(self, split: str, train: bool, indices=None) -> DataLoader:
         dataset = self.dataset(split, train)
