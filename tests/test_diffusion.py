@@ -69,6 +69,17 @@ def test_linear_schedule_endpoints_and_monotone():
     assert ab[-1].item() == pytest.approx(expected_last, rel=1e-3)  # ~4.0e-5: x_T is almost pure noise
 
 
+def test_linear_schedule_rescaled_to_few_steps_stays_below_one():
+    betas = make_betas("linear", 40)  # improved DDPM's rescaling: 1000 / T x (1e-4 .. 0.02)
+    assert betas[0].item() == pytest.approx(25 * 1e-4) and betas[-1].item() == pytest.approx(0.5)
+    assert make_betas("linear", 21)[-1].item() == pytest.approx(20 / 21)
+    for steps in (20, 10):  # beta_T = 20 / T >= 1: alpha_bar_T = 0, log-SNR -inf
+        with pytest.raises(ConfigError, match="timesteps > 20"):
+            make_betas("linear", steps)
+    with pytest.raises(ConfigError, match="timesteps >= 1"):
+        make_betas("cosine", 0)
+
+
 def test_cosine_schedule_endpoints_and_monotone():
     ab = NoiseSchedule("cosine", 1000).alphas_cumprod.double()
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731

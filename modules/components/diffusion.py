@@ -24,11 +24,18 @@ SCHEDULES = ("linear", "cosine")
 def make_betas(kind: str, timesteps: int) -> torch.Tensor:
     """Per-step noise variances beta_1..beta_T (float64).
 
-    ``linear``: 1e-4 -> 0.02 at T=1000 (rescaled for other T as in improved DDPM); ``cosine``: from
+    ``linear``: 1e-4 -> 0.02 at T=1000 (rescaled for other T as in improved DDPM: beta_T = 20 / T, so it
+    needs T > 20, else beta_T >= 1 and alpha_bar reaches 0); ``cosine``: from
     alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, betas clipped at 0.999.
     """
+    if timesteps < 1:
+        raise ConfigError(f"a noise schedule needs timesteps >= 1, got {timesteps}")
     if kind == "linear":
         scale = 1000 / timesteps
+        if scale * 0.02 >= 1:
+            raise ConfigError(f"the linear schedule rescaled to {timesteps} timesteps has beta_T = 20 / T = "
+                              f"{scale * 0.02:.2f} >= 1 (x_T would carry no signal and log-SNR is infinite): use "
+                              "timesteps > 20 or the cosine schedule")
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
     if kind == "cosine":
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
