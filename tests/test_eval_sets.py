@@ -210,3 +210,16 @@ def test_swa_logs_the_running_average_beside_the_trained_weights(tmp_path, train
         assert metrics[f"{prefix}/acc1"] == pytest.approx(acc1, abs=1e-7)
         assert metrics[f"{prefix}/loss"] == pytest.approx(loss, rel=1e-5)
     assert not math.isclose(metrics["val/loss"], metrics["val_avg/loss"], rel_tol=1e-4)
+
+
+def test_extra_sets_with_a_technique_logging_fixed_keys_is_a_config_error(eval_folders):
+    from modules.classification import ClassificationModule
+
+    class FixedKeys(ClassificationModule):
+        def validation_step(self, batch, batch_idx):  # logs val/... whatever the set: the sets would mix
+            return super().validation_step(batch, batch_idx)
+
+    fit = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="extra_eval"):
+        fit.validate(FixedKeys("test_resnet", num_classes=10, image_size=32),
+                     datamodule=datamodule("torchvision", eval_folders, None))
