@@ -27,10 +27,11 @@ class MimicTeacher:
     """One frozen MR-MAE teacher (the paper mimics CLIP *and* DINO features: a list of these).
 
     Args:
-        name: timm model name (never downloaded).
-        checkpoint: a visionlab checkpoint (or plain state dict) with the teacher's ``backbone.*`` weights;
-            ``None`` keeps a random teacher (smoke tests only).
-        kwargs: extra ``timm.create_model`` arguments.
+        name: timm model name (never downloaded); default (null) with a ``checkpoint``: the architecture the
+            checkpoint records.
+        checkpoint: a visionlab checkpoint (or plain state dict, with ``name``) with the teacher's
+            ``backbone.*`` weights; ``None`` keeps a random teacher of ``name`` (smoke tests only).
+        kwargs: extra ``timm.create_model`` arguments (merged over the checkpoint's recorded ones).
         mean: the normalisation this teacher was trained with (0..1 scale); its input is the image
             re-normalised from the student's statistics to these. ``None``: the student's input as is.
         std: see ``mean``.
@@ -38,7 +39,7 @@ class MimicTeacher:
         projection_dim: hidden width of its 2-layer projection from the student; 0 for one linear layer.
     """
 
-    name: str = "vit_tiny_patch16_224"
+    name: str | None = None
     checkpoint: str | None = None
     kwargs: dict | None = None
     mean: tuple[float, float, float] | None = None
@@ -60,7 +61,8 @@ class MRMAEModule(MaskedPretrainingModule):
         num_classes: classes of the data (only sizes the unused classifier; linked from the data).
         image_size: input size (linked from the data).
         backbone_kwargs: extra ``timm.create_model`` arguments for the student.
-        teacher: the single-teacher case: timm model name of the teacher (used when ``teachers`` is None).
+        teacher: the single-teacher case: timm model name of the teacher (used when ``teachers`` is None);
+            null with ``teacher_checkpoint``: the architecture that checkpoint records.
         teacher_checkpoint: its checkpoint (see `MimicTeacher.checkpoint`).
         teacher_kwargs: its extra ``timm.create_model`` arguments.
         teachers: several teachers, each with its own input normalisation, projection and weight; when
@@ -88,7 +90,7 @@ class MRMAEModule(MaskedPretrainingModule):
         num_classes: int = 1000,
         image_size: int = 224,
         backbone_kwargs: dict | None = None,
-        teacher: str = "vit_tiny_patch16_224",
+        teacher: str | None = None,
         teacher_checkpoint: str | None = None,
         teacher_kwargs: dict | None = None,
         teachers: list[MimicTeacher] | None = None,
