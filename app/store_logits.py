@@ -10,7 +10,10 @@ file (``modules.components.sparse_logits`` format) atomically::
         --epochs 10 --topk 10 --output runs/teacher/train_logits.vlsl
 
 Then train a student with ``data.class_path: datamodules.replay.ReplayDataModule`` and
-``data.init_args.logits_path`` set to that file (same data settings).
+``data.init_args.logits_path`` set to that file (same data settings). ``--devices N [--num_nodes M]`` runs one
+process per device (``app/ranks.py``): each stores its block of whole batches to a shard file next to
+``--output`` (a file system every node sees), then rank 0 merges the shards into ``--output`` atomically; the
+merged file is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from jsonargparse import ArgumentParser
 from torch import nn
 
 from app.data_tool import data_config_parser
+from app.ranks import prepare_once, rank_batches, tool_processes
 from datamodules.replay import apply_crops, replay_datamodule
 from modules.components.checkpoints import load_checkpoint
 from modules.components.distill import build_teacher
-from modules.components.errors import ConfigError
-from modules.components.sparse_logits import SparseLogits, save_sparse_logits
+from modules.components.errors import ConfigError, DataError
+from modules.components.sparse_logits import ARRAY_NAMES, SparseLogits, load_sparse_logits, save_sparse_logits
 
 
 def default_device() -> torch.device:
@@ -40,7 +44,7 @@ def default_device() -> torch.device:
 def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output: str | Path,
                  device: str | torch.device | None = None, teacher_name: str = "", temperature: float = 1.0,
                  teacher_image_size: int | None = None, teacher_mean: Sequence[float] | None = None,
-                 teacher_std: Sequence[float] | None = None) -> SparseLogits:
+                 teacher_std: Sequence[float] | None = None, processes=None) -> SparseLogits | None:
     """Store ``teacher``'s top-k logits on ``epochs`` augmented passes over ``datamodule``'s training split.
 
     Args:
@@ -57,9 +61,11 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
             runs its teacher at its own resolution); ``None``: the data's ``image_size``, the student's.
         teacher_mean: the teacher's normalisation mean (0..1 per channel); ``None``: the data's.
         teacher_std: the teacher's normalisation std; ``None``: the data's.
+        processes: the launched ``lightning.fabric.Fabric`` of a multi-process run (``app.ranks.tool_processes``):
+            this process stores its block of whole batches to a shard file and rank 0 merges the shards.
 
     Returns:
-        What was written (arrays in memory).
+        What was written (arrays in memory); ``None`` on the other ranks of a multi-process run.
     """
     if epochs < 1 or topk < 1:
         raise ConfigError(f"--epochs {epochs} and --topk {topk} must be at least 1")
@@ -87,14 +93,19 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
             "teacher_image_size": int(teacher_size),
             "teacher_normalisation": None if teacher_mean is None else [list(teacher_mean), list(teacher_std)]}
     num_samples = meta["num_samples"]
-    stored = SparseLogits.empty(num_samples, epochs, topk, dm.num_classes, meta, temperature)
-    seen = np.zeros(num_samples, bool)
-    for images, _, indices in dm.full_image_loader():
-        images, rows = images.to(device, non_blocking=True), indices.cpu().numpy()  # (B, 3, H, W) uint8, (B,)
+    batches = rank_batches(-(-num_samples // dm.batch_size), processes)
+    first, stop = min(batches.start * dm.batch_size, num_samples), min(batches.stop * dm.batch_size, num_samples)
+    stored = SparseLogits.empty(stop - first, epochs, topk, dm.num_classes, meta, temperature)
+    seen = np.zeros(stop - first, bool)
+    # whole batches of the one-process order: every teacher forward sees the batch one process would
+    loader = (dm.full_image_loader() if processes is None else
+              dm.split_loader("train", train=False, indices=np.arange(first, stop)) if stop > first else [])
+    for images, _, indices in loader:
+        images, rows = images.to(device, non_blocking=True), indices.cpu().numpy() - first  # (B, 3, H, W) uint8, (B,)
         height, width = images.shape[-2:]
         stored.meta["decoded_hw"] = [int(height), int(width)]
         for epoch in range(epochs):
-            boxes, flips = dm.crop_params(rows, epoch, height, width)  # (B, 4), (B,)
+            boxes, flips = dm.crop_params(rows + first, epoch, height, width)  # (B, 4), (B,)
             crops = apply_crops(images, torch.from_numpy(boxes), torch.from_numpy(flips), teacher_size)
             logits = teacher(normalize(crops)).float()  # (B, C)
             if logits.shape[1] != dm.num_classes:
@@ -111,8 +122,47 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
         seen[rows] = True
     if not seen.all():
         raise RuntimeError(f"the loader skipped {int((~seen).sum())} training samples")
-    save_sparse_logits(stored, output)
-    return stored
+    if processes is None:
+        save_sparse_logits(stored, output)
+        return stored
+    return _merge_shards(stored, Path(output), first, processes)
+
+
+def _shard_path(output: Path, rank: int, world_size: int) -> Path:
+    return output.with_name(f".{output.name}.shard{rank}-of-{world_size}")
+
+
+def _merge_shards(shard: SparseLogits, output: Path, first: int, processes) -> SparseLogits | None:
+    """Every rank writes its rows to a shard file; rank 0 concatenates them into ``output`` (atomically)."""
+    rank, world = processes.global_rank, processes.world_size
+    shard.meta["first_row"] = first
+    save_sparse_logits(shard, _shard_path(output, rank, world))
+    processes.barrier()
+    merged = None
+    if rank == 0:
+        paths = [_shard_path(output, r, world) for r in range(world)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"shard files {missing} are missing: with several nodes --output must be on a file "
+                            "system every node sees")
+        shards = [load_sparse_logits(p) for p in paths]
+        rows = [s.meta["first_row"] for s in shards]
+        ends = [r + s.num_samples for r, s in zip(rows, shards)]
+        if rows[0] != 0 or rows[1:] != ends[:-1]:
+            raise RuntimeError(f"shards cover rows {list(zip(rows, ends))}, not one contiguous range")
+        meta = {k: v for k, v in shards[0].meta.items() if k != "first_row"}
+        meta["num_samples"] = ends[-1]
+        hw = {tuple(s.meta["decoded_hw"]) for s in shards if s.num_samples and "decoded_hw" in s.meta}
+        if len(hw) > 1:
+            raise RuntimeError(f"the ranks decoded images of different sizes: {sorted(hw)}")
+        meta["decoded_hw"] = list(hw.pop()) if hw else meta.get("decoded_hw")
+        merged = SparseLogits(**{name: np.concatenate([getattr(s, name) for s in shards]) for name in ARRAY_NAMES},
+                              meta=meta)
+        save_sparse_logits(merged, output)
+        for path in paths:
+            path.unlink()
+    processes.barrier()
+    return merged
 
 
 def build_parser() -> ArgumentParser:
@@ -130,18 +180,22 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", type=str, required=True, help="file to write, e.g. runs/x/train_logits.vlsl")
     parser.add_argument("--batch_size", type=Optional[int], default=None, help="overrides data.batch_size")
     parser.add_argument("--device", type=Optional[str], default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--devices", type=int, default=1, help="processes per node, one per device (app/ranks.py)")
+    parser.add_argument("--num_nodes", type=int, default=1, help="nodes of a multi-process run (srun / torchrun)")
     return parser
 
 
-def main(args: list[str] | None = None) -> SparseLogits:
-    """``visionlab store-logits`` entry point; prints a one-line summary and returns what it stored."""
+def main(args: list[str] | None = None) -> SparseLogits | None:
+    """``visionlab store-logits`` entry point; prints a one-line summary and returns what it stored (rank 0)."""
     parser = build_parser()
     cfg = parser.parse_args(args)
     # user errors reach app/cli.py's one error path (one line, exit 2)
     datamodule = replay_datamodule(parser.instantiate_classes(cfg).data)
     if cfg.batch_size:
         datamodule.batch_size = cfg.batch_size
-    datamodule.prepare_data()
+    processes = tool_processes(cfg.device or str(default_device()), cfg.devices, cfg.num_nodes)
+    device = processes.device if processes is not None else cfg.device
+    prepare_once(datamodule, processes)
     datamodule.setup("predict")
     teacher = build_teacher(cfg.teacher, datamodule.num_classes, datamodule.image_size)
     mean, std, teacher_size = cfg.teacher_mean, cfg.teacher_std, cfg.teacher_image_size
@@ -152,8 +206,10 @@ def main(args: list[str] | None = None) -> SparseLogits:
         if mean is None and std is None and data.get("mean") is not None and data.get("std") is not None:
             mean, std = list(data["mean"]), list(data["std"])
     start = time.perf_counter()
-    stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, cfg.device, cfg.teacher,
-                          cfg.temperature, teacher_size, mean, std)
+    stored = store_logits(datamodule, teacher, cfg.epochs, cfg.topk, cfg.output, device, cfg.teacher,
+                          cfg.temperature, teacher_size, mean, std, processes)
+    if stored is None:  # another rank: rank 0 wrote the file and reports it
+        return None
     seconds = time.perf_counter() - start
     size_mb = Path(cfg.output).stat().st_size / 2**20
     print(f"store-logits: wrote {cfg.output} ({size_mb:.2f} MiB): {stored.num_samples} samples x {stored.epochs} epochs, "
