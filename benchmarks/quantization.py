@@ -8,7 +8,8 @@ latency per batch, with ratios against fp32 eager. The int8 models run through `
 lowers torchao's int8 graphs to x86 int8 kernels), and so does an "fp32 compiled" row, so the speed-up
 of int8 is visible apart from the compiler's.
 
-    python benchmarks/quantization.py --quick
+    python benchmarks/quantization.py --quick   # 15.5 min on a shared, loaded 2-core AMD EPYC (load ~7),
+                                                # OMP_NUM_THREADS=1 (2 threads under that load were 3x slower)
 """
 
 from __future__ import annotations
@@ -44,10 +45,16 @@ def val_batches(dm):
 
 @torch.no_grad()
 def top1(model, batches) -> float:
+    """Top-1 in %. A short last batch is padded to the first batch's size (extra rows ignored): the compiled
+    models are specialised per batch shape, and a second shape would cost each one a second compilation."""
     correct = total = 0
+    size = len(batches[0][1])
     for images, labels in batches:
-        correct += int((model(images).argmax(-1) == labels).sum())
-        total += len(labels)
+        n = len(labels)
+        if n < size:
+            images = torch.cat([images, images[:1].expand(size - n, *images.shape[1:])])
+        correct += int((model(images)[:n].argmax(-1) == labels).sum())
+        total += n
     return 100.0 * correct / total
 
 
@@ -94,7 +101,8 @@ def main() -> None:
     fp32 = module.backbone.eval()
     batches = val_batches(dm)
     calib = [dm.on_after_batch_transfer(b, 0)[0] for _, b in zip(range(4 if args.quick else 16), dm.train_dataloader())]
-    train_pairs = [tuple(dm.on_after_batch_transfer(b, 0)[:2]) for _, b in zip(range(2), dm.train_dataloader())]
+    # HAWQ's Hessian batches (--quick: one, the traces are then a smoke estimate)
+    train_pairs = [tuple(dm.on_after_batch_transfer(b, 0)[:2]) for _, b in zip(range(1 if args.quick else 2), dm.train_dataloader())]
     results = {}
 
     def add(name, model, size, note="", run=None):
@@ -130,7 +138,7 @@ def main() -> None:
         fit(bit_module, dm, epochs, [bitnet])
     add("BitNet b1.58", bit_module.backbone, bitnet.file_bytes, f"+{epochs} fine-tune epoch(s), packed 2-bit file")
 
-    mixed = MixedPrecision(budget=0.125, max_samples=20 if args.quick else 100)
+    mixed = MixedPrecision(budget=0.125, max_samples=12 if args.quick else 100)
     with phase("HAWQ traces + allocation"):
         bits = mixed.choose(copy.deepcopy(fp32), train_pairs)
     add("HAWQ 2/4/8-bit", mixed.quantized_model, hawq.mixed_precision_bytes(mixed.quantized_model, bits),
