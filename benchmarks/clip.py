@@ -36,28 +36,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.captions import FFCVCaptionDataModule  # noqa: E402
 from modules.clip import CLIPModule  # noqa: E402
 from modules.components.optim import OptimConfig  # noqa: E402
+from modules.components.token_masking import AttentiveMasking, RandomMasking  # noqa: E402
 
 BACKBONE = "vit_tiny_patch16_224"
 VIT = {"patch_size": 4, "depth": 3, "embed_dim": 96, "num_heads": 3}
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=1, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
             mean=(0.286,) * 3, std=(0.353,) * 3, context_length=16)
 EARLIER_SCORER = dict(attention_layers=1, online_crop_scale=(1.0, 1.0), ema_warmup=True)
-VARIANTS = {  # name: (mask_ratio, masking, extra CLIPModule arguments)
-    "mask0": (0.0, "random", {}),
-    "random50": (0.5, "random", {}),
-    "random75": (0.75, "random", {}),
-    "attentive50": (0.5, "attentive", {}),
-    "attentive75": (0.75, "attentive", {}),
-    "attentive75_warmup": (0.75, "attentive", EARLIER_SCORER),
+VARIANTS = {  # name: (token masking class or None, its ratio, extra masking arguments)
+    "mask0": (None, 0.0, {}),
+    "random50": (RandomMasking, 0.5, {}),
+    "random75": (RandomMasking, 0.75, {}),
+    "attentive50": (AttentiveMasking, 0.5, {}),
+    "attentive75": (AttentiveMasking, 0.75, {}),
+    "attentive75_warmup": (AttentiveMasking, 0.75, EARLIER_SCORER),
 }
 
 
-def model(args, mask_ratio: float, masking: str, extra: dict) -> CLIPModule:
+def model(args, masking: type | None, ratio: float, extra: dict) -> CLIPModule:
     optim = OptimConfig(name="adamw", lr=args.lr, weight_decay=0.1, warmup_epochs=0.2)
-    ema = {"ema_decay": args.ema_decay if not extra.get("ema_warmup") else args.warmup_ema_decay}
+    if masking is AttentiveMasking:
+        extra = {"ema_decay": args.ema_decay if not extra.get("ema_warmup") else args.warmup_ema_decay, **extra}
     return CLIPModule(BACKBONE, num_classes=10, image_size=32, backbone_kwargs=VIT, embed_dim=64, text_width=64,
-                      text_depth=2, text_heads=4, text_max_length=16, mask_ratio=mask_ratio, masking=masking,
-                      unmasked_tuning=args.unmasked_tuning if mask_ratio else 0.0, optim=optim, **ema, **extra)
+                      text_depth=2, text_heads=4, text_max_length=16,
+                      masking=None if masking is None else masking(ratio, **extra),
+                      unmasked_tuning=args.unmasked_tuning if masking is not None else 0.0, optim=optim)
 
 
 def train_and_evaluate(args, dm: FFCVCaptionDataModule, clip: CLIPModule, root: Path) -> dict[str, float]:

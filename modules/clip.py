@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,17 +23,14 @@ from modules.base import VisionModule
 from modules.components.backbones import create_backbone
 from modules.components.batches import named_batch
 from modules.components.clip_loss import accumulated_contrastive_backward, distributed_clip_loss, split_micro_batches
-from modules.components.contrastive import (
-    LogitScale, attentive_keep_index, clip_loss, cosine_momentum, crop_to_boxes, crop_token_scores, num_kept,
-    random_keep_index, recall_at_k, sample_crop_boxes, zero_shot_head, zero_shot_logits,
-)
+from modules.components.contrastive import LogitScale, clip_loss, recall_at_k, zero_shot_head, zero_shot_logits
 from modules.components.errors import ConfigError
-from modules.components.frozen import Frozen
-from modules.components.masked_vit import cls_attention, encode_pooled
+from modules.components.masked_vit import encode_pooled
 from modules.components.optim import OptimConfig
+from modules.components.specs import module_spec
 from modules.components.text import CLIP_VOCAB_SIZE, TextTransformer
+from modules.components.token_masking import TokenMasking
 
-MASKINGS = ("random", "attentive")
 
 
 class RetrievalRecall(Metric):
@@ -105,18 +101,9 @@ class CLIPModule(VisionModule):
         vocab_size: token vocabulary (CLIP BPE).
         init_logit_scale: initial inverse temperature (CLIP: 1/0.07).
         max_logit_scale: the inverse temperature never exceeds this (CLIP: 100).
-        mask_ratio: share of image patch tokens dropped in training (0 = none; FLIP uses 0.5-0.75).
-        masking: ``random`` (FLIP) or ``attentive`` (keep the tokens an EMA image encoder attends to most).
-        ema_decay: EMA momentum of the attentive scorer at the first step (A-CLIP: 0.996).
-        ema_decay_end: momentum at the last step; it rises on a half cosine over the fit's optimizer steps
-            (A-CLIP). Equal to ``ema_decay`` for a constant momentum.
-        ema_warmup: instead of the cosine, timm ``ModelEmaV3``'s warm-up ``1 - (1 + step)^(-2/3)`` capped at
-            ``ema_decay`` (this project's earlier rule, with 0.998): the scorer follows the live encoder early.
-        attention_layers: blocks whose [CLS] attention scores the tokens, counted from the last (None = all,
-            A-CLIP; 1 = the last block only).
-        online_crop_scale: area share, of the scorer's full view (the loader's image), of the crop the online
-            encoder sees under attentive masking; the scores are cropped to it (A-CLIP scores a larger view
-            than the masked one). ``[1, 1]``: the same view for both.
+        masking: the image-token dropping in training, by ``class_path``
+            (`modules.components.token_masking`): ``RandomMasking`` (FLIP) or ``AttentiveMasking`` (A-CLIP:
+            keep the tokens an EMA image encoder attends to most), each with its ``ratio``; None = every token.
         local_loss: under DDP, each rank scores only its own rows against the gathered features (open_clip):
             (B, world*B) logits instead of (world*B)^2, the same gradients.
         accum_freq: split each training batch into this many micro-batches and accumulate their gradients
@@ -143,89 +130,50 @@ class CLIPModule(VisionModule):
         vocab_size: int = CLIP_VOCAB_SIZE,
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
-        mask_ratio: float = 0.0,
-        masking: str = "random",
-        ema_decay: float = 0.996,
-        ema_decay_end: float = 1.0,
-        ema_warmup: bool = False,
-        attention_layers: int | None = None,
-        online_crop_scale: tuple[float, float] = (0.5, 1.0),
+        masking: TokenMasking | None = None,
         local_loss: bool = False,
         accum_freq: int = 1,
         unmasked_tuning: float = 0.0,
         optim: OptimConfig | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
-        self.save_hyperparameters()
-        if masking not in MASKINGS:
-            raise ConfigError(f"model.masking '{masking}' is not one of {', '.join(MASKINGS)}")
-        num_kept(1, mask_ratio)  # validates the ratio
+        self.save_hyperparameters(ignore=["masking"])
+        self.hparams["masking"] = None if masking is None else module_spec(masking)  # primitives: weights_only reads
         image_encoder = create_backbone(backbone, num_classes=0, image_size=image_size, **(backbone_kwargs or {}))
-        if mask_ratio > 0 and not hasattr(image_encoder, "patch_embed"):
-            raise ConfigError(f"token masking needs a ViT image tower; '{backbone}' has no patch tokens: set model.mask_ratio 0")
         text_encoder = TextTransformer(vocab_size, text_max_length, text_width, text_depth, text_heads)
         self.model = DualEncoder(image_encoder, text_encoder, embed_dim, init_logit_scale, max_logit_scale)
         if not 0.0 <= unmasked_tuning <= 1.0:
             raise ConfigError(f"model.unmasked_tuning {unmasked_tuning} must be a share of the steps in [0, 1]")
         if accum_freq < 1:
             raise ConfigError(f"model.accum_freq {accum_freq} must be at least 1")
-        low, high = online_crop_scale
-        if not 0.0 < low <= high <= 1.0:
-            raise ConfigError(f"model.online_crop_scale {list(online_crop_scale)} must be area shares 0 < low <= high <= 1")
-        self.mask_ratio, self.masking = mask_ratio, masking
-        self.ema_decay, self.ema_decay_end, self.ema_warmup = ema_decay, ema_decay_end, ema_warmup
-        self.attention_layers, self.online_crop_scale = attention_layers, (float(low), float(high))
+        self.masking = masking
+        if masking is not None:
+            masking.bind(image_encoder)
         self.local_loss, self.accum_freq = local_loss, accum_freq
         self.automatic_optimization = accum_freq == 1
         self.unmasked_tuning = unmasked_tuning
-        self.ema_scorer = None  # A-CLIP's EMA image encoder: frozen (never optimised, eval mode), checkpointed
-        if mask_ratio > 0 and masking == "attentive":
-            self.ema_scorer = Frozen(ModelEmaV3(image_encoder, decay=ema_decay, use_warmup=ema_warmup), in_checkpoint=True)
-            if attention_layers is not None and not 1 <= attention_layers <= len(image_encoder.blocks):
-                raise ConfigError(f"model.attention_layers {attention_layers} must be in [1, {len(image_encoder.blocks)}] or null (all)")
         self.zeroshot_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.retrieval = RetrievalRecall((1, 5))
         self._zero_shot_head: torch.Tensor | None = None
 
-    @property
-    def ema_image_encoder(self) -> ModelEmaV3 | None:
-        """timm's EMA of the online image encoder (``.module`` is the network), when masking is attentive."""
-        return None if self.ema_scorer is None else self.ema_scorer.module
-
     def optimizer_root(self) -> nn.Module:
-        return self.model  # the EMA scorer is never optimised
+        return self.model  # the masking's EMA scorer is never optimised
 
     # --- training --------------------------------------------------------------------------------
     def masked_view(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The images the online tower sees this step and their kept patch tokens (None = all).  # (B, K)
-
-        Attentive masking scores the tokens on ``images`` (the full view) with the EMA encoder, crops the
-        online view out of it (``online_crop_scale``) and keeps the top tokens of the cropped scores.
-        """
-        if self.mask_ratio <= 0 or self.in_unmasked_tuning():
+        """The images the online tower sees this step and their kept patch tokens (None = all).  # (B, K)"""
+        if self.masking is None or self.masking.ratio <= 0 or self.in_unmasked_tuning():
             return images, None
-        patch_embed = self.model.image_encoder.patch_embed
-        num_tokens = patch_embed.num_patches
-        keep = num_kept(num_tokens, self.mask_ratio)
-        if self.masking != "attentive":
-            return images, random_keep_index(images.shape[0], num_tokens, keep, device=images.device)
-        scores = cls_attention(self.ema_image_encoder.module, images, self.attention_layers)  # (B, N)
-        if self.online_crop_scale != (1.0, 1.0):
-            boxes = sample_crop_boxes(images.shape[0], self.online_crop_scale, device=images.device)
-            images = crop_to_boxes(images, boxes, tuple(images.shape[-2:]))
-            scores = crop_token_scores(scores, tuple(patch_embed.grid_size), boxes)
-        return images, attentive_keep_index(scores, keep)
+        return self.masking.view(images, self.model.image_encoder)
 
     def keep_index(self, images: torch.Tensor) -> torch.Tensor | None:
         """Patch tokens kept this step (None = all), for the view ``masked_view`` returns.  # (B, K)"""
         return self.masked_view(images)[1]
 
-    def ema_momentum(self) -> float:
-        """The scorer's EMA momentum for the update after the current optimizer step (cosine, A-CLIP)."""
+    def total_steps(self) -> int:
+        """Optimizer steps of this fit (0 when unknown: no trainer, or an unbounded run)."""
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 0
-        if not total or total == float("inf"):
-            return self.ema_decay
-        return cosine_momentum(self.global_step, int(total), self.ema_decay, self.ema_decay_end)
+        return 0 if not total or total == float("inf") else int(total)
 
     def in_unmasked_tuning(self) -> bool:
         """True in the final ``unmasked_tuning`` share of the training steps (of a fit)."""
@@ -276,13 +224,8 @@ class CLIPModule(VisionModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.model.logit_scale.clamp_()
-        if self.ema_image_encoder is None:
-            return
-        if self.ema_warmup:
-            self.ema_image_encoder.update(self.model.image_encoder, step=self.global_step)
-        else:
-            self.ema_image_encoder.decay = self.ema_momentum()
-            self.ema_image_encoder.update(self.model.image_encoder)
+        if self.masking is not None:
+            self.masking.update(self.model.image_encoder, self.global_step, self.total_steps())
 
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()

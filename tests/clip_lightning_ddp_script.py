@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--local-loss", action="store_true")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 100, (8, 6), generator=g))
+    images, tokens = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 100, (8, 6), generator=g)
+    dataset = [{"image": images[i], "tokens": tokens[i]} for i in range(8)]  # batches by name (collated dicts)
     torch.manual_seed(0)
     optim = OptimConfig(name="momentum", lr=0.5, momentum=0.0, weight_decay=0.0, warmup_epochs=0, min_lr_ratio=1.0)
     module = CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, embed_dim=16, text_width=16, text_depth=1,

@@ -162,13 +162,14 @@ def test_feature_cached_accumulation_equals_one_big_batch_gradient():
 def test_accum_freq_step_through_lightning_equals_the_full_batch_step(tmp_path):
     """Manual optimization with accum_freq=4: one SGD step on a batch of 8 = the automatic step on it."""
     import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
     from modules.components.optim import OptimConfig
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(8, 3, 32, 32, generator=g)
-    dataset = TensorDataset(images, torch.randint(1, 100, (8, 6), generator=g))
+    tokens = torch.randint(1, 100, (8, 6), generator=g)
+    dataset = [{"image": images[i], "tokens": tokens[i]} for i in range(8)]  # batches by name (collated dicts)
     weights = {}
     for accum_freq in (1, 4):
         optim = OptimConfig(name="momentum", lr=0.5, momentum=0.0, weight_decay=0.0, warmup_epochs=0, min_lr_ratio=1.0)
@@ -318,29 +319,41 @@ def _tiny_clip(**kwargs):
     return CLIPModule("test_vit", 3, 32, {"patch_size": 4, "depth": 2}, **{**defaults, **kwargs})
 
 
+def _attentive(ratio=0.75, **kwargs):
+    from modules.components.token_masking import AttentiveMasking
+
+    return AttentiveMasking(ratio, **kwargs)
+
+
+def _random(ratio=0.5):
+    from modules.components.token_masking import RandomMasking
+
+    return RandomMasking(ratio)
+
+
 def test_attentive_module_scores_the_full_view_and_keeps_top_tokens_of_the_crop():
-    module = _tiny_clip(mask_ratio=0.75, masking="attentive")
+    module = _tiny_clip(masking=_attentive(0.75))
     images = torch.randn(2, 3, 32, 32)
     torch.manual_seed(5)
     view, index = module.masked_view(images)
     torch.manual_seed(5)
     boxes = sample_crop_boxes(2, (0.5, 1.0))
-    scores = cls_attention(module.ema_image_encoder.module, images)  # all layers, on the full view
+    scores = cls_attention(module.masking.ema.module, images)  # all layers, on the full view
     expected = crop_token_scores(scores, (8, 8), boxes).topk(16, dim=1).indices.sort(1).values
     assert torch.equal(index, expected)
     torch.testing.assert_close(view, crop_to_boxes(images, boxes, (32, 32)))
     assert not torch.allclose(view, images)
-    same_view = _tiny_clip(mask_ratio=0.75, masking="attentive", online_crop_scale=(1.0, 1.0), attention_layers=1)
+    same_view = _tiny_clip(masking=_attentive(0.75, online_crop_scale=(1.0, 1.0), attention_layers=1))
     view, index = same_view.masked_view(images)
     assert view is images  # this project's earlier scorer: same view, last block
-    last_block = cls_attention(same_view.ema_image_encoder.module, images, num_layers=1)
+    last_block = cls_attention(same_view.masking.ema.module, images, num_layers=1)
     assert torch.equal(index, last_block.topk(16, dim=1).indices.sort(1).values)
     optimised = {id(p) for p in module.trainable_parameters()}
-    assert not any(id(p) in optimised for p in module.ema_image_encoder.parameters())
+    assert not any(id(p) in optimised for p in module.masking.parameters())
     assert id(module.model.logit_scale.log_scale) in optimised
     from modules.clip import CLIPModule
     with pytest.raises(Exception, match="ViT"):
-        CLIPModule("test_resnet", 3, 32, mask_ratio=0.5, vocab_size=100, text_width=16, text_heads=2)
+        CLIPModule("test_resnet", 3, 32, masking=_random(0.5), vocab_size=100, text_width=16, text_heads=2)
 
 
 def test_ema_momentum_follows_a_cosine_from_0996_to_1():
@@ -350,14 +363,14 @@ def test_ema_momentum_follows_a_cosine_from_0996_to_1():
     assert cosine_momentum(500, 1000) == pytest.approx(0.998, abs=1e-12)
     assert cosine_momentum(1000, 1000) == pytest.approx(1.0, abs=1e-12)
     assert cosine_momentum(250, 1000) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi / 4)) / 2, abs=1e-12)
-    module = _tiny_clip(mask_ratio=0.5, masking="attentive")
+    module = _tiny_clip(masking=_attentive(0.5))
     module._trainer = SimpleNamespace(estimated_stepping_batches=200, global_step=0, training=True)
-    assert module.ema_momentum() == pytest.approx(0.996)
+    assert module.masking.momentum(module.global_step, module.total_steps()) == pytest.approx(0.996)
     module._trainer.global_step = 100
-    assert module.ema_momentum() == pytest.approx(0.998)
+    assert module.masking.momentum(module.global_step, module.total_steps()) == pytest.approx(0.998)
     # The update uses it: after the last step the scorer no longer moves.
     module._trainer.global_step = 200
-    live, ema = module.model.image_encoder, module.ema_image_encoder
+    live, ema = module.model.image_encoder, module.masking.ema
     before = [p.clone() for p in ema.module.parameters()]
     with torch.no_grad():
         for p in live.parameters():
@@ -371,8 +384,8 @@ def test_ema_momentum_follows_a_cosine_from_0996_to_1():
 
 
 def test_attentive_scorer_timm_warmup_is_an_option():
-    module = _tiny_clip(mask_ratio=0.5, masking="attentive", ema_decay=0.999, ema_warmup=True)
-    live, ema = module.model.image_encoder, module.ema_image_encoder
+    module = _tiny_clip(masking=_attentive(0.5, ema_decay=0.999, ema_warmup=True))
+    live, ema = module.model.image_encoder, module.masking.ema
     with torch.no_grad():
         for p in live.parameters():
             p.add_(1.0)
@@ -387,7 +400,7 @@ def test_unmasked_tuning_sees_every_token_in_the_final_share_of_steps():
 
     from modules.clip import CLIPModule
 
-    module = _tiny_clip(mask_ratio=0.5, unmasked_tuning=0.25)
+    module = _tiny_clip(masking=_random(0.5), unmasked_tuning=0.25)
     images = torch.randn(2, 3, 32, 32)
     module._trainer = SimpleNamespace(estimated_stepping_batches=100, global_step=74, training=True)
     assert module.keep_index(images).shape == (2, 32)
@@ -477,7 +490,7 @@ def test_debug_config_runs_through_cli(run_cli, tmp_path, beton_cache):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/zeroshot_acc1", "val/i2t_recall@1", "val/i2t_recall@5",
             "val/t2i_recall@1", "val/t2i_recall@5"} <= tags
-    assert any(k.startswith("ema_scorer.module.") for k in checkpoint["state_dict"])  # resumes with its scorer
+    assert any(k.startswith("masking.scorer.module.") for k in checkpoint["state_dict"])  # resumes with its scorer
 
 
 # --- FFCV ImageFolder + captions file ------------------------------------------------------------

@@ -16,7 +16,6 @@ The module's loss is ``kd_weight * T^2 KL(targets || student) + sum(term.weight 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -28,6 +27,7 @@ from modules.components.contrastive import _ScaleGradient
 from modules.components.distill import (CrossAttentionProjector, LinearProjector, feature_kd_loss,
                                         student_tokens_and_logits, teacher_tokens)
 from modules.components.errors import ConfigError
+from modules.components.specs import module_spec
 from modules.components.kd_targets import KDPart, KDTargets
 
 
@@ -106,25 +106,6 @@ class HardLabels(LossTerm):
         if self.criterion is not None:
             return self.criterion(step.logits, labels)
         return F.cross_entropy(step.logits, labels, label_smoothing=self.label_smoothing)
-
-
-def module_spec(module: nn.Module) -> dict:
-    """``{class_path, init_args}`` that rebuild ``module`` (a loss), from the attributes named like its arguments.
-
-    Checkpoints keep primitive hyper-parameters only (``weights_only=True``): an argument whose value is not a
-    primitive (a tensor ``pos_weight``) is an error rather than silently dropped. An argument the module does not
-    keep under its own name (``nn.CrossEntropyLoss``'s deprecated ``size_average``) is recorded at its default.
-    """
-    args = {}
-    for name, parameter in list(inspect.signature(type(module).__init__).parameters.items())[1:]:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        value = getattr(module, name, parameter.default)
-        if value is parameter.empty or not isinstance(value, (str, int, float, bool, type(None))):
-            raise ConfigError(f"{type(module).__name__}.{name} = {type(value).__name__} cannot be recorded in a "
-                              "checkpoint's hyper-parameters: use a loss whose arguments are numbers, strings or None")
-        args[name] = value
-    return {"class_path": f"{type(module).__module__}.{type(module).__qualname__}", "init_args": args}
 
 
 class FeatureKD(LossTerm):
