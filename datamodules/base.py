@@ -18,6 +18,26 @@ from modules.components.errors import ConfigError
 EMBEDDED = "fashion_mnist"
 
 
+class BatchTransform:
+    """What a DataModule's ``batches`` makes of each transferred batch: captions (``datamodules/captions.py``).
+
+    ``bind`` is called once the DataModule knows its classes, ``setup`` from its ``setup``, and the transform
+    then maps every transferred loader batch (uint8 images first) to what the technique receives.
+    """
+
+    #: the loaders must yield ``[images, labels, indices]`` (positions in ``get_source(split)``)
+    yields_index = False
+
+    def bind(self, datamodule) -> None:
+        """Called once by the DataModule after its classes are known."""
+
+    def setup(self, datamodule, stage: str) -> None:
+        """Called at the end of the DataModule's ``setup``."""
+
+    def __call__(self, datamodule, batch, training: bool):
+        raise NotImplementedError
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Labelled images from the embedded Fashion-MNIST or any ImageFolder tree.
 
@@ -52,6 +72,8 @@ class ImageDataModule(pl.LightningDataModule):
         augment_seed: seed of the device augmentation (default ``seed``); draws depend on (seed, rank, epoch,
             step) only, so a rerun repeats them whatever the model consumes from the global RNG.
         holdout_fraction: share of the training split held out for model-soup selection (``holdout_split``).
+        batches: what each transferred batch becomes, chosen by ``class_path`` (``datamodules.captions.ClassPrompts``
+            or ``CaptionsFile``); ``None``: ``[normalised images, labels]``.
         extra_eval: more evaluation sets, ``{name: ImageFolder path}`` (e.g. ``{imagenet_v2: /data/v2}``), each
             class folder named as a training class or by its index; served after ``val`` by ``val_dataloader``
             with validation transforms (and the ``classes``/``val_limit`` selection), logged as
@@ -84,9 +106,10 @@ class ImageDataModule(pl.LightningDataModule):
         augment_seed: int | None = None,
         holdout_fraction: float = 0.0,
         extra_eval: dict[str, str] | None = None,
+        batches: BatchTransform | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["batch_augment", "normalized_augment"])
+        self.save_hyperparameters(ignore=["batch_augment", "normalized_augment", "batches"])
         self.extra_eval = dict(extra_eval or {})
         for name in self.extra_eval:
             if not name.isidentifier() or name in {"train", "val", "raw"}:
@@ -103,6 +126,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.set_normalization(mean, std)
         self.augment = DeviceAugment(batch_augment or [], normalized_augment or [],
                                      seed if augment_seed is None else augment_seed)
+        self.batches = batches
+        if batches is not None:
+            batches.bind(self)
 
     # --- sources ---------------------------------------------------------------------------------
     @property
@@ -213,7 +239,26 @@ class ImageDataModule(pl.LightningDataModule):
             return self.augment(images, self.normalize, rank=trainer.global_rank, epoch=trainer.current_epoch)
         return self.normalize(images)
 
+    @property
+    def yields_index(self) -> bool:
+        """Whether the loaders add each sample's index (``batches`` asks for it)."""
+        return bool(self.batches is not None and self.batches.yields_index)
+
+    def setup_batches(self, stage: str) -> None:
+        """The end of every back-end's ``setup``."""
+        if self.batches is not None:
+            self.batches.setup(self, stage)
+
+    def class_prompt_tokens(self) -> torch.Tensor:
+        """(C, T, L) prompt token ids of every class and template (zero-shot heads), from a caption ``batches``."""
+        if not hasattr(self.batches, "class_prompt_tokens"):
+            raise ConfigError("an image-text technique needs captions: set data.init_args.batches to "
+                              "datamodules.captions.ClassPrompts or CaptionsFile")
+        return self.batches.class_prompt_tokens()
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.batches is not None:
+            return self.batches(self, batch, bool(self.trainer is not None and self.trainer.training))
         images, labels = batch[0], batch[1]
         return [self.prepare_images(images), labels.long().view(-1), *batch[2:]]
 

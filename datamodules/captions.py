@@ -1,17 +1,18 @@
-"""Image-text DataModules for CLIP: the labelled DataModules with captions added on the device.
+"""Captions for CLIP, added on the device by a DataModule's ``batches`` transform (chosen by ``class_path``).
 
 Batches reach the module as ``[images (B, 3, H, W) float, tokens (B, L) int64, labels (B,), caption_ids (B,)]``.
 ``caption_ids`` say which captions are the same text (retrieval counts any identical caption as a match).
 
-* ``FFCVCaptionDataModule`` / ``TorchvisionCaptionDataModule``: any labelled source (Fashion-MNIST, an
-  ImageFolder); the caption of an image is its class name in a prompt template, a random template per
-  training image and the first template for validation. The ``.beton`` files are the classifier's: the
-  label -> caption mapping is a table lookup on the batch, so nothing is rewritten.
-* ``CaptionFolderDataModule`` / ``FFCVCaptionFolderDataModule``: an ImageFolder tree plus a captions file
-  (one or more per image). The loaders yield each sample's index; its captions are a table lookup on the
-  batch (so the FFCV ``.beton`` files are again the classifier's).
+* ``ClassPrompts``: any labelled source (Fashion-MNIST, an ImageFolder); the caption of an image is its class
+  name in a prompt template, a random template per training image and the first template for validation.
+  The ``.beton`` files are the classifier's: the label -> caption mapping is a table lookup on the batch.
+* ``CaptionsFile``: an ImageFolder tree plus a captions file (one or more per image). The loaders yield each
+  sample's index; its captions are a table lookup on the batch (the ``.beton`` files are again the classifier's).
 
-Every one of them exposes ``class_prompt_tokens()`` (C classes x T templates x L) for zero-shot heads.
+Either goes into any back-end: ``FFCVDataModule(batches=ClassPrompts(...))`` or ``TorchvisionDataModule(...)``;
+the DataModule then exposes ``class_prompt_tokens()`` (C classes x T templates x L) for zero-shot heads.
+``FFCVCaptionDataModule``, ``TorchvisionCaptionDataModule``, ``CaptionFolderDataModule`` and
+``FFCVCaptionFolderDataModule`` are those compositions under their former names (same arguments).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from datamodules.ffcv_datamodule import FFCVDataModule, index_pipeline
+from datamodules.base import BatchTransform
+from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components.errors import ConfigError, DataError
 from modules.components.text import ClipTokenizer
@@ -48,59 +50,35 @@ def prompt_tokens(tokenizer: ClipTokenizer, class_names: Sequence[str], template
     return tokenizer(texts).view(len(class_names), len(templates), -1)
 
 
-class _LabelCaptions:
-    """Mixin: turns ``[images, labels]`` batches into ``[images, tokens, labels, caption_ids]``."""
+class ClassPrompts(BatchTransform):
+    """Captions from class names: ``[images, labels]`` -> ``[images, tokens, labels, caption_ids]``.
 
-    def _init_captions(self, templates: Sequence[str] | None, context_length: int) -> None:
+    Args:
+        templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
+        context_length: token ids per caption.
+    """
+
+    def __init__(self, templates: list[str] | None = None, context_length: int = 32):
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.tokenizer = ClipTokenizer(context_length)
-        self._class_tokens = prompt_tokens(self.tokenizer, self.class_names, self.templates)
-        self._template_rng = torch.Generator().manual_seed(self.seed)
+
+    def bind(self, datamodule) -> None:
+        self._class_tokens = prompt_tokens(self.tokenizer, datamodule.class_names, self.templates)
+        self._template_rng = torch.Generator().manual_seed(datamodule.seed)
 
     def class_prompt_tokens(self) -> torch.Tensor:
         """(C, T, L) prompt token ids of every class and template, for the zero-shot head."""
         return self._class_tokens
 
-    def _training(self) -> bool:
-        return bool(self.trainer is not None and self.trainer.training)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels, *_ = super().on_after_batch_transfer(batch, dataloader_idx)
+    def __call__(self, datamodule, batch, training: bool):
+        images, labels = datamodule.prepare_images(batch[0]), batch[1].long().view(-1)
         num_templates = len(self.templates)
-        if self._training():
+        if training:
             template = torch.randint(num_templates, labels.shape, generator=self._template_rng).to(labels.device)
         else:
             template = torch.zeros_like(labels)
         tokens = self._class_tokens.to(labels.device)[labels, template]  # (B, L)
         return [images, tokens, labels, labels * num_templates + template]
-
-
-class FFCVCaptionDataModule(_LabelCaptions, FFCVDataModule):
-    """Labelled FFCV data captioned from class names with prompt templates.
-
-    Args:
-        templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
-        context_length: token ids per caption.
-        **kwargs: the ``FFCVDataModule`` arguments (source, cache_dir, image_size, batch_size...).
-    """
-
-    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(**kwargs)
-        self._init_captions(templates, context_length)
-
-
-class TorchvisionCaptionDataModule(_LabelCaptions, TorchvisionDataModule):
-    """Labelled torchvision data captioned from class names with prompt templates.
-
-    Args:
-        templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
-        context_length: token ids per caption.
-        **kwargs: the ``TorchvisionDataModule`` arguments (source, image_size, batch_size...).
-    """
-
-    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(**kwargs)
-        self._init_captions(templates, context_length)
 
 
 def read_captions(path: str | Path) -> dict[str, list[str]]:
@@ -144,26 +122,42 @@ class _CaptionTable:
         return starts + (uniforms * self.counts[indices]).long().clamp_max(self.counts[indices] - 1)
 
 
-class _FolderCaptions:
-    """Mixin: per-image captions from a captions file, looked up by sample index on the batch.
+class CaptionsFile(ClassPrompts):
+    """Per-image captions from a captions file, looked up by sample index on the batch.
 
-    The host DataModule's loaders yield ``[images, labels, indices]`` where ``indices`` are positions in
-    ``get_source(split)``; ``on_after_batch_transfer`` turns them into ``[images, tokens, labels, caption_ids]``
-    with a random caption of each image for training and its first for validation.
+    The file holds ``<image path relative to source>\\t<caption>`` lines; an image with several lines gets a
+    random one per training step and its first for validation. Class folders still name the classes of the
+    zero-shot head. ``caption_ids`` mark identical caption texts as the same id (with distinct captions, the
+    sample index), so retrieval is scored on the exact pair. The loaders yield ``[images, labels, indices]``
+    (positions in ``get_source(split)``; FFCV decodes them from the ``.beton`` index, global under DDP).
+
+    Args:
+        captions_file: the TSV of captions.
+        templates: prompt templates for the zero-shot head.
+        context_length: token ids per caption.
     """
 
-    def _init_folder_captions(self, captions_file: str) -> None:
-        if self.is_embedded:
-            raise ConfigError(f"{type(self).__name__} needs an ImageFolder source: use a class-prompt caption DataModule for fashion_mnist")
+    yields_index = True
+
+    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32):
+        super().__init__(templates, context_length)
         self.captions_file = captions_file
         self._tables: dict[str, _CaptionTable] = {}
 
-    def caption_table(self, split: str) -> _CaptionTable:
-        """The (cached) captions of ``split``, in the order of ``get_source(split)``."""
+    def bind(self, datamodule) -> None:
+        if datamodule.is_embedded:
+            raise ConfigError(f"{type(datamodule).__name__} with a captions file needs an ImageFolder source: use "
+                              "class-prompt captions (datamodules.captions.ClassPrompts) for fashion_mnist")
+        if datamodule.extra_eval:
+            raise ConfigError("data.extra_eval sets have no captions file: drop extra_eval or use ClassPrompts")
+        super().bind(datamodule)
+
+    def caption_table(self, datamodule, split: str) -> _CaptionTable:
+        """The (cached) captions of ``split``, in the order of ``datamodule.get_source(split)``."""
         if split not in self._tables:
-            captions, root = read_captions(self.captions_file), Path(self.source).expanduser()
+            captions, root = read_captions(self.captions_file), Path(datamodule.source).expanduser()
             texts, counts, missing = [], [], []
-            for file in self.get_source(split).files:
+            for file in datamodule.get_source(split).files:
                 keys = [file.relative_to(root).as_posix()] + [
                     file.relative_to(root / s).as_posix() for s in ("train", "val") if file.is_relative_to(root / s)
                 ]
@@ -180,63 +174,56 @@ class _FolderCaptions:
             self._tables[split] = _CaptionTable(self.tokenizer(texts), torch.tensor(counts), text_ids)
         return self._tables[split]
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
+    def setup(self, datamodule, stage: str) -> None:
         for split in ("train", "val"):
-            self.caption_table(split)
+            self.caption_table(datamodule, split)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        images, labels = self.prepare_images(batch[0]), batch[1].long().view(-1)
-        train = self._training()
-        table = self.caption_table("train" if train else "val")
+    def __call__(self, datamodule, batch, training: bool):
+        images, labels = datamodule.prepare_images(batch[0]), batch[1].long().view(-1)
+        table = self.caption_table(datamodule, "train" if training else "val")
         # The table stays in host memory: only the batch's (B, L) rows travel to the device.
         indices = batch[2].long().view(-1).cpu()  # (B,)
-        uniforms = torch.rand(len(indices), generator=self._template_rng) if train else None
+        uniforms = torch.rand(len(indices), generator=self._template_rng) if training else None
         rows = table.rows(indices, uniforms)  # (B,)
         tokens = table.tokens[rows].to(images.device)  # (B, L)
         return [images, tokens, labels, table.text_ids[rows].to(labels.device)]
 
 
-class CaptionFolderDataModule(_FolderCaptions, TorchvisionCaptionDataModule):
-    """An ImageFolder tree with a captions file: each image's own caption(s) instead of class prompts.
+# --- the compositions under their former names ------------------------------------------------------
+class _CaptionPreset:
+    """The caption transform's tokenizer and tables, as the former caption DataModules exposed them."""
 
-    The file holds ``<image path relative to source>\\t<caption>`` lines; an image with several lines gets
-    a random one per training step and its first for validation. Class folders still name the classes of
-    the zero-shot head. ``caption_ids`` mark identical caption texts as the same id (with distinct
-    captions, the sample index), so retrieval is scored on the exact pair.
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        return self.batches.tokenizer
 
-    Args:
-        captions_file: the TSV of captions.
-        templates: prompt templates for the zero-shot head.
-        context_length: token ids per caption.
-        **kwargs: the ``TorchvisionDataModule`` arguments (source must be an ImageFolder path).
-    """
-
-    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(templates=templates, context_length=context_length, **kwargs)
-        self._init_folder_captions(captions_file)
-
-    yields_index = True  # a held-out Subset keeps them positions in get_source(split)
+    def caption_table(self, split: str) -> _CaptionTable:
+        return self.batches.caption_table(self, split)
 
 
-class FFCVCaptionFolderDataModule(_FolderCaptions, FFCVCaptionDataModule):
-    """``CaptionFolderDataModule`` through FFCV: the classifier's ``.beton`` files plus a caption lookup.
+class FFCVCaptionDataModule(_CaptionPreset, FFCVDataModule):
+    """``FFCVDataModule(batches=ClassPrompts(templates, context_length), **kwargs)``."""
 
-    The ``.beton`` files hold images and labels only (shared with ``FFCVDataModule`` on the same source);
-    an extra loader field decodes each sample's ``.beton`` index from the label column, and the captions
-    of that index are looked up on the batch. Indices are global, so DDP sharding keeps them right.
+    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(batches=ClassPrompts(templates, context_length), **kwargs)
 
-    Args:
-        captions_file: the TSV of ``<image path relative to source>\\t<caption>`` lines (one or more per image).
-        templates: prompt templates for the zero-shot head.
-        context_length: token ids per caption.
-        **kwargs: the ``FFCVDataModule`` arguments (source must be an ImageFolder path).
-    """
+
+class TorchvisionCaptionDataModule(_CaptionPreset, TorchvisionDataModule):
+    """``TorchvisionDataModule(batches=ClassPrompts(templates, context_length), **kwargs)``."""
+
+    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(batches=ClassPrompts(templates, context_length), **kwargs)
+
+
+class CaptionFolderDataModule(_CaptionPreset, TorchvisionDataModule):
+    """``TorchvisionDataModule(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)``."""
 
     def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(templates=templates, context_length=context_length, **kwargs)
-        self._init_folder_captions(captions_file)
+        super().__init__(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)
 
-    def pipelines(self, split: str, train: bool) -> dict:
-        """The parent's image and label pipelines plus ``index``: each sample's position in the ``.beton``."""
-        return {**super().pipelines(split, train), "index": index_pipeline()}
+
+class FFCVCaptionFolderDataModule(_CaptionPreset, FFCVDataModule):
+    """``FFCVDataModule(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)``."""
+
+    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
+        super().__init__(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)

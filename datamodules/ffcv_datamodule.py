@@ -264,6 +264,7 @@ class FFCVDataModule(ImageDataModule):
         check_prepared(folder, self.manifest())
         for name in self.extra_eval:
             check_prepared(self.extra_folder(name), read_manifest(self.extra_folder(name)))
+        self.setup_batches(stage)
 
     # --- extra evaluation sets (data.extra_eval) -------------------------------------------------
     def source_classes(self) -> list[str]:
@@ -306,7 +307,8 @@ class FFCVDataModule(ImageDataModule):
         return bool(trainer is not None and trainer.world_size > 1)
 
     def pipelines(self, split: str, train: bool) -> dict:
-        """FFCV pipelines per output field: train (RRC+flip) or eval (centre crop) images, and labels."""
+        """FFCV pipelines per output field: train (RRC+flip) or eval (centre crop) images, labels, and the
+        sample's ``.beton`` index when ``yields_index``."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
@@ -318,7 +320,8 @@ class FFCVDataModule(ImageDataModule):
         else:
             image_pipeline = [CenterCropRGBImageDecoder(size, ratio=hp.val_crop_ratio)]
         image_pipeline += [ToTensor(), ToTorchImage(channels_last=False)]
-        return {"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+        pipelines = {"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]}
+        return {**pipelines, "index": index_pipeline()} if self.yields_index else pipelines
 
     def make_loader(self, split: str, train: bool, indices=None):
         """An ``ffcv.loader.Loader`` over ``split`` with the ``pipelines`` of ``split``/``train``."""

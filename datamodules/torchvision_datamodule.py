@@ -64,9 +64,7 @@ class TorchvisionDataModule(ImageDataModule):
     def setup(self, stage: str) -> None:
         for split in ("train", *self.eval_sets()):
             self.get_source(split)
-
-    #: loaders yield ``(images, labels, indices)`` (positions in ``get_source(split)``) instead of pairs
-    yields_index = False
+        self.setup_batches(stage)
 
     def dataset(self, split: str, train: bool) -> Dataset:
         """``split`` as ``(uint8 (3, S, S) image, label[, index])`` items with train or eval transforms."""
