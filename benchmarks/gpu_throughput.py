@@ -1,9 +1,13 @@
-"""Images/s and step time of visionlab modules on whatever accelerator is present, FFCV-fed vs synthetic-fed.
+"""Images/s and step time of visionlab modules on whatever accelerator is present: FFCV-fed vs synthetic-fed, and the
+training-speed switches (``channels_last``, ``torch.compile``) on and off.
 
-Each module trains through a real Lightning ``fit`` (bf16 mixed precision on GPU). "synthetic" feeds uint8
-batches already in memory (no decode, no augmentation); "ffcv" feeds the FFCV DataModule from a JPEG
-``.beton`` (Fashion-MNIST upscaled to ImageNet-like sizes). The gap between the two is the data-loading
-overhead the accelerator sees.
+Each module (classification, MAE, CLIP) trains through a real Lightning ``fit`` (bf16 mixed precision on GPU).
+"synthetic" feeds uint8 batches already in memory (no decode, no augmentation); "ffcv" feeds the FFCV DataModule
+from a JPEG ``.beton`` (Fashion-MNIST upscaled to ImageNet-like sizes). The gap between the two is the data-loading
+overhead the accelerator sees. The switches are the YAML callbacks of ``callbacks/speed.py`` (``ChannelsLast``,
+``CompileNetwork``), applied to the synthetic feed; compiled runs are timed after their warm-up steps, which pay
+the compilation. A switch acts on one network of the module (``backbone``; CLIP's ``model``, the two towers): a
+compile switch whose network is never called as a whole (MAE and CLIP run the ViT's parts) is reported as a no-op.
 
     python benchmarks/gpu_throughput.py            # GPU: ViT-B/16 at 224 px, batch 128; CPU: tiny sizes
     python benchmarks/gpu_throughput.py --quick
@@ -21,10 +25,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dataloading import write_jpeg_tree  # benchmarks/dataloading.py
+from callbacks.speed import ChannelsLast, CompileNetwork
+from datamodules.captions import FFCVCaptionDataModule
 from datamodules.ffcv_datamodule import FFCVDataModule
 from modules.classification import ClassificationModule
+from modules.clip import CLIPModule
 from modules.components.optim import OptimConfig
 from modules.mae import MAEModule
+
+SWITCHES = {  # name -> callbacks of callbacks/speed.py, given the network attribute they act on
+    "channels_last": lambda network: [ChannelsLast(network)],
+    "compile": lambda network: [CompileNetwork(network)],
+    "channels_last+compile": lambda network: [ChannelsLast(network), CompileNetwork(network)],
+}
 
 
 class _Synthetic(Dataset):
@@ -74,15 +87,36 @@ class Timer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def modules(gpu: bool, size: int):
+class SyntheticCaptionDataModule(SyntheticDataModule, FFCVCaptionDataModule):
+    """The synthetic batches captioned on the device like ``FFCVCaptionDataModule`` (class prompts), for CLIP."""
+
+
+class NetworkCalls(pl.Callback):
+    """Counts training-time calls of the network a switch acts on (0: a compile of it cannot take effect)."""
+
+    def __init__(self, network: str):
+        self.network, self.calls = network, 0
+
+    def on_train_start(self, trainer, pl_module):
+        getattr(pl_module, self.network).register_forward_pre_hook(lambda module, inputs: self._count())
+
+    def _count(self):
+        self.calls += 1
+
+
+def modules(gpu: bool, size: int, context_length: int):
+    """name -> (builder, the network attribute the switches act on, captioned data)."""
     vit = "vit_base_patch16_224" if gpu else "vit_tiny_patch16_224"
     vit_kwargs = {} if gpu else {"patch_size": 8, "depth": 4}
+    text = {} if gpu else {"embed_dim": 64, "text_width": 64, "text_depth": 2, "text_heads": 4}
     optim = OptimConfig(name="adamw", lr=1e-4, warmup_epochs=0)
     return {
-        f"classification[{vit}]": lambda: ClassificationModule(vit, num_classes=10, image_size=size,
-                                                               backbone_kwargs=vit_kwargs, optim=optim),
-        f"mae[{vit}, 75% masked]": lambda: MAEModule(vit, num_classes=10, image_size=size, backbone_kwargs=vit_kwargs,
-                                                    log_images_every_n_steps=10**9, optim=optim),
+        f"classification[{vit}]": (lambda: ClassificationModule(vit, num_classes=10, image_size=size,
+                                                                backbone_kwargs=vit_kwargs, optim=optim), "backbone", False),
+        f"mae[{vit}, 75% masked]": (lambda: MAEModule(vit, num_classes=10, image_size=size, backbone_kwargs=vit_kwargs,
+                                                      log_images_every_n_steps=10**9, optim=optim), "backbone", False),
+        f"clip[{vit}]": (lambda: CLIPModule(vit, num_classes=10, image_size=size, backbone_kwargs=vit_kwargs,
+                                            text_max_length=context_length, optim=optim, **text), "model", True),
     }
 
 
@@ -91,6 +125,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "visionlab-bench-data")
+    parser.add_argument("--switches", nargs="*", default=list(SWITCHES), choices=list(SWITCHES),
+                        help="speed switches measured on the synthetic feed (default: all)")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     size = 224 if gpu else 64
@@ -99,37 +135,56 @@ def main() -> None:
     if not gpu:
         steps, warmup = (6, 2) if args.quick else (12, 3)
     workers = args.workers or (8 if gpu else 2)
+    context_length = 32
     count = int(batch * (steps + warmup + 2) / 0.85)  # 10% goes to the (unused) val split
     tree = write_jpeg_tree(args.workdir, count, 256 if gpu else 80)
     data_args = dict(source=str(tree), image_size=size, batch_size=batch, num_workers=workers, val_fraction=0.1)
 
     rows = []
-    for name, build in modules(gpu, size).items():
-        for feed in ("synthetic", "ffcv"):
+    for name, (build, network, captions) in modules(gpu, size, context_length).items():
+        text_args = {"context_length": context_length} if captions else {}
+        # an untimed first fit per module: its first steps pay one-time costs (kernel selection, allocator) beyond
+        # the warm-up steps, which would bias the first timed row; it also counts the network's calls
+        runs = [("synthetic", "warm-up"), ("synthetic", "eager"), ("ffcv", "eager"), *(("synthetic", s) for s in args.switches)]
+        for feed, switch in runs:
             if feed == "ffcv":
-                data = FFCVDataModule(cache_dir=str(args.workdir / "beton"), write_mode="jpg",
-                                      max_resolution=256 if gpu else 80, **data_args)
+                data = (FFCVCaptionDataModule if captions else FFCVDataModule)(
+                    cache_dir=str(args.workdir / "beton"), write_mode="jpg", max_resolution=256 if gpu else 80,
+                    **data_args, **text_args)
             else:
-                data = SyntheticDataModule(count=count, **data_args)
+                data = (SyntheticCaptionDataModule if captions else SyntheticDataModule)(count=count, **data_args, **text_args)
             timer = Timer(warmup)
+            calls = [NetworkCalls(network)] if switch == "warm-up" else []  # hooks stay out of compiled runs
+            switches = SWITCHES[switch](network) if switch in SWITCHES else []
             trainer = pl.Trainer(accelerator="auto", devices=1, precision="bf16-mixed" if gpu else "32-true",
                                  max_epochs=1, limit_train_batches=steps + warmup,
                                  limit_val_batches=0, logger=False, enable_checkpointing=False,
-                                 enable_model_summary=False, enable_progress_bar=False, callbacks=[timer])
+                                 enable_model_summary=False, enable_progress_bar=False,
+                                 callbacks=[*switches, timer, *calls])
             torch.manual_seed(0)
+            torch.compiler.reset()  # each compiled run pays (and is timed after) its own compilation
             trainer.fit(build(), data)
             timed = trainer.global_step - warmup
-            rows.append((name, feed, timed * batch / timer.seconds, timer.seconds / timed * 1000))
+            if calls:
+                called_whole = calls[0].calls > 0
+                continue
+            no_op = "compile" in switch and not called_whole
+            rows.append((name, feed, switch, timed * batch / timer.seconds, timer.seconds / timed * 1000, no_op))
+            print(f"  {name} {feed} {switch}: {rows[-1][3]:.1f} images/s", flush=True)
 
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ngpu_throughput on {device}: {size}px, batch {batch}, {'bf16-mixed' if gpu else 'fp32'}, "
-          f"{workers} loader workers")
-    print(f"{'module':<40} {'feed':<10} {'images/s':>10} {'ms/step':>9}")
-    for name, feed, rate, ms in rows:
-        print(f"{name:<40} {feed:<10} {rate:>10.1f} {ms:>9.1f}")
+          f"{workers} loader workers, {steps} timed steps after {warmup} warm-up steps")
+    print(f"{'module':<40} {'feed':<10} {'switches':<22} {'images/s':>10} {'ms/step':>9}")
+    for name, feed, switch, rate, ms, no_op in rows:
+        note = "  (no-op: the network is never called whole)" if no_op else ""
+        print(f"{name:<40} {feed:<10} {switch:<22} {rate:>10.1f} {ms:>9.1f}{note}")
     for name in dict.fromkeys(r[0] for r in rows):
-        synthetic, ffcv = (r[2] for r in rows if r[0] == name)
-        print(f"{name} ffcv_vs_synthetic: {ffcv / synthetic:.2f}x")
+        by = {(r[1], r[2]): r[3] for r in rows if r[0] == name}
+        eager = by[("synthetic", "eager")]
+        print(f"{name} ffcv_vs_synthetic: {by[('ffcv', 'eager')] / eager:.2f}x")
+        for switch in args.switches:
+            print(f"{name} {switch}_vs_eager: {by[('synthetic', switch)] / eager:.2f}x")
 
 
 if __name__ == "__main__":
