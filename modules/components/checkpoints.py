@@ -67,18 +67,21 @@ def checkpoint_hparams(path: str | Path, what: str = "checkpoint") -> dict:
     return load_checkpoint(path, what).get("hyper_parameters") or {}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a Lightning checkpoint, or the file itself if it is a plain state dict."""
-    ckpt = load_checkpoint(path)
+def read_state_dict(path: str | Path, ckpt: dict | None = None) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint, or the file itself if it is a plain state dict.
+
+    ``ckpt``: the file's contents when the caller has read them already (large checkpoints are read once).
+    """
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     state = ckpt.get("state_dict", ckpt)
     if not isinstance(state, dict):
         raise ConfigError(f"checkpoint {path} holds no state_dict")
     return state
 
 
-def backbone_state_dict(path: str | Path, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+def backbone_state_dict(path: str | Path, prefix: str = "backbone.", ckpt: dict | None = None) -> dict[str, torch.Tensor]:
     """Weights under ``prefix`` (prefix stripped); a plain state dict without the prefix is returned whole."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, ckpt)
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if picked:
         return picked

@@ -60,7 +60,7 @@ def load_feature_classifier(path: str | Path) -> FeatureClassifier:
     if "backbone" not in hparams or not isinstance(hparams["backbone"], str):
         raise ConfigError(f"feature classifier {path} is not a ClassificationModule checkpoint (no 'backbone' "
                           "hyperparameter): pass a .ckpt written by visionlab fit with configs/classification/*.yaml")
-    backbone, _ = build_from_checkpoint(path, head="keep", what="feature classifier")
+    backbone, _ = build_from_checkpoint(path, head="keep", what="feature classifier", ckpt=ckpt)
     data = ckpt.get("datamodule_hyper_parameters") or {}
     if "mean" not in data:
         warnings.warn(f"feature classifier {path} records no data normalisation: assuming mean=std=0.5", stacklevel=2)

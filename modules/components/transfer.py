@@ -15,7 +15,7 @@ from typing import Any, Literal
 from torch import nn
 
 from modules.components.backbones import create_backbone, load_state_dict_strict
-from modules.components.checkpoints import backbone_state_dict, checkpoint_hparams
+from modules.components.checkpoints import backbone_state_dict, load_checkpoint
 from modules.components.errors import ConfigError
 from modules.components.peft import unwrap_state_dict
 
@@ -35,13 +35,14 @@ class Architecture:
 
 
 def checkpoint_architecture(path: str | Path, what: str = "checkpoint", name: str | None = None,
-                            kwargs: dict | None = None) -> Architecture:
+                            kwargs: dict | None = None, ckpt: dict | None = None) -> Architecture:
     """The architecture recorded in a visionlab checkpoint, with ``name``/``kwargs`` given here winning.
 
     ``kwargs`` are merged over the recorded ones (e.g. a fine-tune's ``drop_path_rate`` or ``global_pool``).
-    A plain state dict records nothing, so it needs ``name`` (and the kwargs it was built with).
+    A plain state dict records nothing, so it needs ``name`` (and the kwargs it was built with). ``ckpt``: the
+    file's contents, when already read.
     """
-    hparams = checkpoint_hparams(path, what)
+    hparams = (load_checkpoint(path, what) if ckpt is None else ckpt).get("hyper_parameters") or {}
     recorded = hparams.get("backbone") or hparams.get("student")  # a classifier's / technique's, or a KD student's
     recorded_kwargs = hparams.get("backbone_kwargs") or hparams.get("student_kwargs") or {}
     if name is None and not isinstance(recorded, str):
@@ -56,16 +57,18 @@ def checkpoint_architecture(path: str | Path, what: str = "checkpoint", name: st
                         size if isinstance(size, int) else None, hparams.get("num_classes"))
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, head: Head = "replace", what: str = "checkpoint") -> None:
+def load_backbone_weights(model: nn.Module, path: str | Path, head: Head = "replace", what: str = "checkpoint",
+                          ckpt: dict | None = None) -> None:
     """Load a checkpoint's ``backbone.*`` weights into ``model`` strictly, resampling position/patch embeddings.
 
     ``head``: ``keep`` loads the classifier as well (same class count required); ``replace`` keeps the
     model's fresh classifier where the checkpoint's has another shape or is absent; ``drop`` ignores the
     checkpoint's classifier (for a headless ``model``). A PEFT run's checkpoint loads as its plain backbone.
+    ``ckpt``: the file's contents, when already read.
     """
     if head not in HEADS:
         raise ConfigError(f"head {head!r}: use one of {', '.join(HEADS)}")
-    state = unwrap_state_dict(backbone_state_dict(path))
+    state = unwrap_state_dict(backbone_state_dict(path, ckpt=ckpt))
     own = model.state_dict()
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
     prefixes = tuple(f"{c}." for c in (classifier if isinstance(classifier, (list, tuple)) else (classifier,)))
@@ -79,7 +82,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path, head: Head = "repl
 
 def build_from_checkpoint(path: str | Path, head: Head = "replace", num_classes: int | None = None,
                           image_size: int | None = None, backbone: str | None = None,
-                          backbone_kwargs: dict | None = None, what: str = "checkpoint") -> tuple[nn.Module, Architecture]:
+                          backbone_kwargs: dict | None = None, what: str = "checkpoint",
+                          ckpt: dict | None = None) -> tuple[nn.Module, Architecture]:
     """Rebuild a checkpoint's backbone and load its weights.
 
     Args:
@@ -91,6 +95,7 @@ def build_from_checkpoint(path: str | Path, head: Head = "replace", num_classes:
         backbone: a timm name overriding (or, for a plain state dict, supplying) the recorded one.
         backbone_kwargs: merged over the recorded ``backbone_kwargs``.
         what: how errors name the file.
+        ckpt: the file's contents when the caller has read them already (the file is read once).
 
     Returns:
         The timm model with the checkpoint's weights, in train mode (freezing is the caller's choice), and the
@@ -99,7 +104,8 @@ def build_from_checkpoint(path: str | Path, head: Head = "replace", num_classes:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist: train that run first (visionlab fit) or fix the path")
-    arch = checkpoint_architecture(path, what, backbone, backbone_kwargs)
+    ckpt = load_checkpoint(path, what) if ckpt is None else ckpt
+    arch = checkpoint_architecture(path, what, backbone, backbone_kwargs, ckpt)
     if head == "keep" and num_classes is not None and arch.num_classes not in (None, num_classes):
         raise ConfigError(f"{what} {path} predicts {arch.num_classes} classes but {num_classes} are needed: "
                           "use a checkpoint trained on the same classes")
@@ -107,5 +113,5 @@ def build_from_checkpoint(path: str | Path, head: Head = "replace", num_classes:
     if classes is None:
         raise ConfigError(f"{what} {path} records no class count: set num_classes")
     model = create_backbone(arch.name, num_classes=classes, image_size=image_size or arch.image_size, **arch.kwargs)
-    load_backbone_weights(model, path, head, what)
+    load_backbone_weights(model, path, head, what, ckpt)
     return model, arch
