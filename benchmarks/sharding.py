@@ -9,9 +9,9 @@ timed optimizer steps, the peak resident memory sampled during a step after the 
     python benchmarks/sharding.py [--quick]     # --quick: ViT-B/16 (86M), else ViT-L/16 (304M); 64 px images
 
 Measured (AMD EPYC, 2 vCPUs shared with other jobs at load 7-9, --quick, 6.5 min wall): DDP 9.5 s/step, 2.5 GiB
-peak RSS, 1307 MiB state per process; FSDP2 7.1 s/step (0.66-0.75x over two runs: AdamW updates half the
-parameters per process, and reduce-scatter + all-gathers move the same bytes as DDP's all-reduce), 1.6 GiB
-(0.64x), 654 MiB (0.50x).
+peak RSS, 1307 MiB state per process; FSDP2 7.1 s/step (0.75x; 0.66x in an earlier run: each process runs AdamW
+on half the parameters, though its all-gathers + reduce-scatter move 1.5x the bytes of DDP's all-reduce; not
+broken down further), 1.6 GiB (0.64x), 654 MiB (0.50x). Step times are noisy on shared cores.
 """
 
 from __future__ import annotations
