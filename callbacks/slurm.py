@@ -16,7 +16,6 @@ TensorBoard version folder (``pin_logger_version``), so its step axis continues.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import re
 import shutil
@@ -29,8 +28,6 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from modules.components.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 SIGNAL_VARIABLE = "VISIONLAB_REQUEUE_SIGNAL"  # set by slurm/visionlab.sbatch from its #SBATCH --signal line
 
