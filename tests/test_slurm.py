@@ -87,12 +87,14 @@ def test_signal_names_and_checkpoint_numbering(tmp_path):
 def test_a_slurm_job_logs_to_the_version_folder_of_its_job_id(slurm_job, tmp_path, beton_cache):
     from app.cli import VisionlabCLI
 
-    args = cli_args(tmp_path, beton_cache)[1:]  # a TensorBoardLogger named in the config, no version
+    args = cli_args(tmp_path, beton_cache)[1:]  # the default TensorBoardLogger (app/cli.py), no version
     cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        run=False, args=args)
     assert cli.trainer.logger.version == int(JOB)  # a requeued run (same job id) writes to the same folder
     pinned = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          run=False, args=[*args, "--trainer.logger.init_args.version", "mine"])
+                          run=False, args=[*args, "--trainer.logger.class_path", "lightning.pytorch.loggers.CSVLogger",
+                                           "--trainer.logger.init_args.save_dir", str(tmp_path),
+                                           "--trainer.logger.init_args.version", "mine"])
     assert pinned.trainer.logger.version == "mine"  # a version the config chose is kept
 
 
