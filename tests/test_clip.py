@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -548,7 +549,7 @@ def test_ffcv_caption_folder_yields_each_images_captions_like_the_torchvision_on
 def test_ffcv_caption_folder_training_picks_among_an_images_captions(image_folder, tmp_path, beton_cache):
     captions, per_image = _captions_with_repeats(image_folder, tmp_path)
     dm = _ffcv_caption_folder(image_folder, captions, beton_cache)
-    dm._training = lambda: True  # as under trainer.fit
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, current_epoch=0, world_size=1)  # as under fit
     source = dm.get_source("train")
     seen: dict[int, set[str]] = {}
     text_of_id: dict[int, str] = {}
