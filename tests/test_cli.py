@@ -95,10 +95,8 @@ def test_tools_run_through_the_one_cli_path_without_touching_sys_argv(run_cli, t
     missing = tmp_path / "missing.ckpt"
     assert run_cli(["sample", "--checkpoint", str(missing), "--out", str(tmp_path / "out"), "--per-class", "0"]) == 2
     err = capsys.readouterr().err
-    # (app/sample.py still prints its own "visionlab sample: error:" prefix; a tool that lets its
-    # VisionlabError propagate gets the CLI's "visionlab: error:" line.)
-    errors = [line for line in err.splitlines() if ": error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("visionlab") and "--per-class 0 must be at least 1" in errors[0]
+    errors = [line for line in err.splitlines() if ": error:" in line]  # the CLI's one error path, one prefix
+    assert len(errors) == 1 and errors[0].startswith("visionlab: error:") and "--per-class 0 must be at least 1" in errors[0]
     import sys
 
     assert sys.argv == ["sentinel"] and not (tmp_path / "out").exists()
