@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -365,6 +366,22 @@ def test_selfmix_mixes_only_crops_of_the_same_image():
         assert torch.allclose(out.probs[crop], expected, atol=1e-6)
     with pytest.raises(ConfigError, match="crops_per_image"):
         SelfMix()(*_coded_batch([0, 1, 2]))
+
+
+@pytest.mark.parametrize("mixing", ["selfmix", "cutmix", "mixup"])
+def test_mixing_mixes_the_ground_truth_labels_like_the_crops(mixing):
+    """The hard-label term must score a mixed crop against its mixed label (as timm's mixup), not the original:
+    in the coded batch the soft target of crop i is one-hot(label i), so the mixed labels equal the mixed targets."""
+    batch, targets = _coded_batch([10, 11, 12, 10, 11, 12])
+    pl.seed_everything(2)
+    part = SelfMix() if mixing == "selfmix" else SoftTargetMix(mixup_share=1.0 if mixing == "mixup" else 0.0)
+    mixed_batch, out = part(batch, targets)
+    assert mixed_batch["label"].shape == (6, 6)
+    torch.testing.assert_close(mixed_batch["label"], out.probs, rtol=0, atol=1e-6)
+    assert not torch.equal(mixed_batch["label"], torch.eye(6))  # really mixed
+    assert torch.equal(batch["label"], torch.arange(6))  # the input batch is left as it was
+    loss = HardLabels()(SimpleNamespace(batch=mixed_batch, logits=torch.zeros(6, 6)))
+    assert loss.item() == pytest.approx(math.log(6), rel=1e-6)  # uniform logits: CE = log C for any soft label
 
 
 @pytest.mark.parametrize("mixup_share", [0.0, 1.0])

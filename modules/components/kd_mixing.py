@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from modules.components.errors import ConfigError
@@ -32,6 +33,18 @@ def mix_targets(targets: KDTargets, partners: torch.Tensor, lam: float) -> KDTar
     return replace(targets, probs=mixed(targets.probs), logits=mixed(targets.logits), weights=mixed(targets.weights))
 
 
+def mix_labels(labels: torch.Tensor, partners: torch.Tensor, lam: float, num_classes: int) -> torch.Tensor:
+    """The ground-truth labels mixed like their crops: (B,) indices or (B, C) probabilities -> (B, C)."""
+    soft = labels.float() if labels.ndim == 2 else F.one_hot(labels.long(), num_classes).float()
+    return lam * soft + (1.0 - lam) * soft[partners]
+
+
+def kept_share(box: tuple[int, int, int, int], shape: torch.Size) -> float:
+    """CutMix's lambda: the share of pixels of (..., H, W) ``shape`` outside ``box`` (top, bottom, left, right)."""
+    top, bottom, left, right = box
+    return 1.0 - (bottom - top) * (right - left) / (shape[-2] * shape[-1])
+
+
 def mixup(images: torch.Tensor, targets: KDTargets, partners: torch.Tensor, lam: float) -> tuple[torch.Tensor, KDTargets]:
     """Mixup of each crop with ``images[partners]`` (B, 3, H, W): pixels and targets by the same ``lam``."""
     return lam * images + (1.0 - lam) * images[partners], mix_targets(targets, partners, lam)
@@ -43,8 +56,7 @@ def cutmix(images: torch.Tensor, targets: KDTargets, partners: torch.Tensor,
     top, bottom, left, right = box
     mixed = images.clone()
     mixed[:, :, top:bottom, left:right] = images[partners, :, top:bottom, left:right]
-    lam = 1.0 - (bottom - top) * (right - left) / (images.shape[-2] * images.shape[-1])
-    return mixed, mix_targets(targets, partners, lam)
+    return mixed, mix_targets(targets, partners, kept_share(box, images.shape))
 
 
 def same_image_partners(index: torch.Tensor) -> torch.Tensor:
@@ -70,7 +82,10 @@ def same_image_partners(index: torch.Tensor) -> torch.Tensor:
 
 
 class Mixing(KDPart):
-    """Mixes a batch of crops and their targets; ``partners`` picks each crop's partner."""
+    """Mixes a batch of crops, their targets and their ground-truth labels by the same weights; ``partners``
+    picks each crop's partner. The mixed batch's ``label`` is (B, C) probabilities, what ``HardLabels`` (and
+    its criterion, e.g. timm's ``BinaryCrossEntropy``) then scores, as timm's mixup does for a classifier.
+    """
 
     def partners(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -78,12 +93,20 @@ class Mixing(KDPart):
     def forward(self, batch: dict, targets: KDTargets) -> tuple[dict, KDTargets]:
         raise NotImplementedError
 
+    @staticmethod
+    def _mixed_batch(batch: dict, images: torch.Tensor, targets: KDTargets, partners: torch.Tensor, lam: float) -> dict:
+        mixed = {**batch, "image": images}
+        if "label" in batch:
+            mixed["label"] = mix_labels(batch["label"], partners, lam, targets.probs.shape[-1])
+        return mixed
+
     def _cutmix(self, batch: dict, targets: KDTargets, alpha: float) -> tuple[dict, KDTargets]:
         images = batch["image"]
         lam = float(torch.distributions.Beta(alpha, alpha).sample())
         (top, bottom, left, right), _ = cutmix_bbox_and_lam(images.shape, lam, correct_lam=True)
-        mixed, targets = cutmix(images, targets, self.partners(batch), (int(top), int(bottom), int(left), int(right)))
-        return {**batch, "image": mixed}, targets
+        box, partners = (int(top), int(bottom), int(left), int(right)), self.partners(batch)
+        mixed, mixed_targets = cutmix(images, targets, partners, box)
+        return self._mixed_batch(batch, mixed, targets, partners, kept_share(box, images.shape)), mixed_targets
 
 
 class SoftTargetMix(Mixing):
@@ -109,8 +132,9 @@ class SoftTargetMix(Mixing):
             return batch, targets
         if float(torch.rand(())) < self.mixup_share:
             lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
-            mixed, targets = mixup(batch["image"], targets, self.partners(batch), lam)
-            return {**batch, "image": mixed}, targets
+            partners = self.partners(batch)
+            mixed, mixed_targets = mixup(batch["image"], targets, partners, lam)
+            return self._mixed_batch(batch, mixed, targets, partners, lam), mixed_targets
         return self._cutmix(batch, targets, self.cutmix_alpha)
 
 
