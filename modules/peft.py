@@ -69,8 +69,10 @@ class PEFTModule(VisionModule):
             raise ConfigError("model.backbone is null: name a timm model, or set model.init_checkpoint to start from")
         else:
             self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **(backbone_kwargs or {}))
-        if not init_checkpoint and not self.method.trains_backbone:
-            warnings.warn(f"PEFT method {type(self.method).__name__} on a randomly initialised backbone: set init_checkpoint", stacklevel=2)
+        pretrained = bool((backbone_kwargs or {}).get("pretrained_file") or (backbone_kwargs or {}).get("pretrained"))
+        if not init_checkpoint and not pretrained and not self.method.trains_backbone:
+            warnings.warn(f"PEFT method {type(self.method).__name__} on a randomly initialised backbone: set "
+                          "init_checkpoint (or backbone_kwargs.pretrained_file)", stacklevel=2)
         self.side = self.method.attach(self.backbone, num_classes, image_size)
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
