@@ -126,8 +126,10 @@ def _vit_checkpoint(path, **backbone_kwargs):
     return path
 
 
-def _init_from(run_cli, tmp_path, beton_cache, checkpoint):
+def _init_from(run_cli, tmp_path, beton_cache, checkpoint, backbone_kwargs: str = "{}"):
+    """A fit from ``checkpoint``; ``backbone_kwargs`` asked for explicitly win over the ones it records."""
     return run_cli(cli_args(tmp_path / "run", beton_cache, "--model.init_args.backbone", "test_vit",
+                            "--model.init_args.backbone_kwargs", backbone_kwargs,
                             "--model.init_args.init_checkpoint", str(checkpoint)))
 
 
@@ -135,16 +137,23 @@ def test_init_checkpoint_of_the_same_architecture_loads(run_cli, tmp_path, beton
     assert _init_from(run_cli, tmp_path, beton_cache, _vit_checkpoint(tmp_path / "same.ckpt")) == 0
 
 
+def test_init_checkpoint_brings_its_own_architecture(run_cli, tmp_path, beton_cache):
+    checkpoint = _vit_checkpoint(tmp_path / "deeper.ckpt", depth=7)  # nothing asked for: the recorded 7 blocks
+    assert _init_from(run_cli, tmp_path, beton_cache, checkpoint) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["hyper_parameters"]["backbone_kwargs"]["depth"] == 7 and "backbone.blocks.6.mlp.fc1.weight" in saved["state_dict"]
+
+
 def test_init_checkpoint_of_another_depth_names_the_keys(run_cli, tmp_path, beton_cache, capsys):
-    checkpoint = _vit_checkpoint(tmp_path / "deeper.ckpt", depth=7)  # the model has timm's default 6 blocks
-    assert _init_from(run_cli, tmp_path, beton_cache, checkpoint) == 2
+    checkpoint = _vit_checkpoint(tmp_path / "deeper.ckpt", depth=7)  # the model asks for 6 blocks
+    assert _init_from(run_cli, tmp_path, beton_cache, checkpoint, '{"depth": 6}') == 2
     _one_line_error(capsys, str(checkpoint), "blocks.6.")
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
 def test_init_checkpoint_of_another_width_names_the_keys(run_cli, tmp_path, beton_cache, capsys):
-    checkpoint = _vit_checkpoint(tmp_path / "wider.ckpt", embed_dim=96, num_heads=4)  # the model is 64 wide
-    assert _init_from(run_cli, tmp_path, beton_cache, checkpoint) == 2
+    checkpoint = _vit_checkpoint(tmp_path / "wider.ckpt", embed_dim=96, num_heads=4)  # the model asks for 64
+    assert _init_from(run_cli, tmp_path, beton_cache, checkpoint, '{"embed_dim": 64}') == 2
     _one_line_error(capsys, str(checkpoint), "another architecture", "patch_embed.proj.weight")
 
 
