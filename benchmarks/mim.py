@@ -33,6 +33,7 @@ from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
 from modules.classification import ClassificationModule  # noqa: E402
 from modules.components.masking import mae_shuffle  # noqa: E402
 from modules.components.masked_vit import encode  # noqa: E402
+from modules.components.mim_parts import frozen_encoder  # noqa: E402
 from modules.components.optim import OptimConfig  # noqa: E402
 from modules.linear_probe import LinearProbeModule  # noqa: E402
 from modules.mae import MAEModule  # noqa: E402
@@ -89,6 +90,38 @@ def linear_probe(args, checkpoint: Path, labelled: FFCVDataModule, root: Path) -
                               backbone_kwargs=VIT, pool="avg", optim=optim)
     fit(model, labelled, args.probe_epochs, root)
     return top1(model, labelled, root)
+
+
+@torch.no_grad()
+def converged_probe(checkpoint: Path, labelled: FFCVDataModule) -> float:
+    """Top-1 of a *converged* linear probe: full-batch L-BFGS logistic regression on the frozen encoder's
+    standardised mean-pooled tokens (eval crops of the labelled images). It is what the SGD probe estimates,
+    free of its lr and step budget, so it tells a weak encoder from an unconverged probe."""
+    encoder = frozen_encoder(BACKBONE, 32, str(checkpoint), VIT)
+
+    def features(loader) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        for batch in loader:
+            images, targets = labelled.on_after_batch_transfer(batch, 0)[:2]
+            feats.append(encoder.forward_features(images)[:, encoder.num_prefix_tokens:].mean(1))  # (B, D)
+            labels.append(targets.clone())  # FFCV reuses its batch buffers
+        return torch.cat(feats), torch.cat(labels)
+
+    (train_x, train_y), (val_x, val_y) = features(labelled.eval_dataloader("train")), features(labelled.val_dataloader())
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    head = torch.nn.Linear(train_x.shape[1], 10)
+    solver = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        solver.zero_grad()
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(head(train_x), train_y) + 1e-4 * head.weight.pow(2).sum()
+            loss.backward()
+        return loss
+
+    solver.step(closure)
+    return float((head(val_x).argmax(1) == val_y).float().mean())
 
 
 def pretrainer(name: str, args, teacher: Path | None) -> pl.LightningModule:
@@ -164,7 +197,8 @@ def main() -> None:
     torch.save({"state_dict": scratch.state_dict()}, scratch_ckpt)  # the MR-MAE teacher
     random_ckpt = out / "random_init.ckpt"
     torch.save({"state_dict": pretrainer("mae", args, None).state_dict()}, random_ckpt)
-    rows["scratch"] = dict(pretrain_s=0.0, finetune=scratch_top1, probe=linear_probe(args, random_ckpt, labelled, out / "probe_random"))
+    rows["scratch"] = dict(pretrain_s=0.0, finetune=scratch_top1, probe=linear_probe(args, random_ckpt, labelled, out / "probe_random"),
+                           probe_lbfgs=converged_probe(random_ckpt, labelled))
     print(f"  scratch done: {rows['scratch']}", flush=True)
     for name in args.methods.split(","):
         pl.seed_everything(0, verbose=False)
@@ -172,21 +206,33 @@ def main() -> None:
         seconds = fit(pretrainer(name, args, scratch_ckpt), unlabelled, args.pretrain_epochs, out / name, save=checkpoint)
         pl.seed_everything(0, verbose=False)
         _, finetuned = finetune(args, checkpoint, labelled, out / f"{name}_finetune")
-        rows[name] = dict(pretrain_s=seconds, finetune=finetuned, probe=linear_probe(args, checkpoint, labelled, out / f"{name}_probe"))
+        rows[name] = dict(pretrain_s=seconds, finetune=finetuned, probe=linear_probe(args, checkpoint, labelled, out / f"{name}_probe"),
+                          probe_lbfgs=converged_probe(checkpoint, labelled))
         print(f"  {name} done: {rows[name]}", flush=True)
 
     full_s, masked_s = encoder_step_times(batch_size=128, repeats=3 if args.quick else 8)
 
     print()
-    print(f"{'variant':<10} {'pretrain_s':>10} {'finetune_top1':>14} {'probe_top1':>11}")
+    print(f"{'variant':<10} {'pretrain_s':>10} {'finetune_top1':>14} {'probe_top1':>11} {'probe_lbfgs':>12}")
     for name, row in rows.items():
         probe_note = " (random-init encoder)" if name == "scratch" else ""
-        print(f"{name:<10} {row['pretrain_s']:>10.0f} {row['finetune']:>14.4f} {row['probe']:>11.4f}{probe_note}")
+        print(f"{name:<10} {row['pretrain_s']:>10.0f} {row['finetune']:>14.4f} {row['probe']:>11.4f} "
+              f"{row['probe_lbfgs']:>12.4f}{probe_note}")
+    print("probe_top1: LinearProbeModule (BatchNorm + linear, AdamW, the epochs above); probe_lbfgs: a converged "
+          "logistic regression on the same frozen features")
     print()
     for name, row in rows.items():
         if name != "scratch":
             gain = 100 * (row["finetune"] - scratch_top1)
             print(f"finetune_gain_{name}: {gain:+.2f} pts vs scratch ({'holds' if gain > 0 else 'DOES NOT hold'})")
+    for name, base in (("mae", "simmim"), ("mr_mae", "mae")):  # the papers' directions: MAE >= SimMIM, MR-MAE >= MAE
+        if {name, base} <= rows.keys():
+            ratio = rows[name]["finetune"] / max(rows[base]["finetune"], 1e-9)
+            print(f"{name}_vs_{base}_finetune: {ratio:.2f}x ({'holds' if ratio >= 1 else 'DOES NOT hold'}: >= 1)")
+    for name, row in rows.items():
+        if name != "scratch":
+            ratio = row["probe_lbfgs"] / max(rows["scratch"]["probe_lbfgs"], 1e-9)
+            print(f"probe_lbfgs_{name}_vs_random_init: {ratio:.2f}x")
     print(f"encoder fwd+bwd, batch 128: all 64 tokens {1000 * full_s:.1f} ms, 25% visible {1000 * masked_s:.1f} ms")
     speedup = full_s / masked_s
     print(f"mae_speedup: {speedup:.2f}x ({'holds' if speedup >= 2.5 else 'DOES NOT hold'}: >= 2.5x)")
