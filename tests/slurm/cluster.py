@@ -131,14 +131,21 @@ class Cluster:
     def start_requeued_now(self, job_id: int, timeout: float = 300) -> None:
         """Once ``job_id`` is requeued, let it start at once: SLURM holds a requeued job for 120 s (its BeginTime
         is set ahead); ``scontrol update StartTime=now`` is what an impatient owner runs."""
-        deadline = time.time() + timeout
+        deadline, finished_since = time.time() + timeout, None
         while time.time() < deadline:
             info = self.job(job_id)
-            if info.get("JobState") == "PENDING" and info.get("Restarts", "0") != "0":
+            restarted = info.get("Restarts", "0") != "0"
+            if info.get("JobState") == "PENDING" and restarted:
                 self._run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
                 return
             if info.get("JobState") in self.FINISHED:
-                return
+                # A requeue passes through CANCELLED ("... CANCELLED DUE TO JOB REQUEUE") before PENDING: only a
+                # finished state that lasts (or one after the restart) is the job's end.
+                finished_since = finished_since or time.time()
+                if restarted or time.time() - finished_since > 10:
+                    return
+            else:
+                finished_since = None
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} was not requeued within {timeout} s")
 
