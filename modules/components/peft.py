@@ -137,14 +137,7 @@ def _bias_free_ops_feeding_bn(model: nn.Module, example: torch.Tensor) -> set[st
             handles.append(module.register_forward_hook(record_output(name)))
         elif isinstance(module, nn.BatchNorm2d):
             handles.append(module.register_forward_pre_hook(record_input))
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, example, handles)
     return feeding - {None}
 
 
@@ -196,6 +189,19 @@ def merge_ssf(model: nn.Module) -> nn.Module:
             else:
                 replace_submodule(model, name, module.merge())
     return model
+
+
+def probe_forward(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One eval-mode, no-grad forward of ``example`` for the recording hooks ``handles``, then removes them and
+    restores the model's mode."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 def unwrap_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from torch import nn
 from modules.components.errors import ConfigError
 from modules.components.low_bit import QuantLinear, WeightQuantizer, task_storage_bytes
 from modules.components.peft import (Adapter, AdapterConfig, SequentialAdapter, insert_adapters, insert_ssf, merge_ssf,
-                                     replace_submodule)
+                                     probe_forward, replace_submodule)
 from modules.components.side_network import SideNetwork, backbone_intermediates
 
 
@@ -230,14 +230,7 @@ def insert_mobile_block_adapters(model: nn.Module, cfg: AdapterConfig, example: 
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe_forward(model, example, handles)
     for name in names:
         replace_submodule(model, name, SequentialAdapter(model.get_submodule(name), Adapter(channels[name], cfg, channel_dim=1)))
     return names
