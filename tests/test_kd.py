@@ -12,14 +12,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from modules.components.distill import (
+    CrossAttention,
     CrossAttentionProjector,
     LinearProjector,
+    PerTokenLinear,
     build_teacher,
     ensemble_soft_targets,
     ferkd_calibrate,
     kd_loss,
     renormalised_sparse_targets,
     sparse_soft_targets,
+    student_tokens_and_logits,
+    teacher_tokens,
     topk_probabilities,
 )
 from modules.components.checkpoints import load_checkpoint
@@ -133,6 +137,33 @@ def test_projector_shapes():
     tokens = torch.randn(3, 9, 16)  # a 3x3 student map with 16 channels
     assert CrossAttentionProjector(16, 24, teacher_tokens=64, num_heads=5).forward(tokens).shape == (3, 64, 24)
     assert LinearProjector(16, 24, student_tokens=9, teacher_tokens=16)(tokens).shape == (3, 16, 24)
+
+
+@pytest.mark.parametrize("teacher, projection, expected", [
+    ("test_vit", None, CrossAttentionProjector),  # default: cross-attention for a token (ViT) teacher
+    ("test_resnet", None, LinearProjector),  # ... per-token linear for a CNN teacher
+    ("test_vit", PerTokenLinear(), LinearProjector),  # an injected projection wins
+    ("test_resnet", CrossAttention(num_heads=2), CrossAttentionProjector),
+])
+def test_feature_kd_builds_the_injected_projection_for_the_probed_shapes(teacher, projection, expected):
+    import timm
+
+    torch.manual_seed(0)
+    teachers = [timm.create_model(teacher, num_classes=10, img_size=32) if teacher == "test_vit"
+                else timm.create_model(teacher, num_classes=10)]
+    term = FeatureKD(1.0, projector=projection)
+    student = timm.create_model("test_resnet", num_classes=10)
+    term.bind(student, teachers, 10, 32)
+    assert type(term.projector) is expected
+    tokens, _ = student_tokens_and_logits(student.eval(), torch.zeros(2, 3, 32, 32), None)
+    target = teacher_tokens(teachers[0], torch.zeros(2, 3, 32, 32), None)
+    assert term.projector(tokens).shape == target.shape  # (B, N_t, D_t)
+    recorded = term.config()["init_args"]["projector"]
+    assert recorded == (None if projection is None else
+                        {"class_path": f"modules.components.distill.{type(projection).__name__}",
+                         "init_args": {"num_heads": 2} if isinstance(projection, CrossAttention) else {}})
+    if isinstance(projection, CrossAttention):
+        assert term.projector.attention.num_heads == 2
 
 
 def test_probability_discriminator_reverses_the_students_gradient():

@@ -200,6 +200,39 @@ def _square_grid(num_tokens: int) -> tuple[int, int]:
     return side, side
 
 
+class Projection:
+    """How ``FeatureKD`` maps student feature tokens onto the teacher's (chosen by ``class_path``).
+
+    ``build`` is called once the token shapes are known (a probe forward of both networks) and returns the
+    trainable projector ``(B, N_s, D_s) -> (B, N_t, D_t)``.
+    """
+
+    def build(self, student_tokens: int, student_dim: int, teacher_tokens: int, teacher_dim: int) -> nn.Module:
+        raise NotImplementedError
+
+
+class CrossAttention(Projection):
+    """ScaleKD's projector (:class:`CrossAttentionProjector`): one learnable query per teacher token.
+
+    Args:
+        num_heads: attention heads (reduced to a divisor of the teacher width if needed).
+    """
+
+    def __init__(self, num_heads: int = 4):
+        self.num_heads = num_heads
+
+    def build(self, student_tokens: int, student_dim: int, teacher_tokens: int, teacher_dim: int) -> nn.Module:
+        return CrossAttentionProjector(student_dim, teacher_dim, teacher_tokens, self.num_heads)
+
+
+class PerTokenLinear(Projection):
+    """A per-token linear map and bilinear resampling onto the teacher's grid (:class:`LinearProjector`), the
+    token form of the 1x1-conv projector of CNN feature distillation."""
+
+    def build(self, student_tokens: int, student_dim: int, teacher_tokens: int, teacher_dim: int) -> nn.Module:
+        return LinearProjector(student_dim, teacher_dim, student_tokens, teacher_tokens)
+
+
 class LinearProjector(nn.Module):
     """Per-token linear map to the teacher width, then bilinear resampling onto the teacher's token grid.
 

@@ -17,14 +17,14 @@ The module's loss is ``kd_weight * T^2 KL(targets || student) + sum(term.weight 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modules.components.contrastive import _ScaleGradient
-from modules.components.distill import (CrossAttentionProjector, LinearProjector, feature_kd_loss,
+from modules.components.distill import (CrossAttention, PerTokenLinear, Projection, feature_kd_loss,
                                         student_tokens_and_logits, teacher_tokens)
 from modules.components.errors import ConfigError
 from modules.components.specs import module_spec
@@ -115,19 +115,20 @@ class FeatureKD(LossTerm):
         weight: factor in the loss.
         feature_layer: ``None`` for the final feature map, or an index into ``forward_intermediates`` (the
             same index for student and teacher).
-        projector: ``cross_attention`` (ScaleKD: one learnable query per teacher token), ``linear`` (per-token
-            linear map + resampling onto the teacher's grid), or ``auto`` (cross-attention for token teachers
-            (ViT), linear for CNN teachers).
+        projector: the student -> teacher token map, by ``class_path``:
+            ``modules.components.distill.CrossAttention`` (ScaleKD: one learnable query per teacher token) or
+            ``PerTokenLinear`` (per-token linear map + resampling onto the teacher's grid); ``None``:
+            cross-attention for token teachers (ViT), per-token linear for CNN teachers.
     """
 
     name = "feat_loss"
     needs_tokens = True
 
-    def __init__(self, weight: float = 1.0, feature_layer: int | None = None,
-                 projector: Literal["auto", "cross_attention", "linear"] = "auto"):
+    def __init__(self, weight: float = 1.0, feature_layer: int | None = None, projector: Projection | None = None):
         super().__init__(weight)
-        self.feature_layer, self.kind = feature_layer, projector
-        self.remember(weight=weight, feature_layer=feature_layer, projector=projector)
+        self.feature_layer, self.projection = feature_layer, projector
+        self.remember(weight=weight, feature_layer=feature_layer,
+                      projector=None if projector is None else module_spec(projector))
 
     @torch.no_grad()
     def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
@@ -139,13 +140,10 @@ class FeatureKD(LossTerm):
         tokens = student_tokens_and_logits(student, probe, self.feature_layer)[0]  # (B, N_s, D_s)
         student.train(was_training)
         target = teacher_tokens(teachers[0], probe, self.feature_layer)  # (B, N_t, D_t)
-        kind = self.kind
-        if kind == "auto":
-            kind = "cross_attention" if teachers[0].forward_features(probe).ndim == 3 else "linear"
-        if kind == "cross_attention":
-            self.projector = CrossAttentionProjector(tokens.shape[-1], target.shape[-1], target.shape[1])
-        else:
-            self.projector = LinearProjector(tokens.shape[-1], target.shape[-1], tokens.shape[1], target.shape[1])
+        projection = self.projection
+        if projection is None:
+            projection = CrossAttention() if teachers[0].forward_features(probe).ndim == 3 else PerTokenLinear()
+        self.projector = projection.build(tokens.shape[1], tokens.shape[-1], target.shape[1], target.shape[-1])
 
     def forward(self, step: KDStep) -> torch.Tensor:
         target = teacher_tokens(step.teachers[0], step.batch["image"], self.feature_layer)
