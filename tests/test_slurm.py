@@ -180,7 +180,8 @@ def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, 
     while "visionlab: last checkpoint" not in _log(run, job) and time.time() < deadline:
         time.sleep(0.2)
     log = _log(run, job)
-    assert info["JobState"] == "COMPLETED", f"{info.get('JobState')}, {info.get('Restarts')} restarts: {log[-3000:]}"
+    assert info["JobState"] == "COMPLETED", (f"{info.get('JobState')}, {info.get('Restarts')} restarts: {log[-3000:]}\n"
+                                             f"{cluster.diagnose(job)}")
     assert int(info["Restarts"]) == 1, log[-3000:]
     hpc = sorted(run.glob("hpc_ckpt_*.ckpt"))
     assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], log[-3000:]

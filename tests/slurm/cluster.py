@@ -160,6 +160,14 @@ class Cluster:
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
 
+    def diagnose(self, job_id: int) -> str:
+        """What to read when a job ended wrongly: its full record and the tails of the daemons' logs."""
+        parts = [self._run("scontrol", "show", "job", str(job_id), check=False).stdout]
+        for log in sorted(self.root.glob("*.log")):
+            lines = [line for line in log.read_text(errors="replace").splitlines() if f"{job_id}" in line or "error" in line.lower()]
+            parts.append(f"--- {log.name} (lines naming job {job_id} or an error)\n" + "\n".join(lines[-40:]))
+        return "\n".join(parts)
+
     def stop(self) -> None:
         # End every job first so no slurmstepd or task outlives the daemons.
         self._run("scancel", "--full", "--signal=KILL", "--user=root", check=False, timeout=30)
