@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from datamodules import sources
+from datamodules.base import loader_batch
 from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.torchvision_datamodule import TorchvisionDataModule
 
@@ -51,7 +52,7 @@ def images_per_second(dm, loader, epochs: int, normalize: bool) -> float:
     seen, start = 0, time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
-            images = dm.on_after_batch_transfer(batch, 0)[0] if normalize else batch[0]
+            images = dm.on_after_batch_transfer(batch, 0)["image"] if normalize else loader_batch(batch)["image"]
             seen += images.shape[0]
     return seen / (time.perf_counter() - start)
 

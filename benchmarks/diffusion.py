@@ -122,7 +122,7 @@ def ddpm_distance(model: DiffusionModule, datamodule: FFCVDataModule, args) -> f
     """Frechet distance of DDPM samples (all T steps, the model's variance) to the validation images."""
     model.eval()
     for batch in datamodule.val_dataloader():
-        images, _ = datamodule.on_after_batch_transfer(batch, 0)  # uint8 -> normalised [-1, 1]
+        images = datamodule.on_after_batch_transfer(batch, 0)["image"]  # uint8 -> normalised [-1, 1]
         model.frechet.update(images.to(model.device), real=True)
     labels = torch.arange(model.num_classes).repeat_interleave(args.samples // model.num_classes)
     samples = model.sample(labels, generator=torch.Generator().manual_seed(0), ddpm=True)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from dataloading import images_per_second, warm_up  # benchmarks/dataloading.py
 from datamodules.augment import RandAugment
+from datamodules.base import loader_batch
 from datamodules.beton import default_writers
 from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.torchvision_datamodule import TorchvisionDataModule
@@ -88,9 +89,9 @@ def loader_rates(dm, epochs: int) -> tuple[float, float, float]:
     augment = RandAugment()  # N=2, M=9 of 10
     seen, start = 0, time.perf_counter()
     for _ in range(epochs):
-        for batch in loader:
-            augment(batch[0].float() / 255)
-            seen += batch[0].shape[0]
+        for images in (loader_batch(batch)["image"] for batch in loader):
+            augment(images.float() / 255)
+            seen += images.shape[0]
     return warmup, rate, seen / (time.perf_counter() - start)
 
 

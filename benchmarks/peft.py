@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datamodules.base import loader_batch  # noqa: E402
 from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
 from modules.classification import ClassificationModule  # noqa: E402
 from modules.components.optim import OptimConfig  # noqa: E402
@@ -130,7 +131,7 @@ def transfer(root: Path, name: str, checkpoint: Path, args) -> dict:
     task_file = root / f"{name}.task.pt"
     file_bytes = model.export_task_file(task_file)
     reloaded = load_task_file(task_file)  # the exported file alone + the backbone checkpoint must reproduce the model
-    images = next(iter(dm.val_dataloader()))[0][:16]
+    images = loader_batch(next(iter(dm.val_dataloader())))["image"][:16]
     images = dm.normalize(images) if images.dtype == torch.uint8 else images
     with torch.no_grad():
         round_trip = torch.allclose(reloaded(images), model.eval()(images), atol=1e-5)

@@ -39,8 +39,14 @@ def fit(module, dm, epochs, callbacks=(), root="runs/benchmarks/quantization"):
     return module
 
 
+def prepared(dm, loader, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(normalised images, labels) of the first ``count`` (default: all) batches of ``loader``."""
+    batches = [dm.on_after_batch_transfer(b, 0) for _, b in zip(range(count or len(loader)), loader)]
+    return [(b["image"], b["label"]) for b in batches]
+
+
 def val_batches(dm):
-    return [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
+    return prepared(dm, dm.val_dataloader())
 
 
 @torch.no_grad()
@@ -100,9 +106,9 @@ def main() -> None:
                      epochs + 1 if args.quick else epochs)
     fp32 = module.backbone.eval()
     batches = val_batches(dm)
-    calib = [dm.on_after_batch_transfer(b, 0)[0] for _, b in zip(range(4 if args.quick else 16), dm.train_dataloader())]
+    calib = [images for images, _ in prepared(dm, dm.train_dataloader(), 4 if args.quick else 16)]
     # HAWQ's Hessian batches (--quick: one, the traces are then a smoke estimate)
-    train_pairs = [tuple(dm.on_after_batch_transfer(b, 0)[:2]) for _, b in zip(range(1 if args.quick else 2), dm.train_dataloader())]
+    train_pairs = prepared(dm, dm.train_dataloader(), 1 if args.quick else 2)
     results = {}
 
     def add(name, model, size, note="", run=None):

@@ -70,9 +70,11 @@ def main() -> None:
         module.load_state_dict(base)
         states.append(fit(module, dm, ft_epochs, seed=100 + i))
 
-    held_out = [dm.on_after_batch_transfer(b, 0) for b in held_loader]
-    test = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
-    bn_images = [dm.on_after_batch_transfer(b, 0)[0] for _, b in zip(range(10 if args.quick else 20), dm.train_dataloader())]
+    def pairs(batches):  # (normalised images, labels) of each batch
+        return [(b["image"], b["label"]) for b in (dm.on_after_batch_transfer(raw, 0) for raw in batches)]
+
+    held_out, test = pairs(held_loader), pairs(dm.val_dataloader())
+    bn_images = [images for images, _ in pairs(b for _, b in zip(range(10 if args.quick else 20), dm.train_dataloader()))]
     probe = make(0.0)
 
     def evaluate(state, data):

@@ -53,7 +53,7 @@ class KNNMonitor(pl.Callback):
         datamodule = trainer.datamodule
         features, labels = [], []
         for batch in datamodule.eval_dataloader(split):
-            images, target = batch[0].to(pl_module.device), batch[1].to(pl_module.device)
+            images, target = batch["image"].to(pl_module.device), batch["label"].to(pl_module.device)
             images = datamodule.normalize(images) if images.dtype == torch.uint8 else images
             features.append(_embed(pl_module, images).float().flatten(1))
             labels.append(target.long().view(-1))

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from modules.components import hawq, quant, ternary
+from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.files import write_atomic
 
@@ -44,10 +45,9 @@ def example_input(pl_module: pl.LightningModule, batch_size: int = 2) -> torch.T
 
 
 def images_and_labels(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of a batch: a dict with ``image``/``label`` keys or a sequence starting with them."""
-    if isinstance(batch, dict):
-        return batch["image"], batch["label"]
-    return batch[0], batch[1]
+    """(images, labels) of a named batch (``image``/``label`` keys)."""
+    batch = named_batch(batch)
+    return batch["image"], batch["label"]
 
 
 def training_batches(trainer: pl.Trainer, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

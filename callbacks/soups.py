@@ -84,7 +84,7 @@ def held_out_evaluator(module: pl.LightningModule, datamodule: pl.LightningDataM
         for i, batch in enumerate(datamodule.train_dataloader()):
             if i >= bn_batches:
                 break
-            bn_images.append(datamodule.on_after_batch_transfer(batch, 0)[0])
+            bn_images.append(datamodule.on_after_batch_transfer(batch, 0)["image"])
 
     def evaluate(state: dict) -> float:
         module.load_state_dict(state)

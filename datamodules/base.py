@@ -18,15 +18,35 @@ from modules.components.errors import ConfigError
 EMBEDDED = "fashion_mnist"
 
 
+#: what the back-ends' loaders yield, in this order (``index`` only when asked for): named by ``loader_batch``
+LOADER_FIELDS = ("image", "label", "index")
+
+
+def loader_batch(batch) -> dict:
+    """A back-end loader's ``(uint8 images, labels[, indices])`` by name; dicts (already named) pass through."""
+    if isinstance(batch, dict):
+        return dict(batch)
+    if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
+        raise ValueError(f"a loader batch is a dict or ({', '.join(LOADER_FIELDS)}[, index]), not a "
+                         f"{type(batch).__name__} of {len(batch) if isinstance(batch, (list, tuple)) else 1} items")
+    return dict(zip(LOADER_FIELDS, batch))
+
+
 class BatchTransform:
-    """What a DataModule's ``batches`` makes of each transferred batch: captions (``datamodules/captions.py``).
+    """What a DataModule's ``batches`` makes of each transferred batch: captions (``datamodules/captions.py``),
+    replayed stored crops and logits (``datamodules/replay.py``).
 
     ``bind`` is called once the DataModule knows its classes, ``setup`` from its ``setup``, and the transform
-    then maps every transferred loader batch (uint8 images first) to what the technique receives.
+    then maps every transferred loader batch, a dict ``image`` (uint8 (B, 3, H, W)), ``label`` (B,) and, when
+    the loaders yield it, ``index`` (B,), to the dict the technique receives (``prepare_batch`` normalises).
     """
 
-    #: the loaders must yield ``[images, labels, indices]`` (positions in ``get_source(split)``)
+    #: the loaders must yield each sample's ``index`` (its position in ``get_source(split)``)
     yields_index = False
+    #: the training split is served as whole decoded images with their ``index`` (no random crop or flip), as
+    #: stored or, with ``decode_size``, as their centre square resized to that side: the transform crops them
+    full_train_images = False
+    decode_size: int | None = None
 
     def bind(self, datamodule) -> None:
         """Called once by the DataModule after its classes are known."""
@@ -34,7 +54,7 @@ class BatchTransform:
     def setup(self, datamodule, stage: str) -> None:
         """Called at the end of the DataModule's ``setup``."""
 
-    def __call__(self, datamodule, batch, training: bool):
+    def __call__(self, datamodule, batch: dict, training: bool) -> dict:
         raise NotImplementedError
 
 
@@ -43,7 +63,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     Batches leave the loader as uint8 ``(B, 3, H, W)``; ``on_after_batch_transfer`` augments training batches
     on the device (``batch_augment``, ``normalized_augment``) and normalises, so both loader back-ends and
-    every technique get the same recipes.
+    every technique get the same recipes. Techniques receive a dict: ``image`` (normalised float), ``label``
+    (int64), ``index`` when the loaders yield it, and the keys ``batches`` adds.
 
     Args:
         source: ``fashion_mnist`` (the embedded default) or the path of an ImageFolder tree.
@@ -73,7 +94,7 @@ class ImageDataModule(pl.LightningDataModule):
             step) only, so a rerun repeats them whatever the model consumes from the global RNG.
         holdout_fraction: share of the training split held out for model-soup selection (``holdout_split``).
         batches: what each transferred batch becomes, chosen by ``class_path`` (``datamodules.captions.ClassPrompts``
-            or ``CaptionsFile``); ``None``: ``[normalised images, labels]``.
+            or ``CaptionsFile``, ``datamodules.replay.StoredCrops``); ``None``: ``{image, label[, index]}``.
         extra_eval: more evaluation sets, ``{name: ImageFolder path}`` (e.g. ``{imagenet_v2: /data/v2}``), each
             class folder named as a training class or by its index; served after ``val`` by ``val_dataloader``
             with validation transforms (and the ``classes``/``val_limit`` selection), logged as
@@ -256,11 +277,35 @@ class ImageDataModule(pl.LightningDataModule):
                               "datamodules.captions.ClassPrompts or CaptionsFile")
         return self.batches.class_prompt_tokens()
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def prepare_batch(self, batch: dict) -> dict:
+        """A named transferred batch with (augmented when training) normalised ``image``, int64 ``label`` and
+        ``index``: what techniques receive without ``batches``."""
+        out = {**batch, "image": self.prepare_images(batch["image"]), "label": batch["label"].long().view(-1)}
+        if "index" in batch:
+            out["index"] = batch["index"].long().view(-1)
+        return out
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> dict:
+        batch = loader_batch(batch)
         if self.batches is not None:
             return self.batches(self, batch, bool(self.trainer is not None and self.trainer.training))
-        images, labels = batch[0], batch[1]
-        return [self.prepare_images(images), labels.long().view(-1), *batch[2:]]
+        return self.prepare_batch(batch)
+
+    # --- whole decoded training images (``BatchTransform.full_train_images``) --------------------
+    @property
+    def full_train_images(self) -> bool:
+        """Whether the training split is served as whole decoded images with their index (``batches`` asks)."""
+        return bool(self.batches is not None and self.batches.full_train_images)
+
+    def decoded_pixels(self, decode_size: int | None) -> str:
+        """What the back-end's whole training images are: ``source`` when they are the source's own pixels
+        (lossless, identical through either back-end), else a description of the lossy/resizing decode."""
+        raise NotImplementedError
+
+    def full_image_loader(self):
+        """The training split as whole decoded ``(uint8 images, labels, indices)`` batches in index order, none
+        dropped (with a ``full_train_images`` transform)."""
+        return self.split_loader("train", train=False)
 
     def val_dataloader(self):
         """The ``val`` loader, or a list of one loader per ``eval_sets()`` entry when ``extra_eval`` is set."""
@@ -268,11 +313,25 @@ class ImageDataModule(pl.LightningDataModule):
         return loaders[0] if len(loaders) == 1 else loaders
 
     def eval_dataloader(self, split: str):
-        """``split`` with validation transforms, in order (feature banks, kNN monitors)."""
-        return self.split_loader(split, train=False)
+        """``split`` with validation transforms, in order (feature banks, kNN monitors), as dicts ``image``
+        (uint8), ``label``[, ``index``] on the host."""
+        return NamedBatches(self.split_loader(split, train=False))
 
     def test_dataloader(self):
         return self.val_dataloader()
 
     def predict_dataloader(self):
         return self.val_dataloader()
+
+
+class NamedBatches:
+    """A back-end loader whose batches are named (``loader_batch``); its length is the loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (loader_batch(batch) for batch in self.loader)

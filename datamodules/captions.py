@@ -1,7 +1,8 @@
 """Captions for CLIP, added on the device by a DataModule's ``batches`` transform (chosen by ``class_path``).
 
-Batches reach the module as ``[images (B, 3, H, W) float, tokens (B, L) int64, labels (B,), caption_ids (B,)]``.
-``caption_ids`` say which captions are the same text (retrieval counts any identical caption as a match).
+Batches reach the module as dicts: the back-end's ``image`` (B, 3, H, W) float, ``label`` (B,) (and ``index``
+(B,) when the loaders yield it) plus ``tokens`` (B, L) int64 and ``caption_id`` (B,). ``caption_id`` says which
+captions are the same text (retrieval counts any identical caption as a match).
 
 * ``ClassPrompts``: any labelled source (Fashion-MNIST, an ImageFolder); the caption of an image is its class
   name in a prompt template, a random template per training image and the first template for validation.
@@ -51,7 +52,7 @@ def prompt_tokens(tokenizer: ClipTokenizer, class_names: Sequence[str], template
 
 
 class ClassPrompts(BatchTransform):
-    """Captions from class names: ``[images, labels]`` -> ``[images, tokens, labels, caption_ids]``.
+    """Captions from class names: adds ``tokens`` and ``caption_id`` to each ``image``/``label`` batch.
 
     Args:
         templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
@@ -71,14 +72,14 @@ class ClassPrompts(BatchTransform):
         return self._class_tokens
 
     def __call__(self, datamodule, batch, training: bool):
-        images, labels = datamodule.prepare_images(batch[0]), batch[1].long().view(-1)
-        num_templates = len(self.templates)
+        out = datamodule.prepare_batch(batch)
+        labels, num_templates = out["label"], len(self.templates)
         if training:
             template = torch.randint(num_templates, labels.shape, generator=self._template_rng).to(labels.device)
         else:
             template = torch.zeros_like(labels)
         tokens = self._class_tokens.to(labels.device)[labels, template]  # (B, L)
-        return [images, tokens, labels, labels * num_templates + template]
+        return {**out, "tokens": tokens, "caption_id": labels * num_templates + template}
 
 
 def read_captions(path: str | Path) -> dict[str, list[str]]:
@@ -128,8 +129,8 @@ class CaptionsFile(ClassPrompts):
     The file holds ``<image path relative to source>\\t<caption>`` lines; an image with several lines gets a
     random one per training step and its first for validation. Class folders still name the classes of the
     zero-shot head. ``caption_ids`` mark identical caption texts as the same id (with distinct captions, the
-    sample index), so retrieval is scored on the exact pair. The loaders yield ``[images, labels, indices]``
-    (positions in ``get_source(split)``; FFCV decodes them from the ``.beton`` index, global under DDP).
+    sample index), so retrieval is scored on the exact pair. The loaders yield each sample's ``index``
+    (its position in ``get_source(split)``; FFCV decodes it from the ``.beton`` index, global under DDP).
 
     Args:
         captions_file: the TSV of captions.
@@ -179,14 +180,14 @@ class CaptionsFile(ClassPrompts):
             self.caption_table(datamodule, split)
 
     def __call__(self, datamodule, batch, training: bool):
-        images, labels = datamodule.prepare_images(batch[0]), batch[1].long().view(-1)
+        out = datamodule.prepare_batch(batch)
         table = self.caption_table(datamodule, "train" if training else "val")
         # The table stays in host memory: only the batch's (B, L) rows travel to the device.
-        indices = batch[2].long().view(-1).cpu()  # (B,)
+        indices = out["index"].cpu()  # (B,)
         uniforms = torch.rand(len(indices), generator=self._template_rng) if training else None
         rows = table.rows(indices, uniforms)  # (B,)
-        tokens = table.tokens[rows].to(images.device)  # (B, L)
-        return [images, tokens, labels, table.text_ids[rows].to(labels.device)]
+        tokens = table.tokens[rows].to(out["image"].device)  # (B, L)
+        return {**out, "tokens": tokens, "caption_id": table.text_ids[rows].to(out["label"].device)}
 
 
 # --- the compositions under their former names ------------------------------------------------------

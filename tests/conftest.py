@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real ImageFolder tree, a session .beton cache, an in-process CLI runner."""
+"""Shared fixtures: a small real ImageFolder tree, a session .beton cache, an in-process CLI runner; named
+tensor datasets for hand-made batches."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import TensorDataset
 
 from datamodules import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+class NamedTensors(TensorDataset):
+    """``TensorDataset(images, labels)`` whose items are ``{"image": ..., "label": ...}``, so its loaders yield
+    named batches as the DataModules do (techniques read keys); ``tensors`` stays ``(images, labels)``."""
+
+    def __getitem__(self, index):
+        images, labels = self.tensors
+        return {"image": images[index], "label": labels[index]}
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ class SeenIds(pl.Callback):
         self.ids.append([])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ids[-1] += batch[1].tolist()
+        self.ids[-1] += batch["label"].tolist()
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from modules.classification import ClassificationModule
 from modules.components.checkpoints import allowlisted
@@ -60,7 +60,8 @@ class RecordLR(pl.Callback):
 def run(phase: str, args, out: Path) -> None:
     pl.seed_everything(0)
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, 3, 16, 16, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+    images, labels = torch.randn(64, 3, 16, 16, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    data = [{"image": images[i], "label": labels[i]} for i in range(64)]  # batches by name
     # SGD: the update is linear in the gradient, so the two strategies' reduction orders stay at float rounding.
     model = ClassificationModule("vit_tiny_patch16_224", num_classes=10, image_size=16, label_smoothing=0.0,
                                  backbone_kwargs={"patch_size": 4, "depth": 2},

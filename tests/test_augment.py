@@ -83,10 +83,10 @@ def test_datamodule_augments_training_batches_only():
     dm = TorchvisionDataModule(source="fashion_mnist", batch_augment=[K.ColorJitter(0.5, 0.5, 0.5, p=1.0)])
     images, labels = _same_image_batch(), torch.zeros(8, dtype=torch.int64)
     dm.trainer = SimpleNamespace(training=False, global_rank=0, current_epoch=0)
-    val = dm.on_after_batch_transfer([images, labels], 0)[0]
+    val = dm.on_after_batch_transfer({"image": images, "label": labels}, 0)["image"]
     assert torch.equal(val, dm.normalize(images))
     dm.trainer = SimpleNamespace(training=True, global_rank=0, current_epoch=0)
-    train = dm.on_after_batch_transfer([images, labels], 0)[0]
+    train = dm.on_after_batch_transfer({"image": images, "label": labels}, 0)["image"]
     assert train.dtype == torch.float32 and not torch.allclose(train, val)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from callbacks.averaging import EMA, SWA, ema_decay
 from callbacks.soups import make_soup
@@ -16,14 +16,14 @@ from modules.classification import ClassificationModule
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
 from modules.components.soup import check_compatible, greedy_soup, recompute_batchnorm, uniform_soup
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, NamedTensors
 
 
-def fashion_tensors(n: int = 128, offset: int = 0) -> TensorDataset:
+def fashion_tensors(n: int = 128, offset: int = 0) -> NamedTensors:
     data = sources.fashion_mnist("val")
     images = torch.from_numpy(data.images[offset:offset + n]).float().div(255)
     images = F.pad(images, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).sub(0.286).div(0.353).contiguous()
-    return TensorDataset(images, torch.from_numpy(data.labels[offset:offset + n]).long())
+    return NamedTensors(images, torch.from_numpy(data.labels[offset:offset + n]).long())
 
 
 def tiny_module(backbone: str = "test_vit", lr: float = 0.05) -> ClassificationModule:
@@ -176,9 +176,9 @@ def fine_tunes(base, lrs, data):
         module.load_state_dict(base)
         opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
         module.train()
-        for images, labels in DataLoader(data, batch_size=32, shuffle=True):
+        for batch in DataLoader(data, batch_size=32, shuffle=True):
             opt.zero_grad()
-            F.cross_entropy(module(images), labels).backward()
+            F.cross_entropy(module(batch["image"]), batch["label"]).backward()
             opt.step()
         states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
     return states

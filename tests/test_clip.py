@@ -447,7 +447,9 @@ def test_label_captions_on_the_batch():
                                       templates=["a photo of a {}.", "a {} product."], context_length=16)
     assert dm.class_prompt_tokens().shape == (10, 2, 16)
     dm.setup("validate")
-    images, tokens, labels, caption_ids = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert sorted(batch) == ["caption_id", "image", "label", "tokens"]
+    images, tokens, labels, caption_ids = batch["image"], batch["tokens"], batch["label"], batch["caption_id"]
     assert images.dtype == torch.float32 and tokens.shape == (8, 16)
     expected = dm.tokenizer([f"a photo of a {dm.class_names[c].replace('/', ' or ').lower()}." for c in labels])
     assert torch.equal(tokens, expected)  # validation: first template
@@ -463,7 +465,9 @@ def test_caption_folder_pairs_images_with_their_captions(image_folder, tmp_path)
     number = {f.relative_to(image_folder).as_posix(): i for i, f in enumerate(files)}
     dm = CaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), batch_size=4, num_workers=0)
     dm.setup("fit")
-    images, tokens, labels, caption_ids = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert sorted(batch) == ["caption_id", "image", "index", "label", "tokens"]
+    tokens, caption_ids = batch["tokens"], batch["caption_id"]
     source = dm.get_source("val")
     for row, index in zip(tokens, caption_ids.tolist()):
         text = f"image number {number[source.files[index].relative_to(image_folder).as_posix()]}"
@@ -527,8 +531,8 @@ def test_ffcv_caption_folder_yields_each_images_captions_like_the_torchvision_on
     assert dm.class_prompt_tokens().shape == (3, 5, 16)
     source = dm.get_source("val")
     batches = [dm.on_after_batch_transfer(batch, 0) for batch in dm.val_dataloader()]
-    images = torch.cat([b[0] for b in batches])
-    tokens, labels, caption_ids = (torch.cat([b[i] for b in batches]) for i in (1, 2, 3))
+    images = torch.cat([b["image"] for b in batches])
+    tokens, labels, caption_ids = (torch.cat([b[key] for b in batches]) for key in ("tokens", "label", "caption_id"))
     assert images.dtype == torch.float32 and images.shape == (len(source), 3, 32, 32)
     assert tokens.dtype == torch.int64 and tokens.shape == (len(source), 16)
     texts = [per_image[f.relative_to(image_folder).as_posix()][0] for f in source.files]  # validation: first caption
@@ -542,8 +546,9 @@ def test_ffcv_caption_folder_yields_each_images_captions_like_the_torchvision_on
                                         num_workers=0, val_fraction=0.25, context_length=16)
     reference.setup("fit")
     expected = [reference.on_after_batch_transfer(batch, 0) for batch in reference.val_dataloader()]
-    for i, got in ((1, tokens), (2, labels), (3, caption_ids)):
-        assert torch.equal(torch.cat([b[i] for b in expected]), got)
+    for key, got in (("tokens", tokens), ("label", labels), ("caption_id", caption_ids)):
+        assert torch.equal(torch.cat([b[key] for b in expected]), got)
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(len(source)))  # in source order
 
 
 def test_ffcv_caption_folder_training_picks_among_an_images_captions(image_folder, tmp_path, beton_cache):
@@ -556,8 +561,9 @@ def test_ffcv_caption_folder_training_picks_among_an_images_captions(image_folde
     decode = {tuple(dm.tokenizer([t])[0].tolist()): t for texts in per_image.values() for t in texts}
     for batch in dm.train_dataloader():
         for _ in range(12):
-            _, tokens, _, caption_ids = dm.on_after_batch_transfer(batch, 0)
-            for index, row, caption_id in zip(batch[2].tolist(), tokens, caption_ids.tolist()):
+            named = dm.on_after_batch_transfer(batch, 0)
+            tokens, caption_ids = named["tokens"], named["caption_id"]
+            for index, row, caption_id in zip(named["index"].tolist(), tokens, caption_ids.tolist()):
                 text = decode[tuple(row.tolist())]
                 assert text in per_image[source.files[index].relative_to(image_folder).as_posix()]
                 assert text_of_id.setdefault(caption_id, text) == text  # one id, one text

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from datamodules import sources
+from datamodules.base import loader_batch
 from datamodules.beton import check_beton, write_atomic, write_beton
 from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.torchvision_datamodule import TorchvisionDataModule
@@ -17,9 +18,9 @@ from modules.components.errors import DataError
 
 def _collect(loader):
     images, labels = [], []
-    for batch in loader:
-        images.append(batch[0])
-        labels.append(batch[1])
+    for batch in map(loader_batch, loader):
+        images.append(batch["image"])
+        labels.append(batch["label"])
     return torch.cat(images), torch.cat(labels)
 
 
@@ -114,9 +115,12 @@ def test_imagefolder_ffcv_jpg_roundtrip_and_torchvision_agree(image_folder, beto
     # JPEG re-encoding and OpenCV-vs-PIL resizing differ slightly; content must match.
     assert (ffcv_images.float() - tv_images.float()).abs().mean() < 8.0
     # Normalisation on the device is shared by both back-ends.
-    batch = ffcv_dm.on_after_batch_transfer([ffcv_images[:4], ffcv_labels[:4]], 0)
-    assert batch[0].dtype == torch.float32 and batch[1].dtype == torch.int64
-    assert torch.allclose(ffcv_dm.denormalize(batch[0]) * 255, ffcv_images[:4].float(), atol=1e-3)
+    for loaded in ([ffcv_images[:4], ffcv_labels[:4]], {"image": ffcv_images[:4], "label": ffcv_labels[:4]}):
+        batch = ffcv_dm.on_after_batch_transfer(loaded, 0)  # a loader's (images, labels), or already named
+        assert sorted(batch) == ["image", "label"]
+        assert batch["image"].dtype == torch.float32 and batch["label"].dtype == torch.int64
+        assert torch.allclose(ffcv_dm.denormalize(batch["image"]) * 255, ffcv_images[:4].float(), atol=1e-3)
+        assert torch.equal(batch["label"], ffcv_labels[:4].long())
 
 
 def test_imagefolder_split_is_deterministic_and_disjoint(image_folder):
@@ -278,3 +282,40 @@ def test_holdout_split_is_carved_from_training_and_never_trained_on(module, tmp_
     torch.testing.assert_close(held_images[:, 0].float(), expected, rtol=0, atol=1.0)  # the held-out pixels, in order
     with pytest.raises(Exception, match="holdout_fraction"):
         module(source="fashion_mnist", train_limit=10, **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {})).holdout_dataloader()
+
+
+def test_named_batch_passes_dicts_and_refuses_positional_batches():
+    """Techniques read batches by key: a positional ``[images, labels]`` is an error, not a guess by length."""
+    from modules.components.batches import named_batch
+
+    images, labels = torch.zeros(2, 3, 4, 4), torch.tensor([1, 2])
+    batch = {"image": images, "label": labels}
+    assert named_batch(batch) is batch
+    assert named_batch(images)["image"] is images  # predict on raw image tensors
+    for positional in ([images, labels], (images, labels), [images, labels, torch.arange(2)]):
+        with pytest.raises(TypeError, match="positional batches are not read"):
+            named_batch(positional)
+
+
+def test_transferred_batches_are_named_with_the_loaders_index(tmp_path):
+    """Every DataModule batch reaching a technique is a dict; ``index`` is there exactly when the loader yields it."""
+    from datamodules.base import BatchTransform
+
+    class KeepIndex(BatchTransform):
+        yields_index = True
+
+        def __call__(self, datamodule, batch, training):
+            return datamodule.prepare_batch(batch)
+
+    plain = TorchvisionDataModule(source="fashion_mnist", val_limit=8, batch_size=4, num_workers=0)
+    batch = plain.on_after_batch_transfer(next(iter(plain.val_dataloader())), 0)
+    assert sorted(batch) == ["image", "label"] and batch["image"].dtype == torch.float32
+    indexed = TorchvisionDataModule(source="fashion_mnist", val_limit=8, batch_size=4, num_workers=0, batches=KeepIndex())
+    batch = indexed.on_after_batch_transfer(next(iter(indexed.val_dataloader())), 0)
+    assert sorted(batch) == ["image", "index", "label"]
+    assert batch["index"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2, 3]
+    named = next(iter(indexed.eval_dataloader("val")))  # feature banks read the loader by name too
+    assert sorted(named) == ["image", "index", "label"] and named["image"].dtype == torch.uint8
+    assert len(indexed.eval_dataloader("val")) == 2
+    with pytest.raises(ValueError, match="loader batch"):
+        plain.on_after_batch_transfer([batch["image"]], 0)

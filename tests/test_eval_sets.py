@@ -122,7 +122,8 @@ def evaluate(state: dict, loader, backbone: str = "test_resnet") -> tuple[float,
     module.eval()
     hits, losses = 0, []
     with torch.no_grad():
-        for images, labels in loader:
+        for batch in loader:
+            images, labels = batch["image"], batch["label"]
             logits = module(images)
             hits += int((logits.argmax(1) == labels).sum())
             losses.append(float(F.cross_entropy(logits, labels)))

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from modules.components.distill import (
     CrossAttention,
@@ -33,7 +33,7 @@ from modules.components.kd_targets import FerKD, KDTargets, OnlineTeachers, Stor
 from modules.components.kd_terms import FeatureKD, HardLabels, LogitDiscriminator, ProbabilityDiscriminator
 from modules.components.optim import OptimConfig
 from modules.kd import DistillationModule
-from tests.conftest import CONFIGS, cli_args
+from tests.conftest import CONFIGS, NamedTensors, cli_args
 
 
 # --- pure functions --------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def _loader(n: int = 32, stored: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
     if not stored:
-        return DataLoader(TensorDataset(images, labels), batch_size=8)
+        return DataLoader(NamedTensors(images, labels), batch_size=8)
     logits = torch.randn(n, 10, generator=generator)
     values, indices = logits.topk(3, dim=-1)
     stored_batches = [{"image": images[i:i + 8], "label": labels[i:i + 8], "topk_values": values[i:i + 8],
@@ -300,7 +300,7 @@ def test_training_step_is_the_weighted_sum_of_its_terms(tmp_path):
     model = _student(["test_resnet"], kd_weight=0.7, terms=[HardLabels(0.5, label_smoothing=0.1), LogitDiscriminator(0.2, reduction=2)])
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
-        loss, logs = model.distillation_loss([images, labels])
+        loss, logs = model.distillation_loss({"image": images, "label": labels})
     with torch.no_grad():
         logits, teacher = model.backbone(images), model.teachers[0](images)
         targets = teacher.softmax(-1)
@@ -343,7 +343,7 @@ def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_c
     logits = tmp_path / "train_logits.vlsl"
     assert run_cli(["store-logits", "--config", str(CONFIGS / "data/fashion_mnist.yaml"), *limits, "--teacher", str(checkpoint),
                     "--epochs", "2", "--topk", "3", "--output", str(logits), "--device", "cpu"]) == 0
-    args = cli_args(tmp_path, beton_cache, *limits[2:], "--data.init_args.logits_path", str(logits),
+    args = cli_args(tmp_path, beton_cache, *limits[2:], "--data.init_args.batches.init_args.logits_path", str(logits),
                     "--model.init_args.student", "test_resnet", "--trainer.max_epochs", "2", model=config)
     assert run_cli(args) == 0
     checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -487,7 +487,7 @@ def test_hard_labels_criterion_in_the_students_loss_and_its_checkpoint(tmp_path)
     model = _student(["test_resnet"], kd_weight=0.7, terms=[HardLabels(0.5, criterion=BinaryCrossEntropy(smoothing=0.1))])
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 9])
     with torch.no_grad():
-        loss, logs = model.distillation_loss([images, labels])
+        loss, logs = model.distillation_loss({"image": images, "label": labels})
         logits = model.backbone(images)
         targets = nn.functional.one_hot(labels, 10).float() * 0.9 + 0.1 / 10
         bce = -(targets * nn.functional.logsigmoid(logits) + (1 - targets) * nn.functional.logsigmoid(-logits)).mean()

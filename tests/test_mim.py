@@ -7,7 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from modules.classification import ClassificationModule
 from modules.components.errors import ConfigError
@@ -33,7 +33,7 @@ from modules.linear_probe import LinearProbeModule
 from modules.mae import MAEModule
 from modules.mr_mae import MimicTeacher, MRMAEModule
 from modules.simmim import SimMIMModule
-from tests.conftest import cli_args
+from tests.conftest import NamedTensors, cli_args
 
 VIT = "test_vit"
 VIT_KWARGS = {"patch_size": 4, "depth": 2}  # 8x8 tokens at 32 px, 64-d
@@ -242,7 +242,7 @@ def test_teacher_from_classifier_checkpoint_and_tokens_on_student_grid(tmp_path)
 
 # --- training: teacher frozen, checkpoint -> fine-tune / linear probe handoff ------------------------
 def _fit(model: pl.LightningModule, root, steps: int = 2):
-    data = TensorDataset(_images(16, seed=3), torch.randint(0, 10, (16,)))
+    data = NamedTensors(_images(16, seed=3), torch.randint(0, 10, (16,)))
     trainer = pl.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, default_root_dir=root,

@@ -9,11 +9,12 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from modules.classification import ClassificationModule
 from modules.components.optim import OptimConfig, build_optimizer, global_batch_size, peak_lr
 from modules.simmim import SimMIMModule
+from tests.conftest import NamedTensors
 
 
 def _decay_by_name(model: nn.Module, optimizer) -> dict[str, float]:
@@ -100,7 +101,7 @@ def test_configure_optimizers_scales_lr_by_batch_devices_nodes_and_accumulation(
     torch.manual_seed(0)
     optim = OptimConfig(lr=1e-3, lr_base_batch=256, warmup_epochs=0, min_lr_ratio=0.1)
     model = _model(optim)
-    data = TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
+    data = NamedTensors(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,)))
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", accumulate_grad_batches=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from datamodules import sources
+from datamodules.base import loader_batch
 from datamodules.ffcv_datamodule import FFCVDataModule
 from tests.conftest import CONFIGS, cli_args
 
@@ -167,7 +168,8 @@ def test_cmyk_16bit_palette_and_alpha_images_become_the_right_rgb(run_cli, tmp_p
                     "--data.init_args.max_resolution", "null") == 0
     dm = FFCVDataModule(prepared=str(out), image_size=16, val_crop_ratio=1.0, batch_size=8, num_workers=1)
     dm.setup("validate")
-    got, labels = next(iter(dm.val_dataloader()))
+    loaded = loader_batch(next(iter(dm.val_dataloader())))
+    got, labels = loaded["image"], loaded["label"]
     assert dm.class_names == sorted(images)
     for row, label in enumerate(labels.tolist()):
         name = dm.class_names[label]

@@ -119,7 +119,7 @@ def test_binary_cross_entropy_criterion_with_and_without_mixup(mixup):
     seen = {}
     module.backbone.register_forward_hook(lambda m, i, o: seen.update(logits=o, images=i[0]))
     torch.manual_seed(1)
-    loss = module.training_step((images.clone(), labels), 0)  # timm's Mixup mixes in place
+    loss = module.training_step({"image": images.clone(), "label": labels}, 0)  # timm's Mixup mixes in place
     target = torch.nn.functional.one_hot(labels, 10).float()
     if mixup:  # timm Mixup flips the batch: x' = lam * x + (1 - lam) * x.flip(0); same for the targets
         lam = float((seen["images"][0] - images[3]).flatten() @ (images[0] - images[3]).flatten()
@@ -139,13 +139,13 @@ def test_peft_on_imagenet_mobilenet_v2_starts_from_the_pretrained_network(method
     """
     import warnings
 
-    from modules.components.peft_methods import AdapterTuning, LinearProbe, SSFTuning
+    from modules.components.peft_methods import AdapterTuning, LinearProbe, SequentialPlacement, SSFTuning
     from modules.peft import PEFTModule
 
     path = _torchvision_mobilenet_file()
     kwargs = {"pretrained_file": path, "pretrained_layout": "torchvision"}
     plain = create_backbone("mobilenetv2_100", num_classes=10, image_size=64, **kwargs).eval()
-    methods = {"linear_probe": LinearProbe(), "ssf": SSFTuning(init_std=0.0), "adapter": AdapterTuning(style="sequential")}
+    methods = {"linear_probe": LinearProbe(), "ssf": SSFTuning(init_std=0.0), "adapter": AdapterTuning(placement=SequentialPlacement())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFTModule warns of a random backbone when init_checkpoint is unset
         model = PEFTModule("mobilenetv2_100", num_classes=10, image_size=64, backbone_kwargs=kwargs, method=methods[method])

@@ -2,27 +2,24 @@
 
 A batch is a dict with at least ``image`` (B, 3, H, W) and ``label`` (B,); loaders that know the sample's
 position add ``index`` (B,), captioning adds ``tokens`` (B, L) and ``caption_id`` (B,), replayed stored logits
-add ``topk_values``, ``topk_indices``, ``topk_logsumexp`` and ``logits_temperature``.
-
-``named_batch`` passes dicts through and names the positional batches that DataModules and hand-made test
-batches still produce, by their documented layouts, until every producer yields dicts (issue #14 item 2).
+add ``topk_values``, ``topk_indices``, ``topk_logsumexp`` and ``logits_temperature``. Every visionlab
+DataModule yields such dicts (``datamodules.base.ImageDataModule.on_after_batch_transfer``).
 """
 
 from __future__ import annotations
 
-LAYOUTS = {
-    2: ("image", "label"),  # the labelled DataModules
-    3: ("image", "label", "index"),  # loaders with the sample's index (caption folders, replay)
-    4: ("image", "tokens", "label", "caption_id"),  # the caption DataModules (datamodules/captions.py)
-}
+import torch
 
 
 def named_batch(batch) -> dict:
-    """``batch`` as a dict (see the module docstring); a lone tensor is an ``image`` batch (predict)."""
+    """``batch`` as a dict: dicts pass through, a lone tensor is an ``image`` batch (predict on raw images).
+
+    Raises:
+        TypeError: for anything else, e.g. a positional ``[images, labels]`` list (name its items instead).
+    """
     if isinstance(batch, dict):
         return batch
-    if not isinstance(batch, (list, tuple)):
+    if isinstance(batch, torch.Tensor):
         return {"image": batch}
-    if len(batch) not in LAYOUTS:
-        raise ValueError(f"a positional batch of {len(batch)} items has no named layout: yield a dict")
-    return dict(zip(LAYOUTS[len(batch)], batch))
+    raise TypeError(f"a batch is a dict of named tensors (image, label, ...) or an image tensor, not a "
+                    f"{type(batch).__name__}: positional batches are not read (e.g. {{'image': x, 'label': y}})")
