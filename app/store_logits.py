@@ -9,8 +9,8 @@ file (``modules.components.sparse_logits`` format) atomically::
     visionlab store-logits --config configs/data/fashion_mnist.yaml --teacher runs/teacher/checkpoints/last.ckpt \\
         --epochs 10 --topk 10 --output runs/teacher/train_logits.vlsl
 
-Then train a student with ``data.class_path: datamodules.replay.ReplayDataModule`` and
-``data.init_args.logits_path`` set to that file (same data settings). ``--devices N [--num_nodes M]`` runs one
+Then train a student on the same data config with ``data.init_args.batches`` set to
+``datamodules.replay.StoredCrops`` and its ``logits_path`` to that file (``configs/kd/stored_logits.yaml``). ``--devices N [--num_nodes M]`` runs one
 process per device (``app/ranks.py``): each stores its block of whole batches to a shard file next to
 ``--output`` (a file system every node sees), then rank 0 merges the shards into ``--output`` atomically; the
 merged file is the one a single process writes.
@@ -29,7 +29,8 @@ from torch import nn
 
 from app.data_tool import data_config_parser
 from app.ranks import prepare_once, rank_batches, tool_processes
-from datamodules.replay import apply_crops, replay_datamodule
+from datamodules.base import loader_batch
+from datamodules.replay import apply_crops, with_stored_crops
 from modules.components.checkpoints import load_checkpoint
 from modules.components.distill import build_teacher
 from modules.components.errors import ConfigError, DataError
@@ -48,8 +49,9 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
     """Store ``teacher``'s top-k logits on ``epochs`` augmented passes over ``datamodule``'s training split.
 
     Args:
-        datamodule: an FFCV or torchvision DataModule (or its replay variant); its augmentation settings
-            (``seed``, ``rrc_scale``, ``rrc_ratio``, ``hflip``, ``image_size``) define the crops.
+        datamodule: an FFCV or torchvision DataModule (with or without ``StoredCrops`` batches: its
+            ``decode_size`` decides the decoded pixels); its augmentation settings (``seed``, ``rrc_scale``,
+            ``rrc_ratio``, ``hflip``, ``image_size``) define the crops.
         teacher: image classifier taking normalised (B, 3, S, S) and returning (B, num_classes) logits.
         epochs: K, the augmented epochs stored (student epoch e replays stored epoch e % K).
         topk: logits kept per crop.
@@ -71,7 +73,8 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
         raise ConfigError(f"--epochs {epochs} and --topk {topk} must be at least 1")
     if not temperature > 0:
         raise ConfigError(f"--temperature {temperature} must be positive")
-    dm = replay_datamodule(datamodule)
+    dm = with_stored_crops(datamodule)
+    crops_transform = dm.batches
     if topk > dm.num_classes:
         raise ConfigError(f"--topk {topk} exceeds the {dm.num_classes} classes: use --topk {dm.num_classes} or less")
     device = torch.device(device) if device is not None else default_device()
@@ -88,7 +91,7 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
 
         def normalize(crops: torch.Tensor) -> torch.Tensor:
             return (crops.float() - mean) / std
-    meta = {**dm.replay_meta(), "teacher": teacher_name or type(teacher).__name__, "seed": dm.seed,
+    meta = {**crops_transform.replay_meta(dm), "teacher": teacher_name or type(teacher).__name__, "seed": dm.seed,
             "rrc_scale": list(hp.rrc_scale), "rrc_ratio": list(hp.rrc_ratio), "hflip": hp.hflip,
             "teacher_image_size": int(teacher_size),
             "teacher_normalisation": None if teacher_mean is None else [list(teacher_mean), list(teacher_std)]}
@@ -100,12 +103,13 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
     # whole batches of the one-process order: every teacher forward sees the batch one process would
     loader = (dm.full_image_loader() if processes is None else
               dm.split_loader("train", train=False, indices=np.arange(first, stop)) if stop > first else [])
-    for images, _, indices in loader:
+    for batch in map(loader_batch, loader):
+        images, indices = batch["image"], batch["index"]
         images, rows = images.to(device, non_blocking=True), indices.cpu().numpy() - first  # (B, 3, H, W) uint8, (B,)
         height, width = images.shape[-2:]
         stored.meta["decoded_hw"] = [int(height), int(width)]
         for epoch in range(epochs):
-            boxes, flips = dm.crop_params(rows + first, epoch, height, width)  # (B, 4), (B,)
+            boxes, flips = crops_transform.crop_params(dm, rows + first, epoch, height, width)  # (B, 4), (B,)
             crops = apply_crops(images, torch.from_numpy(boxes), torch.from_numpy(flips), teacher_size)
             logits = teacher(normalize(crops)).float()  # (B, C)
             if logits.shape[1] != dm.num_classes:
@@ -190,7 +194,7 @@ def main(args: list[str] | None = None) -> SparseLogits | None:
     parser = build_parser()
     cfg = parser.parse_args(args)
     # user errors reach app/cli.py's one error path (one line, exit 2)
-    datamodule = replay_datamodule(parser.instantiate_classes(cfg).data)
+    datamodule = with_stored_crops(parser.instantiate_classes(cfg).data)
     if cfg.batch_size:
         datamodule.batch_size = cfg.batch_size
     processes = tool_processes(cfg.device or str(default_device()), cfg.devices, cfg.num_nodes)

@@ -5,7 +5,7 @@ Trains resnet18 teacher(s) with ``ClassificationModule`` on a larger subset, the
 variant, on few labelled images: the regime where a teacher has something to add (``--images 4000
 --epochs 5`` shows the gains shrinking into the noise as the student's own data grows). Variants: trained
 alone on hard labels; MEAL V2 (mean softmax of the teachers, no hard labels); stored sparse top-k logits
-replayed with their crops (``visionlab store-logits`` + ``ReplayDataModule``, no teacher forward) with the
+replayed with their crops (``visionlab store-logits`` + ``StoredCrops`` batches, no teacher forward) with the
 teacher's true remainder on the other classes, and the same file renormalised over the top-k (FKD's
 ``marginal_renorm``, the former default), next to the same replayed crops with teacher 1 run online (the
 timing baseline); FerKD calibration; feature KD
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.store_logits import store_logits  # noqa: E402
 from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
-from datamodules.replay import replay_datamodule  # noqa: E402
+from datamodules.replay import with_stored_crops  # noqa: E402
 from modules.classification import ClassificationModule  # noqa: E402
 from modules.components.distill import build_teacher  # noqa: E402
 from modules.components.kd_targets import FerKD, OnlineTeachers, StoredLogits, StoredLogitsRenormalised  # noqa: E402
@@ -143,7 +143,7 @@ def run_variants(root: Path, teachers: list[Path], args) -> list[dict]:
     variant("meal_v2", lambda: kd_student(teachers), name=f"meal_v2 ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})")
     if "stored" in args.variants:
         logits = root / f"logits-{args.images}x{args.epochs}-top{TOPK}.vlsl"
-        dm = replay_datamodule(student_data(), logits_path=str(logits))
+        dm = with_stored_crops(student_data(), logits_path=str(logits))
         dm.prepare_data()
         dm.setup("predict")
         start = time.perf_counter()
@@ -151,7 +151,7 @@ def run_variants(root: Path, teachers: list[Path], args) -> list[dict]:
         store_s = time.perf_counter() - start
         # the replayed crops of the stored run with the teacher run online: the same pipeline as ``stored``,
         # which isolates the cost of the online teacher forward (OnlineTeachers ignores the stored keys)
-        replayed = lambda: replay_datamodule(student_data(), logits_path=str(logits))  # noqa: E731
+        replayed = lambda: with_stored_crops(student_data(), logits_path=str(logits))  # noqa: E731
         variant("stored", lambda: kd_student(teachers[:1]), replayed(), name="online_replay (teacher 1)")
         variant("stored", lambda: kd_student([], StoredLogits()), dm)
         if rows and rows[-1]["name"] == "stored":

@@ -308,11 +308,22 @@ class FFCVDataModule(ImageDataModule):
 
     def pipelines(self, split: str, train: bool) -> dict:
         """FFCV pipelines per output field: train (RRC+flip) or eval (centre crop) images, labels, and the
-        sample's ``.beton`` index when ``yields_index``."""
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        sample's ``.beton`` index when ``yields_index``; with ``full_train_images`` the ``train`` split is whole
+        images (``SimpleRGBImageDecoder``, or ``CenterCropRGBImageDecoder`` at the transform's ``decode_size``)
+        with their index."""
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
+                                          SimpleRGBImageDecoder)
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
         hp, size = self.hparams, (self.image_size, self.image_size)
+        if split == "train" and self.full_train_images:
+            decode_size = self.batches.decode_size
+            if decode_size is None:
+                decoder = SimpleRGBImageDecoder()
+            else:
+                decoder = CenterCropRGBImageDecoder((decode_size, decode_size), ratio=1.0)
+            return {"image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
+                    "label": [IntDecoder(), ToTensor(), Squeeze()], "index": index_pipeline()}
         if train:
             image_pipeline = [RandomResizedCropRGBImageDecoder(size, scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio))]
             if hp.hflip:
@@ -325,6 +336,15 @@ class FFCVDataModule(ImageDataModule):
 
     def make_loader(self, split: str, train: bool, indices=None):
         """An ``ffcv.loader.Loader`` over ``split`` with the ``pipelines`` of ``split``/``train``."""
+        try:
+            return self._make_loader(split, train, indices)
+        except TypeError as err:
+            if not self.full_train_images or "constant image" not in str(err):
+                raise
+            raise ConfigError("training images differ in size: set data.init_args.batches.init_args.decode_size "
+                              "(e.g. 256) to decode them at one size") from err
+
+    def _make_loader(self, split: str, train: bool, indices=None):
         from ffcv.loader import Loader, OrderOption
 
         order = OrderOption.SEQUENTIAL
@@ -352,6 +372,12 @@ class FFCVDataModule(ImageDataModule):
             drop_last=train,
             batches_ahead=self.batches_ahead,
         ), str(self.beton_path(split)))
+
+    def decoded_pixels(self, decode_size: int | None) -> str:
+        if self.write_mode == "raw" and self.max_resolution is None and decode_size is None:
+            return "source"
+        quality = self.jpeg_quality if self.write_mode != "raw" else None
+        return f"ffcv {self.write_mode} q{quality} max{self.max_resolution} centre{decode_size}"
 
     def num_train_samples(self) -> int:
         from ffcv.reader import Reader

@@ -3,19 +3,21 @@
 The loaders here yield *full* decoded images with their sample index; the random-resized crop and flip
 happen on the device, from parameters that are a pure function of ``(seed, sample index, epoch)``. The
 ``visionlab store-logits`` tool draws those parameters, crops, runs the teacher and stores parameters and
-top-k logits; ``ReplayDataModule`` later reads them back and calls the same ``apply_crops`` on the same
-decoded pixels, so the student sees bit-for-bit the crop the teacher saw (on the same device type).
+top-k logits; the ``StoredCrops`` batch transform later reads them back and calls the same ``apply_crops`` on
+the same decoded pixels, so the student sees bit-for-bit the crop the teacher saw (on the same device type).
 
 * ``sample_crop_params``: torchvision's ``RandomResizedCrop.get_params`` (10 tries, then a centre crop)
   vectorised over a batch, with uniforms from a counter-based hash instead of a stateful generator.
 * ``apply_crops``: one batched kornia ``crop_and_resize`` (bilinear) + flips, uint8 in and out.
-* ``ReplayDataModule`` (FFCV) and ``TorchvisionReplayDataModule``: train batches reach the module as a dict
+* ``StoredCrops``: the batch transform of either back-end (``data.init_args.batches: {class_path:
+  datamodules.replay.StoredCrops, init_args: {logits_path: ...}}``); train batches reach the module as a dict
   ``image`` (B, 3, S, S) normalised float, ``label`` (B,), ``index`` (B,), ``topk_values`` (B, k) float32,
   ``topk_indices`` (B, k) int64, ``topk_logsumexp`` (B,) float32 and ``logits_temperature`` (the storing
-  temperature, a float); validation batches are the parents' ``(images, labels)``. Training epoch e replays
+  temperature, a float); validation batches are the back-end's ``image``/``label``. Training epoch e replays
   stored epoch e % K; with ``crops_per_image = n`` (FKD's region-level soft labels, ``--num_crops``) each
   image of a batch comes n times, as stored epochs ``(e n + j) % K`` for j < n, crop-major: the batch holds
   ``n * batch_size`` crops.
+* ``with_stored_crops``: a data config with that transform attached (what ``visionlab store-logits`` walks).
 """
 
 from __future__ import annotations
@@ -25,11 +27,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from datamodules.ffcv_datamodule import FFCVDataModule, index_pipeline
-from datamodules.torchvision_datamodule import CenterCropRatio, TorchvisionDataModule, _SourceDataset
+from datamodules.base import BatchTransform, ImageDataModule
 from modules.components.errors import ConfigError
 from modules.components.sparse_logits import SparseLogits, load_sparse_logits
 
@@ -138,11 +137,28 @@ def apply_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, 
     return crops.round_().clamp_(0, 255).to(torch.uint8)
 
 
-# --- loaders of full images with their index -------------------------------------------------------
-class _Replay:
-    """The replay logic both back-ends share (mixed into a DataModule that sets ``_init_replay``)."""
+# --- the batch transform ---------------------------------------------------------------------------
+BATCHES_KEY = "data.init_args.batches.init_args"
 
-    def _init_replay(self, logits_path: str | None, decode_size: int | None, crops_per_image: int = 1) -> None:
+
+class StoredCrops(BatchTransform):
+    """Training batches replay the crops stored by ``visionlab store-logits`` with their top-k teacher logits.
+
+    The back-end serves the training split as whole decoded images with each sample's index
+    (``full_train_images``: no random crop; every image as stored, or its centre square resized to
+    ``decode_size``); this transform crops them on the device with the stored boxes and flips and adds the
+    stored logits of each crop (keys in the module docstring). Validation batches pass through unchanged.
+
+    Args:
+        logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
+        decode_size: decode every training image as its centre square resized to this side before cropping;
+            ``None`` keeps images as they are (they must then share one size, as the embedded Fashion-MNIST).
+        crops_per_image: n stored crops of each image per training step (FKD's ``num_crops``).
+    """
+
+    full_train_images = True
+
+    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, crops_per_image: int = 1):
         if crops_per_image < 1:
             raise ConfigError(f"crops_per_image {crops_per_image} must be at least 1")
         self.logits_path = logits_path
@@ -151,33 +167,30 @@ class _Replay:
         self.replay_epoch = 0  # used when no Trainer is attached (scripts, tests)
         self.stored: SparseLogits | None = None
 
-    @property
-    def epoch(self) -> int:
+    def epoch(self, datamodule) -> int:
         """The training epoch: the Trainer's when attached, else ``replay_epoch``."""
-        return self.trainer.current_epoch if self.trainer is not None else self.replay_epoch
+        return datamodule.trainer.current_epoch if datamodule.trainer is not None else self.replay_epoch
 
-    def crop_params(self, indices, epoch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Freshly drawn ``(boxes (B, 4), flips (B,))`` of this data config for ``indices`` at ``epoch``."""
-        hp = self.hparams
-        return sample_crop_params(self.seed, np.asarray(indices), epoch, height, width, hp.rrc_scale, hp.rrc_ratio, hp.hflip)
+    @staticmethod
+    def crop_params(datamodule, indices, epoch: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Freshly drawn ``(boxes (B, 4), flips (B,))`` of ``datamodule``'s settings for ``indices`` at ``epoch``."""
+        hp = datamodule.hparams
+        return sample_crop_params(datamodule.seed, np.asarray(indices), epoch, height, width, hp.rrc_scale,
+                                  hp.rrc_ratio, hp.hflip)
 
-    def replay_meta(self) -> dict:
+    def replay_meta(self, datamodule) -> dict:
         """What a stored-logits file must match to be replayed with this data config."""
-        source = self.get_source("train")
-        return {"num_samples": len(source), "source_fingerprint": source.fingerprint, "image_size": self.image_size,
-                "decoded_pixels": self.decoded_pixels()}
+        source = datamodule.get_source("train")
+        return {"num_samples": len(source), "source_fingerprint": source.fingerprint,
+                "image_size": datamodule.image_size, "decoded_pixels": datamodule.decoded_pixels(self.decode_size)}
 
-    def decoded_pixels(self) -> str:
-        """What the full images the crops are cut from are: ``source`` when they are the source's own pixels
-        (lossless, identical through either back-end), else a description of the lossy/resizing decode."""
-        raise NotImplementedError
-
-    def load_stored(self) -> SparseLogits:
+    def load_stored(self, datamodule) -> SparseLogits:
         """Open ``logits_path`` and check it was made from this training split (ConfigError otherwise)."""
         if not self.logits_path:
-            raise ConfigError("data.logits_path is not set: run `visionlab store-logits --output FILE` and pass FILE")
+            raise ConfigError(f"{BATCHES_KEY}.logits_path is not set: run `visionlab store-logits --output FILE` "
+                              "and pass FILE")
         stored = load_sparse_logits(self.logits_path)
-        for key, expected in self.replay_meta().items():
+        for key, expected in self.replay_meta(datamodule).items():
             if stored.meta.get(key) != expected:
                 raise ConfigError(
                     f"{self.logits_path} was stored with {key}={stored.meta.get(key)!r} but this data config has "
@@ -185,32 +198,28 @@ class _Replay:
         self.stored = stored
         return stored
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
+    def setup(self, datamodule, stage: str) -> None:
         if stage == "fit":
-            self.load_stored()
+            self.load_stored(datamodule)
 
-    def full_image_loader(self):
-        """The training split as ``(full uint8 images, labels, indices)`` batches in index order, none dropped."""
-        raise NotImplementedError
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if len(batch) != 3:  # validation: the parent's centre-cropped (images, labels)
-            return super().on_after_batch_transfer(batch, dataloader_idx)
-        images, labels, indices = batch  # (B, 3, H, W) uint8, (B,), (B,)
-        stored = self.stored if self.stored is not None else self.load_stored()
+    def __call__(self, datamodule, batch: dict, training: bool) -> dict:
+        if "index" not in batch:  # validation: the back-end's centre-cropped images
+            return datamodule.prepare_batch(batch)
+        images, labels, indices = batch["image"], batch["label"], batch["index"]  # (B, 3, H, W) uint8, (B,), (B,)
+        stored = self.stored if self.stored is not None else self.load_stored(datamodule)
         decoded = list(images.shape[-2:])
         if stored.meta.get("decoded_hw") != decoded:
             raise ConfigError(f"{self.logits_path} was stored from {stored.meta.get('decoded_hw')} px decoded images, "
                               f"the loader gives {decoded}: use the store-logits run's data settings")
         n = self.crops_per_image
         if n > stored.epochs:
-            raise ConfigError(f"data.crops_per_image {n} exceeds the {stored.epochs} stored epochs of {self.logits_path}: "
-                              f"store at least {n} epochs or use fewer crops")
+            raise ConfigError(f"{BATCHES_KEY}.crops_per_image {n} exceeds the {stored.epochs} stored epochs of "
+                              f"{self.logits_path}: store at least {n} epochs or use fewer crops")
+        epoch = self.epoch(datamodule)
         rows = np.tile(indices.cpu().numpy(), n)  # (n B,) crop-major, as FKD concatenates its crops
-        columns = np.repeat([(self.epoch * n + j) % stored.epochs for j in range(n)], len(indices))  # (n B,)
+        columns = np.repeat([(epoch * n + j) % stored.epochs for j in range(n)], len(indices))  # (n B,)
         crops = apply_crops(images.repeat(n, 1, 1, 1), torch.from_numpy(stored.crop_boxes[rows, columns].astype(np.int64)),
-                            torch.from_numpy(stored.flips[rows, columns].astype(bool)), self.image_size)
+                            torch.from_numpy(stored.flips[rows, columns].astype(bool)), datamodule.image_size)
         device = images.device
 
         def read(array, dtype):
@@ -218,104 +227,20 @@ class _Replay:
 
         values, classes = read(stored.topk_values, np.float32), read(stored.topk_indices, np.int64)  # (n B, k)
         lse = read(stored.topk_logsumexp, np.float32)  # (n B,)
-        return {"image": self.normalize(crops), "label": labels.long().view(-1).repeat(n),
+        return {"image": datamodule.normalize(crops), "label": labels.long().view(-1).repeat(n),
                 "index": indices.long().view(-1).repeat(n),
                 "topk_values": values, "topk_indices": classes, "topk_logsumexp": lse,
                 "logits_temperature": float(stored.meta["temperature"])}
 
 
-class ReplayDataModule(_Replay, FFCVDataModule):
-    """FFCV DataModule whose training batches replay stored crops and carry stored top-k teacher logits.
-
-    The training loader decodes whole images (``SimpleRGBImageDecoder`` when all images share one size,
-    else a centre square resized to ``decode_size``) and an index field decoded from the label column;
-    ``on_after_batch_transfer`` crops on the device with the stored parameters.
-
-    Args:
-        logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
-        decode_size: decode every training image as its centre square resized to this side; ``None``
-            when all images already share one size (the embedded Fashion-MNIST).
-        crops_per_image: n stored crops of each image per training step (FKD's ``num_crops``).
-        **kwargs: the ``FFCVDataModule`` arguments.
-    """
-
-    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, crops_per_image: int = 1,
-                 **kwargs):
-        super().__init__(**kwargs)
-        self._init_replay(logits_path, decode_size, crops_per_image)
-
-    def pipelines(self, split: str, train: bool) -> dict:
-        if split != "train":
-            return super().pipelines(split, train)
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
-        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
-
-        if self.decode_size is None:
-            decoder = SimpleRGBImageDecoder()
-        else:
-            decoder = CenterCropRGBImageDecoder((self.decode_size, self.decode_size), ratio=1.0)
-        return {
-            "image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
-            "label": [IntDecoder(), ToTensor(), Squeeze()],
-            "index": index_pipeline(),
-        }
-
-    def make_loader(self, split: str, train: bool, indices=None):
-        try:
-            return super().make_loader(split, train, indices)
-        except TypeError as err:
-            if "constant image" not in str(err):
-                raise
-            raise ConfigError("training images differ in size: set data.decode_size (e.g. 256) to decode them at one size") from err
-
-    def full_image_loader(self):
-        return self.make_loader("train", train=False)
-
-    def decoded_pixels(self) -> str:
-        if self.write_mode == "raw" and self.max_resolution is None and self.decode_size is None:
-            return "source"
-        quality = self.jpeg_quality if self.write_mode != "raw" else None
-        return f"ffcv {self.write_mode} q{quality} max{self.max_resolution} centre{self.decode_size}"
-
-
-class TorchvisionReplayDataModule(_Replay, TorchvisionDataModule):
-    """``ReplayDataModule`` through torch.utils.data (same crops, same batches reaching the module).
-
-    Args:
-        logits_path: file written by ``visionlab store-logits`` (needed to fit, not to store).
-        decode_size: centre square resized to this side before cropping; ``None`` keeps images as they are
-            (they must then share one size).
-        crops_per_image: n stored crops of each image per training step (FKD's ``num_crops``).
-        **kwargs: the ``TorchvisionDataModule`` arguments.
-    """
-
-    def __init__(self, logits_path: str | None = None, decode_size: int | None = None, crops_per_image: int = 1,
-                 **kwargs):
-        super().__init__(**kwargs)
-        self._init_replay(logits_path, decode_size, crops_per_image)
-
-    def dataset(self, split: str, train: bool) -> Dataset:
-        if split != "train":
-            return super().dataset(split, train)
-        ops = [] if self.decode_size is None else [CenterCropRatio(self.decode_size, 1.0)]
-        return _SourceDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]), with_index=True)
-
-    def full_image_loader(self):
-        return self.split_loader("train", train=False)
-
-    def decoded_pixels(self) -> str:
-        return "source" if self.decode_size is None else f"torchvision centre{self.decode_size}"
-
-
-def replay_datamodule(datamodule, logits_path: str | None = None) -> _Replay:
-    """``datamodule`` itself when it replays, else the replay DataModule of its back-end with its settings."""
-    if isinstance(datamodule, _Replay):
+def with_stored_crops(datamodule: ImageDataModule, logits_path: str | None = None) -> ImageDataModule:
+    """``datamodule`` itself when its ``batches`` are ``StoredCrops``, else its data config (same class and
+    settings, a new DataModule) with ``StoredCrops(logits_path)`` as its batch transform."""
+    if not isinstance(datamodule, ImageDataModule):
+        raise ConfigError(f"{type(datamodule).__name__} cannot replay augmentations: use an FFCV or torchvision data config")
+    if isinstance(datamodule.batches, StoredCrops):
         return datamodule
-    settings = dict(datamodule.hparams)
-    if logits_path is not None:
-        settings["logits_path"] = logits_path
-    if isinstance(datamodule, FFCVDataModule):
-        return ReplayDataModule(**settings)
-    if isinstance(datamodule, TorchvisionDataModule):
-        return TorchvisionReplayDataModule(**settings)
-    raise ConfigError(f"{type(datamodule).__name__} cannot replay augmentations: use an FFCV or torchvision data config")
+    if datamodule.batches is not None:
+        raise ConfigError(f"data.init_args.batches is {type(datamodule.batches).__name__}: stored crops need "
+                          "datamodules.replay.StoredCrops there instead")
+    return type(datamodule)(**dict(datamodule.hparams), batches=StoredCrops(logits_path))

@@ -67,8 +67,17 @@ class TorchvisionDataModule(ImageDataModule):
         self.setup_batches(stage)
 
     def dataset(self, split: str, train: bool) -> Dataset:
-        """``split`` as ``(uint8 (3, S, S) image, label[, index])`` items with train or eval transforms."""
+        """``split`` as ``(uint8 (3, S, S) image, label[, index])`` items with train or eval transforms; with
+        ``full_train_images`` the ``train`` split is whole images (centre squares resized to the transform's
+        ``decode_size`` when it has one) with their index."""
+        if split == "train" and self.full_train_images:
+            decode_size = self.batches.decode_size
+            ops = [] if decode_size is None else [CenterCropRatio(decode_size, 1.0)]
+            return _SourceDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]), with_index=True)
         return _SourceDataset(self.get_source(split), self.transform(train), self.yields_index)
+
+    def decoded_pixels(self, decode_size: int | None) -> str:
+        return "source" if decode_size is None else f"torchvision centre{decode_size}"
 
     def split_loader(self, split: str, train: bool, indices=None) -> DataLoader:
         dataset = self.dataset(split, train)

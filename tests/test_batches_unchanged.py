@@ -10,7 +10,8 @@ Integers (labels, indices, tokens, caption ids, uint8 loader images) must match 
 except replayed crops, whose bilinear resampling runs in float: there one uint8 level of difference is allowed
 (rounding of a value at .5 may go either way on another CPU). FFCV's random-resized-crop decoder draws from numba's
 RNG, which its loader does not seed, so FFCV training pixels differ from run to run even today: for them only the
-shape is pinned (their order, labels and every other key are).
+shape is pinned (their order, labels and every other key are). The batches are now dicts with the pinned keys plus
+the captions-file loaders' ``index`` (``ADDED``), checked against the loader's own.
 """
 
 from __future__ import annotations
@@ -30,14 +31,9 @@ BACKENDS = ("torchvision", "ffcv")
 KINDS = ("plain", "prompts", "captions", "replay")
 COMMON = dict(image_size=16, batch_size=8, seed=3, rrc_scale=(0.35, 1.0), mean=(0.286,) * 3, std=(0.353,) * 3)
 FASHION = dict(source="fashion_mnist", train_limit=48, val_limit=16)
-NAMES = {2: ("image", "label"), 3: ("image", "label", "index"), 4: ("image", "tokens", "label", "caption_id")}
-
-
-def named(batch) -> dict:
-    """A batch by name: dicts as they are; today's positional batches named by their documented layout."""
-    if isinstance(batch, dict):
-        return batch
-    return dict(zip(NAMES[len(batch)], batch))
+#: keys the composed DataModules add that the pinned batches lacked: the captions-file loaders' ``index``
+#: now stays in the batch (the positional caption layout dropped it); it must equal the loader's index
+ADDED = {"captions": ("index",)}
 
 
 def captions_file(folder: Path, output: Path) -> Path:
@@ -50,7 +46,7 @@ def captions_file(folder: Path, output: Path) -> Path:
 
 def build(backend: str, kind: str, folder: Path, cache: Path, work: Path):
     """Today's DataModule of (``backend``, ``kind``); after the refactor, the composed one."""
-    from datamodules import captions, replay
+    from datamodules import captions
     from datamodules.ffcv_datamodule import FFCVDataModule
     from datamodules.torchvision_datamodule import TorchvisionDataModule
 
@@ -74,27 +70,36 @@ def build(backend: str, kind: str, folder: Path, cache: Path, work: Path):
         source = FFCVDataModule(**COMMON, **FASHION, cache_dir=str(cache), num_workers=1)
         source.prepare_data()
         store_logits(source, teacher, 2, 3, logits, device="cpu")
-    cls = replay.ReplayDataModule if ffcv else replay.TorchvisionReplayDataModule
-    return cls(logits_path=str(logits), **COMMON, **FASHION, **extra)
+    from datamodules.replay import StoredCrops
+
+    cls = FFCVDataModule if ffcv else TorchvisionDataModule
+    return cls(batches=StoredCrops(logits_path=str(logits)), **COMMON, **FASHION, **extra)
 
 
-def batches(datamodule, train_batches: int = 2) -> dict[str, np.ndarray]:
-    """The first training batches (training mode, epoch 0) and the first validation batch, by name."""
+def batches(datamodule, train_batches: int = 2) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The first training batches (training mode, epoch 0) and the first validation batch, by name; and the
+    loaders' indices (``<split><step>/loaded_index``) where they yield them."""
+    from datamodules.base import loader_batch
+
     datamodule.prepare_data()
     datamodule.setup("fit")
     pl.seed_everything(0, verbose=False)  # torchvision's transforms draw from the global RNG (as under Lightning)
-    out = {}
+    out, loaded_indices = {}, {}
     for split, loader, count in (("train", datamodule.train_dataloader(), train_batches),
                                  ("val", datamodule.val_dataloader(), 1)):
         datamodule.trainer = SimpleNamespace(training=split == "train", global_rank=0, current_epoch=0, world_size=1)
         for step, batch in zip(range(count), loader):
-            loaded = named(batch)
+            loaded = loader_batch(batch)
             out[f"{split}{step}/loaded_image"] = loaded["image"]
-            for key, value in named(datamodule.on_after_batch_transfer(batch, 0)).items():
+            if "index" in loaded:
+                loaded_indices[f"{split}{step}/index"] = loaded["index"].long().numpy()
+            prepared = datamodule.on_after_batch_transfer(batch, 0)
+            assert isinstance(prepared, dict)
+            for key, value in prepared.items():
                 if isinstance(value, torch.Tensor) and not key.startswith("topk_"):  # stored logits: the file's
                     out[f"{split}{step}/{key}"] = value
         datamodule.trainer = None
-    return {key: value.numpy() for key, value in out.items()}
+    return {key: value.numpy() for key, value in out.items()}, loaded_indices
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,11 @@ def work(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batches_equal_those_before_the_refactor(backend, kind, image_folder, work):
-    got = batches(build(backend, kind, image_folder, work / "cache", work))
+    got, loaded_indices = batches(build(backend, kind, image_folder, work / "cache", work))
+    added = sorted(key for key in got if key.split("/")[1] in ADDED.get(kind, ()))
+    for key in added:
+        np.testing.assert_array_equal(got.pop(key), loaded_indices[key], err_msg=key)
+    assert len(added) == (3 if kind in ADDED else 0)  # two training batches and one validation batch
     path = GOLDEN / f"{backend}_{kind}.npz"
     if os.environ.get("VISIONLAB_WRITE_PINNED"):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from app.store_logits import store_logits
+from datamodules.base import loader_batch
 from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.replay import (ReplayDataModule, TorchvisionReplayDataModule, apply_crops, replay_datamodule,
-                                sample_crop_params)
+from datamodules.replay import StoredCrops, apply_crops, sample_crop_params, with_stored_crops
+from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components import sparse_logits
 from modules.components.distill import renormalised_sparse_targets, sparse_soft_targets, topk_probabilities
 from modules.components.errors import ConfigError, DataError
@@ -25,6 +26,14 @@ from .conftest import CONFIGS
 EPOCHS, TOPK, BATCH = 3, 4, 16
 DATA = dict(source="fashion_mnist", image_size=32, batch_size=BATCH, num_workers=1, train_limit=64, val_limit=16,
             rrc_scale=(0.35, 1.0), mean=(0.286,) * 3, std=(0.353,) * 3, seed=3)
+BACKENDS = (FFCVDataModule, TorchvisionDataModule)
+
+
+def replaying(backend, cache, logits_path=None, decode_size=None, crops_per_image=1, **settings):
+    """``backend`` over ``settings`` (default ``DATA``) with ``StoredCrops`` batches (FFCV's ``.beton`` in ``cache``)."""
+    extra = {"cache_dir": str(cache)} if backend is FFCVDataModule else {}
+    crops = StoredCrops(None if logits_path is None else str(logits_path), decode_size, crops_per_image)
+    return backend(batches=crops, **{**DATA, **settings}, **extra)
 
 
 # --- parameters and crops --------------------------------------------------------------------------
@@ -173,12 +182,13 @@ def _assert_replay_is_exact(datamodule, teacher: RecordingTeacher, seen: dict, e
     """Every replayed crop equals the teacher's input for its (index, epoch % K); the logits are the teacher's."""
     datamodule.prepare_data()
     datamodule.setup("fit")
-    topk = datamodule.stored.topk
+    topk = datamodule.batches.stored.topk
     for epoch in epochs:
-        datamodule.replay_epoch = epoch
+        datamodule.batches.replay_epoch = epoch
         checked = 0
-        for images, labels, indices in datamodule.train_dataloader():
-            batch = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+        for loaded in datamodule.train_dataloader():
+            indices = loader_batch(loaded)["index"]
+            batch = datamodule.on_after_batch_transfer(loaded, 0)
             crops, values, classes = batch["image"], batch["topk_values"], batch["topk_indices"]
             assert values.dtype == torch.float32 and classes.dtype == torch.int64 and values.shape == (BATCH, topk)
             assert torch.equal(batch["index"], indices) and batch["logits_temperature"] == 1.0
@@ -192,7 +202,7 @@ def _assert_replay_is_exact(datamodule, teacher: RecordingTeacher, seen: dict, e
             rounded = logits.scatter(1, expected_classes, expected_values.half().float())
             torch.testing.assert_close(batch["topk_logsumexp"], rounded.logsumexp(1), rtol=1e-6, atol=1e-6)
             checked += len(indices)
-        assert checked == datamodule.stored.num_samples // BATCH * BATCH  # drop_last keeps whole batches
+        assert checked == datamodule.batches.stored.num_samples // BATCH * BATCH  # drop_last keeps whole batches
 
 
 @pytest.fixture(scope="module")
@@ -206,44 +216,79 @@ def stored_run(tmp_path_factory):
     return cache, output, stored, seen, teacher
 
 
-@pytest.mark.parametrize("backend", [ReplayDataModule, TorchvisionReplayDataModule])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_replayed_crops_equal_what_the_teacher_saw(stored_run, backend):
     """Replayed crops are bit-identical to the teacher's inputs, through FFCV and torchvision alike."""
     cache, output, stored, seen, teacher = stored_run
-    extra = {"cache_dir": str(cache)} if backend is ReplayDataModule else {}
-    datamodule = backend(logits_path=str(output), **DATA, **extra)
+    datamodule = replaying(backend, cache, output)
     _assert_replay_is_exact(datamodule, teacher, seen)  # epoch K + 1 replays stored epoch 1 again
-    val_images, val_labels = datamodule.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
-    assert val_images.shape == (BATCH, 3, 32, 32) and val_images.dtype == torch.float32
+    val = datamodule.on_after_batch_transfer(next(iter(datamodule.val_dataloader())), 0)
+    assert sorted(val) == ["image", "label"]  # validation: the back-end's centre crops, no stored logits
+    assert val["image"].shape == (BATCH, 3, 32, 32) and val["image"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", [ReplayDataModule, TorchvisionReplayDataModule])
+def test_both_backends_replay_identical_batches(stored_run):
+    """The same StoredCrops on FFCV and on torchvision: the same whole images and, replayed, the same dict."""
+    cache, output, _, _, _ = stored_run
+    replayed = []
+    for backend in BACKENDS:
+        datamodule = replaying(backend, cache, output, crops_per_image=2)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        datamodule.batches.replay_epoch = 1
+        loaded = loader_batch(next(iter(datamodule.full_image_loader())))
+        assert loaded["image"].dtype == torch.uint8 and loaded["image"].shape == (BATCH, 3, 28, 28)  # whole images
+        assert loaded["index"].tolist() == list(range(BATCH))  # in index order
+        replayed.append((loaded, datamodule.on_after_batch_transfer(loaded, 0)))
+    (ffcv_loaded, ffcv), (torchvision_loaded, torchvision) = replayed
+    assert torch.equal(ffcv_loaded["image"], torchvision_loaded["image"])
+    assert sorted(ffcv) == sorted(torchvision) == ["image", "index", "label", "logits_temperature", "topk_indices",
+                                                   "topk_logsumexp", "topk_values"]
+    assert ffcv["image"].shape == (2 * BATCH, 3, 32, 32)
+    for key, value in ffcv.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == torch.float32 or value.dtype == torch.int64, key
+            assert value.dtype == torchvision[key].dtype and torch.equal(value, torchvision[key]), key
+        else:
+            assert value == torchvision[key], key
+
+
+def test_stored_crops_do_not_combine_with_another_batch_transform():
+    from datamodules.captions import ClassPrompts
+
+    with pytest.raises(ConfigError, match="ClassPrompts: stored crops need datamodules.replay.StoredCrops"):
+        with_stored_crops(TorchvisionDataModule(batches=ClassPrompts(), **DATA))
+    with pytest.raises(ConfigError, match="cannot replay augmentations"):
+        with_stored_crops(pl.LightningDataModule())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_replay_of_mixed_size_image_folder(image_folder, beton_cache, tmp_path, backend):
     """Images of several sizes are decoded as centre squares of ``decode_size``; replay stays exact."""
-    settings = {**DATA, "source": str(image_folder), "train_limit": None, "val_limit": None}
-    if backend is ReplayDataModule:
-        settings["cache_dir"] = str(beton_cache)
-        unsized = ReplayDataModule(**settings)
+    settings = {"source": str(image_folder), "train_limit": None, "val_limit": None}
+    if backend is FFCVDataModule:
+        unsized = replaying(backend, beton_cache, **settings)
         unsized.prepare_data()
-        with pytest.raises(ConfigError, match="decode_size"):
+        with pytest.raises(ConfigError, match="batches.init_args.decode_size"):
             unsized.full_image_loader()
-    storing = backend(decode_size=36, **settings)
+    storing = replaying(backend, beton_cache, decode_size=36, **settings)
     storing.prepare_data()
     stored, teacher, seen = _store_recording(storing, tmp_path / "train.vlsl", num_classes=3, topk=2)
     assert stored.meta["decoded_hw"] == [36, 36]
-    _assert_replay_is_exact(backend(logits_path=str(tmp_path / "train.vlsl"), decode_size=36, **settings), teacher, seen, (2,))
+    _assert_replay_is_exact(replaying(backend, beton_cache, tmp_path / "train.vlsl", 36, **settings), teacher, seen, (2,))
 
 
 def test_several_crops_per_image_replay_stored_epochs_en_plus_j(stored_run):
     """FKD's region-level soft labels: with n crops per image, training epoch e shows every image as stored
     epochs (e n + j) % K, crop-major, each with its own stored logits."""
     cache, output, stored, seen, _ = stored_run
-    datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), crops_per_image=2, **DATA)
+    datamodule = replaying(FFCVDataModule, cache, output, crops_per_image=2)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    datamodule.replay_epoch = 1
-    images, labels, indices = next(iter(datamodule.train_dataloader()))
-    batch = datamodule.on_after_batch_transfer([images, labels, indices], 0)
+    datamodule.batches.replay_epoch = 1
+    loaded = loader_batch(next(iter(datamodule.train_dataloader())))
+    labels, indices = loaded["label"], loaded["index"]
+    batch = datamodule.on_after_batch_transfer(loaded, 0)
     assert batch["image"].shape == (2 * BATCH, 3, 32, 32)
     assert torch.equal(batch["index"], indices.repeat(2)) and torch.equal(batch["label"], labels.long().repeat(2))
     for crop in range(2):
@@ -253,10 +298,12 @@ def test_several_crops_per_image_replay_stored_epochs_en_plus_j(stored_run):
         rows = slice(crop * BATCH, (crop + 1) * BATCH)
         np.testing.assert_array_equal(batch["topk_values"][rows].numpy(), stored.topk_values[indices.numpy(), column].astype(np.float32))
         np.testing.assert_array_equal(batch["topk_logsumexp"][rows].numpy(), stored.topk_logsumexp[indices.numpy(), column])
-    too_many = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), crops_per_image=EPOCHS + 1, **DATA)
+    too_many = replaying(FFCVDataModule, cache, output, crops_per_image=EPOCHS + 1)
     too_many.setup("fit")
-    with pytest.raises(ConfigError, match="exceeds the 3 stored epochs"):
-        too_many.on_after_batch_transfer([images, labels, indices], 0)
+    with pytest.raises(ConfigError, match="crops_per_image 4 exceeds the 3 stored epochs"):
+        too_many.on_after_batch_transfer(loaded, 0)
+    with pytest.raises(ConfigError, match="at least 1"):
+        StoredCrops(str(output), crops_per_image=0)
 
 
 class SizedTeacher(nn.Module):
@@ -281,8 +328,8 @@ def test_teacher_sees_the_stored_boxes_at_its_own_resolution_and_normalisation(s
     stored = store_logits(datamodule, teacher, 1, TOPK, tmp_path / "t48.vlsl", device="cpu", teacher_image_size=48,
                           teacher_mean=(0.5, 0.5, 0.5), teacher_std=(0.25, 0.25, 0.25))
     assert stored.meta["teacher_image_size"] == 48 and stored.meta["teacher_normalisation"] == [[0.5] * 3, [0.25] * 3]
-    images, _, indices = next(iter(replay_datamodule(datamodule).full_image_loader()))
-    rows = indices.numpy()
+    loaded = loader_batch(next(iter(with_stored_crops(datamodule).full_image_loader())))
+    images, rows = loaded["image"], loaded["index"].numpy()
     crops = apply_crops(images, torch.from_numpy(stored.crop_boxes[rows, 0].astype(np.int64)),
                         torch.from_numpy(stored.flips[rows, 0].astype(bool)), 48)
     assert torch.equal(teacher.inputs[0], (crops.float() - 127.5) / 63.75)
@@ -324,16 +371,19 @@ def test_stored_file_rebuilds_the_teachers_target_with_its_true_remainder(stored
 
 def test_logits_of_another_subset_are_refused(stored_run):
     cache, output, _, _, _ = stored_run
-    datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), **{**DATA, "train_limit": 48})
+    datamodule = replaying(FFCVDataModule, cache, output, train_limit=48)
     datamodule.prepare_data()
     with pytest.raises(ConfigError, match="num_samples=64 but this data config has 48"):
         datamodule.setup("fit")
-    bigger = TorchvisionReplayDataModule(logits_path=str(output), **{**DATA, "image_size": 24})
+    bigger = replaying(TorchvisionDataModule, cache, output, image_size=24)
     with pytest.raises(ConfigError, match="image_size"):
         bigger.setup("fit")
-    resized = TorchvisionReplayDataModule(logits_path=str(output), decode_size=32, **DATA)  # other pixels
+    resized = replaying(TorchvisionDataModule, cache, output, decode_size=32)  # other pixels
     with pytest.raises(ConfigError, match="decoded_pixels='source' but this data config has 'torchvision centre32'"):
         resized.setup("fit")
+    unset = replaying(TorchvisionDataModule, cache)
+    with pytest.raises(ConfigError, match="data.init_args.batches.init_args.logits_path is not set"):
+        unset.setup("fit")
 
 
 class _RecordTargets(pl.LightningModule):
@@ -352,7 +402,7 @@ class _RecordTargets(pl.LightningModule):
 
 def test_trainer_epoch_e_replays_stored_epoch_e_mod_k(stored_run):
     cache, output, stored, _, _ = stored_run
-    datamodule = ReplayDataModule(logits_path=str(output), cache_dir=str(cache), order="sequential", **DATA)
+    datamodule = replaying(FFCVDataModule, cache, output, order="sequential")
     module = _RecordTargets()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=EPOCHS + 1, limit_train_batches=1, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -393,9 +443,11 @@ def test_store_logits_tool_end_to_end(run_cli, stored_run, teacher_checkpoint, t
     assert (np.diff(stored.topk_values.astype(np.float32), axis=2) <= 0).all()  # descending
     assert all(len(set(row)) == 3 for row in stored.topk_indices.reshape(-1, 3).tolist())
     # the file replays through the student's data config
-    replay = replay_datamodule(FFCVDataModule(**{**DATA, "seed": 0, "rrc_scale": (0.6, 1.0)}, cache_dir=str(cache)), str(output))
+    replay = with_stored_crops(FFCVDataModule(**{**DATA, "seed": 0, "rrc_scale": (0.6, 1.0)}, cache_dir=str(cache)), str(output))
+    assert isinstance(replay.batches, StoredCrops) and type(replay) is FFCVDataModule and replay.seed == 0
     replay.setup("fit")
-    assert replay.stored.epochs == 2
+    assert replay.batches.stored.epochs == 2
+    assert with_stored_crops(replay) is replay  # already replaying: itself
 
 
 def test_store_logits_tool_reports_a_missing_teacher(run_cli, stored_run, tmp_path, capsys):

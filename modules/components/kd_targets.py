@@ -6,7 +6,7 @@
 * ``OnlineTeachers``: frozen teachers run on the student's crops; the target is the mean of their tempered
   softmaxes (MEAL V2, Shen & Savvides 2020).
 * ``StoredLogits``: the teacher's top-k probabilities stored by ``visionlab store-logits`` and replayed with
-  their crops (``datamodules.replay``), the other classes filled with the teacher's true remainder
+  their crops (``datamodules.replay.StoredCrops``), the other classes filled with the teacher's true remainder
   ``(1 - sum(top-k)) / (C - k)`` (FKD, Shen & Xing 2022; TinyViT, Wu et al. 2022). No teacher runs.
 * ``StoredLogitsRenormalised``: the same files renormalised over the top-k (FKD's ``marginal_renorm``).
 * ``FerKD`` calibration (Zhiqiang Shen, FerKD, ICCV 2023): per-crop soft/hard label adaptation by the
@@ -112,7 +112,8 @@ class OnlineTeachers(TargetSource):
     def forward(self, batch: dict, temperature: float) -> KDTargets:
         if not self.teachers:
             raise ConfigError("no teachers: pass targets.init_args.teachers, or use "
-                              "modules.components.kd_targets.StoredLogits with datamodules.replay.ReplayDataModule")
+                              "modules.components.kd_targets.StoredLogits with data.init_args.batches: "
+                              "datamodules.replay.StoredCrops")
         logits = [teacher(batch["image"]).float() for teacher in self.teachers]  # each (B, C)
         return KDTargets(ensemble_soft_targets(logits, temperature), torch.stack(logits).mean(0))
 
@@ -121,7 +122,7 @@ class StoredLogits(TargetSource):
     """Replayed top-k teacher probabilities with the true remainder on the other classes (FKD / TinyViT).
 
     Reads ``topk_values``, ``topk_indices``, ``topk_logsumexp`` and ``logits_temperature`` from the batch
-    (``datamodules.replay``); the student's KD temperature must equal the storing temperature (the
+    (``datamodules.replay.StoredCrops`` batches); the student's KD temperature must equal the storing temperature (the
     remainder exists only at the temperature it was stored at). No teacher runs.
     """
 
@@ -133,7 +134,8 @@ class StoredLogits(TargetSource):
         missing = [key for key in STORED_KEYS if key not in batch]
         if missing:
             raise ConfigError(f"the training batch has no stored logits ({', '.join(missing)} missing): use "
-                              "datamodules.replay.ReplayDataModule with data.init_args.logits_path, or OnlineTeachers")
+                              "data.init_args.batches: datamodules.replay.StoredCrops with its logits_path, or "
+                              "OnlineTeachers")
 
     def forward(self, batch: dict, temperature: float) -> KDTargets:
         self._stored(batch)
