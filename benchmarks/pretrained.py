@@ -58,7 +58,7 @@ VARIANTS = {
     # BatchNorms each get a scale, and they compound): measured at 32 px, 0.10 top-1 vs 0.61 at 1e-3 after 24 steps;
     # at 64 px (full mode) 3e-3 gave 0.62 and 1e-3 0.47
     "ssf": (["peft/base.yaml", "peft/ssf.yaml"], ["--model.init_args.optim.lr", "0.003"]),
-    "adapter": (["peft/base.yaml", "peft/adapter.yaml"], ["--model.init_args.method.init_args.style", "sequential"]),
+    "adapter": (["peft/base.yaml", "peft/adapter.yaml"], ["--model.init_args.method.init_args.placement", "modules.components.peft_methods.SequentialPlacement"]),
     "full": (["peft/base.yaml", "peft/full.yaml"], []),
 }
 

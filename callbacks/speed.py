@@ -14,15 +14,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 
 
 def _network(pl_module: pl.LightningModule, attribute: str) -> nn.Module:
-    network = getattr(pl_module, attribute, None)
-    if not isinstance(network, nn.Module):
+    """``pl_module``'s submodule at the dotted path ``attribute`` (``backbone``, ``model.image_encoder``)."""
+    try:
+        return pl_module.get_submodule(attribute)
+    except AttributeError:
         raise ConfigError(f"{type(pl_module).__name__} has no network '{attribute}': set the callback's attribute "
-                          "to the submodule to act on (e.g. backbone, denoiser)")
-    return network
+                          "to the (dotted) submodule to act on, e.g. backbone, denoiser, model.image_encoder") from None
 
 
 class ChannelsLast(pl.Callback):
@@ -46,19 +48,56 @@ class CompileNetwork(pl.Callback):
     judge throughput after the warm-up. Compiling the network rather than the LightningModule keeps the
     training step, logging and callbacks in eager mode.
 
+    Masked image modeling (SimMIM, MAE, MR-MAE) and CLIP with token dropping run a ViT's steps one by one
+    (``modules/components/masked_vit.py``) instead of calling the ViT itself: compiling the whole network
+    would leave their path eager, so the first training step checks that the compiled module was called and
+    stops with an error that says to set ``blocks: true``. With ``blocks`` each block of ``<network>.blocks``
+    is compiled (PyTorch's regional compilation: the blocks share one compiled graph, so it also compiles
+    faster than the whole network).
+
     Args:
-        attribute: the submodule to compile.
+        attribute: the (dotted) submodule to compile, e.g. ``backbone`` or ``model.image_encoder`` (CLIP).
         mode: ``torch.compile`` mode (``default``, ``reduce-overhead``, ``max-autotune``).
         backend: ``inductor`` (default) or another registered backend (``eager`` checks capture only).
         dynamic: let shapes vary without recompiling (e.g. a smaller last batch).
+        blocks: compile every block of ``<network>.blocks`` (timm ViTs) instead of the network.
     """
 
     def __init__(self, attribute: str = "backbone", mode: str = "default", backend: str = "inductor",
-                 dynamic: bool | None = None):
-        self.attribute, self.mode, self.backend, self.dynamic = attribute, mode, backend, dynamic
+                 dynamic: bool | None = None, blocks: bool = False):
+        self.attribute, self.mode, self.backend, self.dynamic, self.blocks = attribute, mode, backend, dynamic, blocks
+        self._calls, self._hook = 0, None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _network(pl_module, self.attribute).compile(mode=self.mode, backend=self.backend, dynamic=self.dynamic)
+        network = _network(pl_module, self.attribute)
+        compiled = [network]
+        if self.blocks:
+            blocks = getattr(network, "blocks", None)
+            compiled = list(blocks.children()) if isinstance(blocks, nn.Module) else []
+            if not compiled:
+                raise ConfigError(f"CompileNetwork(blocks=true): {type(network).__name__} ('{self.attribute}') has no "
+                                  "'blocks' to compile (a timm ViT has): set blocks: false to compile the whole network")
+        for module in compiled:
+            module.compile(mode=self.mode, backend=self.backend, dynamic=self.dynamic)
+        if stage == "fit" and self._hook is None:
+            self._calls = 0
+            self._hook = compiled[0].register_forward_pre_hook(self._count)
+
+    def _count(self, module, inputs) -> None:
+        self._calls += 1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._calls = 0  # what the sanity-check validation called does not count
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        if self._calls == 0:
+            raise ConfigError(f"CompileNetwork compiled '{self.attribute}', but {type(pl_module).__name__}'s training step "
+                              "never called it (it runs the network's steps one by one, as masked ViTs do): set "
+                              "blocks: true to compile its blocks, or attribute to the submodule the step calls")
 
 
 class ActivationCheckpointing(pl.Callback):
@@ -76,12 +115,8 @@ class ActivationCheckpointing(pl.Callback):
 
 
 def batch_images(batch) -> int:
-    """Images in a batch: the first tensor of a tuple/list, or ``batch['image']``."""
-    if isinstance(batch, dict):
-        batch = batch["image"]
-    while isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    return int(batch.shape[0])
+    """Images in a (named) batch."""
+    return int(named_batch(batch)["image"].shape[0])
 
 
 class Throughput(pl.Callback):

@@ -39,9 +39,6 @@ class ClassificationModule(VisionModule):
         label_smoothing: label smoothing for the hard-label loss (and Mixup targets).
         mixup_alpha: Mixup alpha; 0 disables.
         cutmix_alpha: CutMix alpha; 0 disables.
-        batch_augment: deprecated, classification only: modules applied to the normalised training batch.
-            Use the DataModule's ``batch_augment`` (before normalisation) / ``normalized_augment`` (after),
-            which every technique gets, seeded per step (``datamodules/augment.py``).
         init_checkpoint: a visionlab checkpoint (or plain state dict, with ``backbone`` named) whose backbone
             weights initialise this model (`transfer.build_from_checkpoint`): a classifier of another class
             count is re-initialised, position embeddings are resampled to ``image_size``.
@@ -63,13 +60,12 @@ class ClassificationModule(VisionModule):
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
-        batch_augment: list[nn.Module] | None = None,
         init_checkpoint: str | None = None,
         optim: OptimConfig | None = None,
         criterion: nn.Module | None = None,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
-        self.save_hyperparameters(ignore=["batch_augment", "criterion"])
+        self.save_hyperparameters(ignore=["criterion"])
         self.criterion = criterion
         kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
@@ -81,7 +77,6 @@ class ClassificationModule(VisionModule):
             raise ConfigError("model.backbone is null: name a timm model, or set model.init_checkpoint to start from")
         else:
             self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **kwargs)
-        self.batch_augment = nn.Sequential(*(batch_augment or []))
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -110,7 +105,6 @@ class ClassificationModule(VisionModule):
         batch = named_batch(batch)
         images, labels = batch["image"], batch["label"]
         self._check_labels(labels)
-        images = self.batch_augment(images)
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)
             logits = self(images)

@@ -11,7 +11,7 @@ import timm
 import torch
 from timm.layers import SEModule, StdConv2d
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from app.cli import VisionlabCLI
 from app.peft_tool import main as peft_main
@@ -27,10 +27,11 @@ from modules.components.low_bit import (
     unpack_bits,
 )
 from modules.components.optim import OptimConfig
-from modules.components.peft import SSF, Adapter, AdapterConfig, AdaptFormerBlock, insert_adapters, insert_ssf, merge_ssf
-from modules.components.peft_methods import AdapterTuning, FullFineTune, LinearProbe, SideTuning, SSFTuning, build_method
+from modules.components.peft import SSF, Adapter, AdapterConfig, AdaptFormerBlock, insert_ssf, merge_ssf
+from modules.components.peft_methods import (AdapterTuning, FullFineTune, LinearProbe, ParallelPlacement, SequentialPlacement,
+                                             SideTuning, SSFTuning, build_method)
 from modules.peft import PEFTModule, load_task_file
-from tests.conftest import CONFIGS, cli_args
+from tests.conftest import CONFIGS, NamedTensors, cli_args
 
 VIT = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"patch_size": 8, "depth": 2}, image_size=32)
 RESNET = dict(backbone="test_resnet", image_size=32)
@@ -91,10 +92,10 @@ def test_trainable_names_resnet():
     bns = [n for n, m in timm.create_model("test_resnet").named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert set(model.task_parameter_names()) == _ssf_names(bns) | RESNET_HEAD  # bias-free convs feed their BN's SSF
     blocks = ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
-    adapter = build(RESNET, AdapterTuning(style="sequential"))
+    adapter = build(RESNET, AdapterTuning(placement=SequentialPlacement()))
     assert set(adapter.task_parameter_names()) == _adapter_names(blocks) | RESNET_HEAD
-    with pytest.raises(ConfigError, match="sequential"):
-        build(RESNET, AdapterTuning(style="parallel"))
+    with pytest.raises(ConfigError, match="SequentialPlacement"):
+        build(RESNET, AdapterTuning(placement=ParallelPlacement()))
     side = build(RESNET, SideTuning(dim=8, taps=3))
     assert {n.split(".")[0] for n in side.task_parameter_names()} == {"side"}
     levels = timm.create_model("test_resnet").feature_info[-3:]
@@ -102,10 +103,15 @@ def test_trainable_names_resnet():
 
 
 def test_methods_rebuild_from_their_spec_and_unknown_ones_are_refused():
-    method = AdapterTuning(dim=4, bias=False, quantizer=UniformGrid(3, learned_step=True))
+    method = AdapterTuning(dim=4, bias=False, placement=SequentialPlacement(), quantizer=UniformGrid(3, learned_step=True))
     again = build_method(method.spec())
     assert type(again) is AdapterTuning and again.spec() == method.spec()
     assert type(again.quantizer) is UniformGrid and again.quantizer.learned_step
+    assert type(again.placement) is SequentialPlacement and type(AdapterTuning().placement) is ParallelPlacement
+    with pytest.raises(ConfigError, match="unknown AdapterPlacement"):  # a nested part must be of its own kind
+        build_method({**method.spec(), "init_args": {"placement": {"class_path": "modules.components.low_bit.UniformGrid"}}})
+    with pytest.raises(ConfigError, match="only quantizer, placement"):
+        build_method({**method.spec(), "init_args": {"dim": {"class_path": "modules.components.peft_methods.SequentialPlacement"}}})
     model = build(VIT, method.spec())  # a checkpoint's hyper-parameters hold the spec, never the object
     assert model.hparams["method"] == method.spec()
     with pytest.raises(ConfigError, match="SSFTuning"):
@@ -138,7 +144,7 @@ def test_backbone_unchanged_after_fit(tmp_path, arch, method):
     task = set(model.task_parameter_names())
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if k not in task}
     task_before = {k: v.clone() for k, v in model.state_dict().items() if k in task}
-    data = TensorDataset(images(16), torch.tensor([0, 1, 2, 0] * 4))
+    data = NamedTensors(images(16), torch.tensor([0, 1, 2, 0] * 4))
     trainer = pl.Trainer(
         max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -213,20 +219,20 @@ def test_ssf_identity_init_is_the_unwrapped_model():
 
 # --- adapters -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "timm_name,timm_kwargs,cfg",
+    "timm_name,timm_kwargs,placement,cfg",
     [
-        ("vit_tiny_patch16_224", VIT_TIMM, AdapterConfig(style="parallel", scale=0.5)),
-        ("vit_tiny_patch16_224", VIT_TIMM, AdapterConfig(style="sequential", dim=4)),
-        ("test_convnext", {}, AdapterConfig(style="parallel")),
-        ("test_resnet", {}, AdapterConfig(style="sequential")),
+        ("vit_tiny_patch16_224", VIT_TIMM, ParallelPlacement(), AdapterConfig(scale=0.5)),
+        ("vit_tiny_patch16_224", VIT_TIMM, SequentialPlacement(), AdapterConfig(dim=4)),
+        ("test_convnext", {}, ParallelPlacement(), AdapterConfig()),
+        ("test_resnet", {}, SequentialPlacement(), AdapterConfig()),
     ],
     ids=["vit-parallel", "vit-sequential", "convnext-parallel", "resnet-sequential"],
 )
-def test_fp32_adapter_at_init_leaves_output_unchanged(timm_name, timm_kwargs, cfg):
+def test_fp32_adapter_at_init_leaves_output_unchanged(timm_name, timm_kwargs, placement, cfg):
     base = timm.create_model(timm_name, num_classes=3, **timm_kwargs).eval()
     adapted = timm.create_model(timm_name, num_classes=3, **timm_kwargs).eval()
     adapted.load_state_dict(base.state_dict())
-    sites = insert_adapters(adapted, cfg)
+    sites = placement.insert(adapted, cfg, images())
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(adapted(x), base(x), atol=0, rtol=0)
@@ -252,7 +258,7 @@ def test_sequential_adapters_after_efficientnet_family_blocks_by_hand():
     """MobileNetV2/EfficientNet blocks have no MLP: one sequential 1x1 adapter after every block, y + s * up(relu(down(y)))."""
     base = timm.create_model("test_efficientnet", num_classes=3).eval()
     blocks = [f"blocks.{i}.{j}" for i, stage in enumerate(base.blocks) for j in range(len(stage))]
-    model = build(dict(backbone="test_efficientnet", image_size=32), AdapterTuning(dim=4, scale=0.5, style="sequential"))
+    model = build(dict(backbone="test_efficientnet", image_size=32), AdapterTuning(dim=4, scale=0.5, placement=SequentialPlacement()))
     assert model.method.site_names == blocks and len(blocks) > 3
     head = {f"backbone.classifier.{leaf}" for leaf in ("weight", "bias")}
     assert set(model.task_parameter_names()) == _adapter_names(blocks) | head
@@ -275,8 +281,8 @@ def test_sequential_adapters_after_efficientnet_family_blocks_by_hand():
         # float32: a 1x1 projection over <= 64 channels, eps 1.2e-7 x 64 x |y| ~ 1e-5
         torch.testing.assert_close(wrapped(features), by_hand, atol=1e-5, rtol=1e-5)
         assert not torch.equal(model(x), plain(x))
-    with pytest.raises(ConfigError, match="sequential"):
-        build(dict(backbone="test_efficientnet", image_size=32), AdapterTuning(style="parallel"))
+    with pytest.raises(ConfigError, match="SequentialPlacement"):
+        build(dict(backbone="test_efficientnet", image_size=32), AdapterTuning(placement=ParallelPlacement()))
 
 
 def test_ssf_on_efficientnet_family_blocks_sits_after_every_batchnorm():
@@ -387,7 +393,7 @@ def backbone_checkpoint(tmp_path):
     [
         SSFTuning(),
         AdapterTuning(bias=False, quantizer=NormalQuantile(1)),
-        AdapterTuning(style="sequential", quantizer=UniformGrid(3, learned_step=True)),
+        AdapterTuning(placement=SequentialPlacement(), quantizer=UniformGrid(3, learned_step=True)),
         SideTuning(dim=8, taps=2),
         LinearProbe(),
         FullFineTune(),

@@ -48,6 +48,33 @@ def test_compiled_network_keeps_checkpoint_keys_and_trains(tmp_path):
         torch.testing.assert_close(module.state_dict()[k], v, msg=k)  # the eager backend runs the same kernels
 
 
+def test_compiling_a_masked_vit_needs_its_blocks_and_then_compiles_them(tmp_path):
+    """MAE runs its ViT's steps one by one: compiling the whole ViT would leave training eager, so that is an
+    error after the first step; ``blocks=True`` compiles each block, and MAE's step runs through them."""
+    from modules.mae import MAEModule
+
+    def mae():
+        torch.manual_seed(0)
+        return MAEModule("test_vit", num_classes=10, image_size=32, backbone_kwargs={"patch_size": 4, "depth": 2},
+                         decoder_dim=32)
+
+    with pytest.raises(ConfigError, match="blocks: true"):
+        _fit(tmp_path, mae(), [CompileNetwork(backend="eager")], steps=2)
+    graphs = []
+
+    def counting(graph, example_inputs):  # a torch.compile backend that records what it is given, runs it eagerly
+        graphs.append(graph)
+        return graph.forward
+
+    module = mae()
+    _fit(tmp_path, module, [CompileNetwork(backend=counting, blocks=True)], steps=2)
+    assert graphs and all(block._compiled_call_impl is not None for block in module.backbone.blocks)
+    with pytest.raises(ConfigError, match="no 'blocks'"):
+        CompileNetwork(blocks=True).setup(None, tiny_module("test_resnet"), "fit")
+    with pytest.raises(ConfigError, match="model.image_encoder"):
+        CompileNetwork(attribute="model.missing").setup(None, tiny_module("test_resnet"), "fit")
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = tiny_module("vit_tiny_patch16_224")

@@ -228,9 +228,6 @@ class AdapterConfig:
     Args:
         dim: bottleneck width.
         scale: multiplier of the adapter output (AdaptFormer's s; 0.1 in its code).
-        style: ``parallel`` (AdaptFormer: beside the MLP branch of a timm ViT block, fed the block's residual
-            stream before ``norm2``; other blocks with an ``mlp``: beside the MLP, fed its normalised input)
-            or ``sequential`` (after the MLP / residual block, fed its output). ResNets allow only sequential.
         bias: biases in the down/up projections (AdaptFormer: yes; the low-bit adapters' code: no).
         dropout: dropout after the activation (0.1 in both papers' code).
         activation: timm activation name (``relu`` in both papers' code).
@@ -239,7 +236,6 @@ class AdapterConfig:
 
     dim: int = 8
     scale: float = 0.1
-    style: str = "parallel"
     bias: bool = True
     dropout: float = 0.1
     activation: str = "relu"
@@ -321,33 +317,31 @@ def _block_out_channels(block: nn.Module) -> int:
     return norms[-1].num_features
 
 
-def insert_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Wrap adapter sites of ``model``; returns their names.
-
-    Sites: parallel on timm ViT blocks -> :class:`AdaptFormerBlock`; else every MLP with ``fc1``/``fc2``
-    (ViT and ConvNeXt blocks); else every ResNet residual block (sequential only, channels-first).
-    """
-    if cfg.style not in ("parallel", "sequential"):
-        raise ConfigError(f"adapter style must be 'parallel' or 'sequential', got '{cfg.style}'")
-    vit_blocks = [(n, m) for n, m in model.named_modules() if type(m) is ViTBlock]
-    if cfg.style == "parallel" and vit_blocks:
-        for name, block in vit_blocks:
-            replace_submodule(model, name, AdaptFormerBlock(block, Adapter(block.norm2.normalized_shape[0], cfg)))
-        return [n for n, _ in vit_blocks]
-    wrapper = ParallelAdapter if cfg.style == "parallel" else SequentialAdapter
+def mlp_sites(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
+    """``(name, module, channels, channel_dim)`` of every MLP with ``fc1``/``fc2`` (timm ViT and ConvNeXt blocks)."""
     sites = []
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] == "mlp" and hasattr(module, "fc1") and hasattr(module, "fc2"):
             fc2 = module.fc2
             channels = fc2.out_features if isinstance(fc2, nn.Linear) else fc2.out_channels
             sites.append((name, module, channels, -1 if isinstance(fc2, nn.Linear) else 1))
-    if not sites:
-        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))]
-        if blocks and cfg.style == "parallel":
-            raise ConfigError("parallel adapters need blocks with an MLP (ViT, ConvNeXt): use style 'sequential' for ResNets")
-        sites = [(n, m, _block_out_channels(m), 1) for n, m in blocks]
+    return sites
+
+
+def residual_block_sites(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
+    """``(name, block, channels, 1)`` of every ResNet residual block (channels-first)."""
+    return [(n, m, _block_out_channels(m), 1) for n, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def vit_blocks(model: nn.Module) -> list[tuple[str, ViTBlock]]:
+    """``(name, block)`` of every plain timm ViT block (AdaptFormer's sites)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is ViTBlock]
+
+
+def wrap_sites(model: nn.Module, sites, wrapper: type[nn.Module], cfg: AdapterConfig) -> list[str]:
+    """Replace every site ``(name, module, channels, channel_dim)`` by ``wrapper(module, Adapter(...))``; their names."""
     if not sites:
         raise ConfigError(f"{type(model).__name__} has no adapter sites (an 'mlp' with fc1/fc2, or ResNet blocks)")
     for name, module, channels, channel_dim in sites:
         replace_submodule(model, name, wrapper(module, Adapter(channels, cfg, channel_dim)))
-    return [s[0] for s in sites]
+    return [site[0] for site in sites]

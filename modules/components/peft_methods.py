@@ -21,8 +21,9 @@ from torch import nn
 
 from modules.components.errors import ConfigError
 from modules.components.low_bit import QuantLinear, WeightQuantizer, task_storage_bytes
-from modules.components.peft import (Adapter, AdapterConfig, SequentialAdapter, insert_adapters, insert_ssf, merge_ssf,
-                                     probe_forward, replace_submodule)
+from modules.components.peft import (Adapter, AdapterConfig, AdaptFormerBlock, ParallelAdapter, SequentialAdapter, insert_ssf,
+                                     merge_ssf, mlp_sites, probe_forward, replace_submodule, residual_block_sites, vit_blocks,
+                                     wrap_sites)
 from modules.components.side_network import SideNetwork, backbone_intermediates
 
 
@@ -144,14 +145,56 @@ class SSFTuning(PEFTMethod):
         return merge_ssf(copy.deepcopy(backbone)).eval()
 
 
+class AdapterPlacement:
+    """Where ``AdapterTuning`` puts its adapters in a backbone, chosen by ``class_path``."""
+
+    def insert(self, model: nn.Module, cfg: AdapterConfig, example: torch.Tensor) -> list[str]:
+        """Wrap the adapter sites of ``model`` in place (``example``: one input, for channel counts); their names."""
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": {}}
+
+
+class ParallelPlacement(AdapterPlacement):
+    """AdaptFormer's placement: an adapter beside each MLP branch.
+
+    A timm ViT block becomes an :class:`AdaptFormerBlock` (the adapter reads the residual stream before
+    ``norm2``, as AdaptFormer's code); other blocks with an ``mlp`` (ConvNeXt) get the adapter beside the MLP,
+    fed its input. Blocks without an MLP (ResNet, the EfficientNet family) take :class:`SequentialPlacement`.
+    """
+
+    def insert(self, model: nn.Module, cfg: AdapterConfig, example: torch.Tensor) -> list[str]:
+        blocks = vit_blocks(model)
+        if blocks:
+            for name, block in blocks:
+                replace_submodule(model, name, AdaptFormerBlock(block, Adapter(block.norm2.normalized_shape[0], cfg)))
+            return [name for name, _ in blocks]
+        sites = mlp_sites(model)
+        if not sites and (mobile_blocks(model) or residual_block_sites(model)):
+            raise ConfigError(f"parallel adapters need blocks with an MLP (ViT, ConvNeXt): {type(model).__name__}'s blocks "
+                              "have none; use placement modules.components.peft_methods.SequentialPlacement")
+        return wrap_sites(model, sites, ParallelAdapter, cfg)
+
+
+class SequentialPlacement(AdapterPlacement):
+    """Houlsby/Pfeiffer placement: ``y + adapter(y)`` after each MLP (ViT, ConvNeXt), else after each ResNet
+    residual block, or after each block of the EfficientNet family (:func:`insert_mobile_block_adapters`)."""
+
+    def insert(self, model: nn.Module, cfg: AdapterConfig, example: torch.Tensor) -> list[str]:
+        if mobile_blocks(model):
+            return insert_mobile_block_adapters(model, cfg, example)
+        return wrap_sites(model, mlp_sites(model) or residual_block_sites(model), SequentialAdapter, cfg)
+
+
 class AdapterTuning(PEFTMethod):
     """Bottleneck adapters: AdaptFormer (fp32) or low-bit adapters (Jie et al. 2023) with a ``quantizer``.
 
     Args:
         dim: bottleneck width.
         scale: adapter output multiplier (AdaptFormer's s).
-        style: ``parallel`` (AdaptFormer) or ``sequential`` (after the MLP / residual block; ResNets and the
-            EfficientNet-family blocks of MobileNetV2/V3 and EfficientNet, see :func:`insert_mobile_block_adapters`).
+        placement: where the adapters go: :class:`ParallelPlacement` (AdaptFormer, the default) or
+            :class:`SequentialPlacement` (ResNets and the EfficientNet family need it).
         bias: biases in the projections (the low-bit adapters' code has none).
         dropout: dropout after the activation.
         activation: timm activation name.
@@ -159,17 +202,14 @@ class AdapterTuning(PEFTMethod):
             ``None`` keeps fp32.
     """
 
-    def __init__(self, dim: int = 8, scale: float = 0.1, style: str = "parallel", bias: bool = True,
+    def __init__(self, dim: int = 8, scale: float = 0.1, placement: AdapterPlacement | None = None, bias: bool = True,
                  dropout: float = 0.1, activation: str = "relu", quantizer: WeightQuantizer | None = None):
-        self.dim, self.scale, self.style, self.bias = dim, scale, style, bias
+        self.dim, self.scale, self.placement, self.bias = dim, scale, placement or ParallelPlacement(), bias
         self.dropout, self.activation, self.quantizer = dropout, activation, quantizer
 
     def wrap(self, backbone: nn.Module, image_size: int) -> None:
-        cfg = AdapterConfig(self.dim, self.scale, self.style, self.bias, self.dropout, self.activation, self.quantizer)
-        if mobile_blocks(backbone):
-            self.site_names = insert_mobile_block_adapters(backbone, cfg, torch.zeros(1, 3, image_size, image_size))
-        else:
-            self.site_names = insert_adapters(backbone, cfg)
+        cfg = AdapterConfig(self.dim, self.scale, self.bias, self.dropout, self.activation, self.quantizer)
+        self.site_names = self.placement.insert(backbone, cfg, torch.zeros(1, 3, image_size, image_size))
 
 
 class SideTuning(PEFTMethod):
@@ -216,12 +256,8 @@ def insert_mobile_block_adapters(model: nn.Module, cfg: AdapterConfig, example: 
 
     Each block's output ``y`` (B, C, H, W) becomes ``y + adapter(y)``: a 1x1 bottleneck over the channels (the
     up-projection starts at zero, so the wrapped model starts as the plain one). The channel count of each
-    block comes from one traced forward of ``example``. Parallel adapters need an MLP branch (ViT,
-    ConvNeXt): these blocks have none.
+    block comes from one traced forward of ``example``.
     """
-    if cfg.style != "sequential":
-        raise ConfigError(f"parallel adapters need blocks with an MLP (ViT, ConvNeXt): {type(model).__name__}'s "
-                          "inverted-residual blocks take style 'sequential'")
     names, channels = mobile_blocks(model), {}
 
     def record(name: str):
@@ -245,6 +281,9 @@ def _known(base: type) -> dict[str, type]:
     return found
 
 
+_NESTED = {"quantizer": WeightQuantizer, "placement": AdapterPlacement}  # the parts a method spec nests
+
+
 def build_method(spec: PEFTMethod | dict) -> PEFTMethod:
     """A method from itself or from a ``{class_path, init_args}`` spec (nested quantizer specs too).
 
@@ -263,6 +302,10 @@ def _from_spec(spec: dict, base: type):
     cls = known.get(spec["class_path"])
     if cls is None:
         raise ConfigError(f"unknown {base.__name__} '{spec['class_path']}': pick one of {', '.join(sorted(n for n, c in known.items() if c is not base))}")
-    args = {k: (_from_spec(v, WeightQuantizer) if isinstance(v, dict) and "class_path" in v else v)
-            for k, v in (spec.get("init_args") or {}).items()}
+    args = dict(spec.get("init_args") or {})
+    for key, value in args.items():
+        if isinstance(value, dict) and "class_path" in value:
+            if key not in _NESTED:
+                raise ConfigError(f"{spec['class_path']}.{key} cannot be a class_path: only {', '.join(_NESTED)} are built")
+            args[key] = _from_spec(value, _NESTED[key])
     return cls(**args)
