@@ -102,7 +102,8 @@ def converged_probe(checkpoint: Path, labelled: FFCVDataModule) -> float:
     def features(loader) -> tuple[torch.Tensor, torch.Tensor]:
         feats, labels = [], []
         for batch in loader:
-            images, targets = labelled.on_after_batch_transfer(batch, 0)[:2]
+            named = labelled.on_after_batch_transfer(batch, 0)
+            images, targets = named["image"], named["label"]
             feats.append(encoder.forward_features(images)[:, encoder.num_prefix_tokens:].mean(1))  # (B, D)
             labels.append(targets.clone())  # FFCV reuses its batch buffers
         return torch.cat(feats), torch.cat(labels)

@@ -15,10 +15,11 @@ import time
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from datamodules import sources
 from modules.classification import ClassificationModule
+from modules.components.batches import NamedTensors
 from modules.components.optim import build_optimizer, build_scheduler
 
 
@@ -34,11 +35,11 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def batches(count: int, batch_size: int, size: int) -> TensorDataset:
+def batches(count: int, batch_size: int, size: int) -> NamedTensors:
     data = sources.fashion_mnist("train")
     images = torch.from_numpy(data.images[: count * batch_size]).float().div(255).unsqueeze(1)
     images = F.interpolate(images, size=size, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
-    return TensorDataset(images, torch.from_numpy(data.labels[: count * batch_size]))
+    return NamedTensors(images, torch.from_numpy(data.labels[: count * batch_size]))
 
 
 def plain_loop(model: ClassificationModule, dataset, batch_size: int, warmup: int) -> float:
@@ -46,7 +47,8 @@ def plain_loop(model: ClassificationModule, dataset, batch_size: int, warmup: in
     scheduler = build_scheduler(optimizer, model.optim, len(dataset) // batch_size, len(dataset) // batch_size)
     model.train()
     start = None
-    for step, (images, labels) in enumerate(DataLoader(dataset, batch_size=batch_size)):
+    for step, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
+        images, labels = batch["image"], batch["label"]
         if step == warmup:
             start = time.perf_counter()
         loss = F.cross_entropy(model(images), labels, label_smoothing=model.label_smoothing)

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from modules.classification import ClassificationModule
+from modules.components.batches import NamedTensors
 from modules.components.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def worker(args) -> None:
     steps = args.warmup + (MEMORY_STEPS if args.memory else args.steps)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(steps * args.batch_size * 2, 3, args.image_size, args.image_size, generator=generator)
-    data = TensorDataset(images, torch.randint(0, 10, (len(images),), generator=generator))
+    data = NamedTensors(images, torch.randint(0, 10, (len(images),), generator=generator))
     model = ClassificationModule(args.backbone, num_classes=10, image_size=args.image_size,
                                  optim=OptimConfig(name="adamw", lr=1e-4, warmup_epochs=0))
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.worker == "fsdp2" else "ddp"

@@ -9,21 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from torch.utils.data import TensorDataset
 
 from datamodules import sources
+from modules.components.batches import NamedTensors  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-
-
-class NamedTensors(TensorDataset):
-    """``TensorDataset(images, labels)`` whose items are ``{"image": ..., "label": ...}``, so its loaders yield
-    named batches as the DataModules do (techniques read keys); ``tensors`` stays ``(images, labels)``."""
-
-    def __getitem__(self, index):
-        images, labels = self.tensors
-        return {"image": images[index], "label": labels[index]}
 
 
 @pytest.fixture(autouse=True)

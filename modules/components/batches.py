@@ -9,6 +9,7 @@ DataModule yields such dicts (``datamodules.base.ImageDataModule.on_after_batch_
 from __future__ import annotations
 
 import torch
+from torch.utils.data import TensorDataset
 
 
 def named_batch(batch) -> dict:
@@ -23,3 +24,12 @@ def named_batch(batch) -> dict:
         return {"image": batch}
     raise TypeError(f"a batch is a dict of named tensors (image, label, ...) or an image tensor, not a "
                     f"{type(batch).__name__}: positional batches are not read (e.g. {{'image': x, 'label': y}})")
+
+
+class NamedTensors(TensorDataset):
+    """``TensorDataset(images, labels)`` whose items are ``{"image": ..., "label": ...}``: its loaders yield named
+    batches as the DataModules do (in-memory data for tests and benchmarks); ``tensors`` stays ``(images, labels)``."""
+
+    def __getitem__(self, index):
+        images, labels = self.tensors
+        return {"image": images[index], "label": labels[index]}

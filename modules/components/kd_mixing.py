@@ -73,7 +73,7 @@ def same_image_partners(index: torch.Tensor) -> torch.Tensor:
     first = torch.cummax(torch.where(starts_group, ranks, torch.zeros_like(ranks)), 0).values
     size = torch.bincount(group)[group]
     if int(size.min()) < 2:
-        raise ConfigError("SelfMix mixes crops of the same image: set data.init_args.crops_per_image >= 2 "
+        raise ConfigError("SelfMix mixes crops of the same image: set data.init_args.batches.init_args.crops_per_image >= 2 "
                           "(datamodules.replay) so that each image comes several times per batch")
     partner_sorted = first + (ranks - first + 1) % size
     partners = torch.empty_like(order)
@@ -152,7 +152,7 @@ class SelfMix(Mixing):
 
     def partners(self, batch: dict) -> torch.Tensor:
         if "index" not in batch:
-            raise ConfigError("SelfMix needs the image index of each crop: use datamodules.replay with crops_per_image >= 2")
+            raise ConfigError("SelfMix needs the image index of each crop: use data.init_args.batches: datamodules.replay.StoredCrops with crops_per_image >= 2")
         return same_image_partners(batch["index"])
 
     def forward(self, batch: dict, targets: KDTargets) -> tuple[dict, KDTargets]:
