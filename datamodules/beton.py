@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,26 @@ class WriteSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def loader_threads(requested: int) -> int:
+    """The FFCV ``Loader`` thread count to use for ``requested`` workers, after preparing numba for it.
+
+    FFCV hands ``num_workers`` to ``numba.set_num_threads``, which refuses more threads than numba started
+    (``NUMBA_NUM_THREADS``, by default the CPUs this process may run on: 1 under ``taskset``, a SLURM task bound
+    to one CPU, ``docker --cpuset-cpus=0``); the count is lowered to that, with a warning. In a process bound to
+    one CPU numba's default TBB pool never returns from its unload at interpreter exit (FFCV loader threads +
+    TBB, reproduced here with ``taskset -c 0``: the batch is served, the process then hangs), so there the
+    OpenMP layer is chosen (``datamodules/__init__.py``).
+    """
+    import numba
+
+    available = int(numba.config.NUMBA_NUM_THREADS)
+    if requested > available:
+        warnings.warn(f"visionlab: data.num_workers {requested} > the {available} threads numba may start here (the CPUs "
+                      f"this process may use, or NUMBA_NUM_THREADS): the FFCV loaders use {available}", stacklevel=2)
+        return available
+    return requested
 
 
 def default_writers() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from datamodules.base import ImageDataModule
-from datamodules.beton import WriteSettings
+from datamodules.beton import WriteSettings, loader_threads
 from datamodules.prepared import MANIFEST, SPLITS, check_prepared, complete_manifest, read_manifest, write_prepared
 from modules.components.errors import ConfigError, DataError
 
@@ -362,7 +362,7 @@ class FFCVDataModule(ImageDataModule):
         return _Loader(Loader(
             str(self.beton_path(split)),
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=loader_threads(self.num_workers),
             os_cache=self.os_cache,
             order=order,
             distributed=distributed,

@@ -4,6 +4,7 @@ and full disks end in one line naming the file, with the previous file intact.""
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -222,3 +223,27 @@ def test_ddp_rank_killed_mid_epoch_survivor_exits_naming_it(tmp_path, kill_rank)
     assert float(exited) - float((tmp_path / "killed").read_text()) < grace + 30
     if kill_rank == 1:
         assert result.returncode == 2  # the launching process is the survivor
+
+
+ONE_CPU_LOADER = """
+import os, sys, warnings
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as taskset -c N, a bound SLURM task, docker --cpuset-cpus
+from datamodules.ffcv_datamodule import FFCVDataModule
+dm = FFCVDataModule(image_size=32, batch_size=64, num_workers=2, train_limit=256, val_limit=128, cache_dir=sys.argv[1])
+dm.prepare_data()
+dm.setup("fit")
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    batch = next(iter(dm.train_dataloader()))
+print("served", len(batch[0]), [str(w.message) for w in seen if "numba may start" in str(w.message)], flush=True)
+"""
+
+
+def test_ffcv_loader_in_a_process_bound_to_one_cpu_serves_and_exits(beton_cache):
+    """Bound to one CPU, FFCV's 2 workers exceeded numba's 1 thread (a ValueError from numba), and with 1 worker the
+    process hung at exit in numba's TBB unload; now the workers are lowered with a warning and the process ends."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    done = subprocess.run([sys.executable, "-c", ONE_CPU_LOADER, str(beton_cache)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "served 64" in done.stdout and "data.num_workers 2 > the 1 threads" in done.stdout, done.stdout
