@@ -24,24 +24,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.captions import FFCVCaptionDataModule  # noqa: E402
-from modules.clip import CLIPModule  # noqa: E402
-from modules.components.optim import OptimConfig  # noqa: E402
-from modules.components.token_masking import AttentiveMasking, RandomMasking  # noqa: E402
+from datamodules.captions import FFCVCaptionDataModule
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from modules.clip import CLIPModule
+from modules.components.optim import OptimConfig
+from modules.components.token_masking import AttentiveMasking, RandomMasking
 
 BACKBONE = "vit_tiny_patch16_224"
 VIT = {"patch_size": 4, "depth": 3, "embed_dim": 96, "num_heads": 3}
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=1, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=(0.286,) * 3, std=(0.353,) * 3, context_length=16)
+            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, context_length=16)
 EARLIER_SCORER = dict(attention_layers=1, online_crop_scale=(1.0, 1.0), ema_warmup=True)
 VARIANTS = {  # name: (token masking class or None, its ratio, extra masking arguments)
     "mask0": (None, 0.0, {}),

@@ -23,7 +23,6 @@ import argparse
 import logging
 import shutil
 import statistics
-import sys
 import time
 import warnings
 from functools import partial
@@ -32,15 +31,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
-from modules.classification import ClassificationModule  # noqa: E402
-from modules.components.difffit import DiffFit  # noqa: E402
-from modules.components.dimr import DiMR  # noqa: E402
-from modules.components.dit import DiT  # noqa: E402
-from modules.components.optim import OptimConfig  # noqa: E402
-from modules.diffusion import DiffusionModule  # noqa: E402
+from datamodules.ffcv_datamodule import FFCVDataModule
+from modules.classification import ClassificationModule
+from modules.components.difffit import DiffFit
+from modules.components.dimr import DiMR
+from modules.components.dit import DiT
+from modules.components.optim import OptimConfig
+from modules.diffusion import DiffusionModule
 
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0),
             hflip=False, val_crop_ratio=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)

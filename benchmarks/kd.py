@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,21 +32,20 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from app.store_logits import store_logits  # noqa: E402
-from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
-from datamodules.replay import with_stored_crops  # noqa: E402
-from modules.classification import ClassificationModule  # noqa: E402
-from modules.components.distill import build_teacher  # noqa: E402
-from modules.components.kd_targets import FerKD, OnlineTeachers, StoredLogits, StoredLogitsRenormalised  # noqa: E402
-from modules.components.kd_terms import FeatureKD  # noqa: E402
-from modules.components.optim import OptimConfig  # noqa: E402
-from modules.kd import DistillationModule  # noqa: E402
+from app.store_logits import store_logits
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.replay import with_stored_crops
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from modules.classification import ClassificationModule
+from modules.components.distill import build_teacher
+from modules.components.kd_targets import FerKD, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
+from modules.components.kd_terms import FeatureKD
+from modules.components.optim import OptimConfig
+from modules.kd import DistillationModule
 
 TEACHER, STUDENT = "resnet18", "test_resnet"
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=(0.286,) * 3, std=(0.353,) * 3)
+            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
 TOPK = 5
 
 

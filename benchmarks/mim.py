@@ -20,31 +20,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
-from modules.classification import ClassificationModule  # noqa: E402
-from modules.components.masking import mae_shuffle  # noqa: E402
-from modules.components.masked_vit import encode  # noqa: E402
-from modules.components.mim_parts import frozen_encoder  # noqa: E402
-from modules.components.optim import OptimConfig  # noqa: E402
-from modules.linear_probe import LinearProbeModule  # noqa: E402
-from modules.mae import MAEModule  # noqa: E402
-from modules.mr_mae import MRMAEModule  # noqa: E402
-from modules.simmim import SimMIMModule  # noqa: E402
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from modules.classification import ClassificationModule
+from modules.components.masking import mae_shuffle
+from modules.components.masked_vit import encode
+from modules.components.mim_parts import frozen_encoder
+from modules.components.optim import OptimConfig
+from modules.linear_probe import LinearProbeModule
+from modules.mae import MAEModule
+from modules.mr_mae import MRMAEModule
+from modules.simmim import SimMIMModule
 
 BACKBONE = "vit_tiny_patch16_224"
 # Mean of the (normed) patch tokens as the image feature: what MIM trains each token for.
 VIT = {"patch_size": 4, "depth": 4, "embed_dim": 128, "num_heads": 4, "global_pool": "avg", "fc_norm": False}
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=1, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=(0.286,) * 3, std=(0.353,) * 3)
+            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
 
 
 def data(args, train_limit: int, batch_size: int = 128) -> FFCVDataModule:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,26 +22,25 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules.base import loader_batch  # noqa: E402
-from datamodules.ffcv_datamodule import FFCVDataModule  # noqa: E402
-from modules.classification import ClassificationModule  # noqa: E402
-from modules.components.optim import OptimConfig  # noqa: E402
-from modules.components.low_bit import NormalQuantile, UniformGrid, relative_error  # noqa: E402
-from modules.components.peft_methods import (  # noqa: E402
+from datamodules.base import loader_batch
+from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from modules.classification import ClassificationModule
+from modules.components.optim import OptimConfig
+from modules.components.low_bit import NormalQuantile, UniformGrid, relative_error
+from modules.components.peft_methods import (
     AdapterTuning,
     FullFineTune,
     LinearProbe,
     SideTuning,
     SSFTuning,
 )
-from modules.peft import PEFTModule, load_task_file  # noqa: E402
+from modules.peft import PEFTModule, load_task_file
 
 BACKBONE = "vit_tiny_patch16_224"
 VIT = {"patch_size": 8, "depth": 6}  # dim 192, 3 heads: 2.7M parameters, 16 tokens at 32 px
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=(0.286,) * 3, std=(0.353,) * 3)
+            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
 PRETRAIN_CLASSES, TRANSFER_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
 # name -> PEFTModule arguments, as configs/peft/<name>.yaml (lr per method as the papers tune it: higher for

@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.classification import ClassificationModule
 from modules.components import hawq, quant
@@ -98,7 +99,7 @@ def main() -> None:
     train_limit, val_limit, epochs = (2000, 1000, 1) if args.quick else (20000, 10000, 3)
     dm = TorchvisionDataModule(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2,
                                train_limit=train_limit, val_limit=val_limit, rrc_scale=[0.6, 1.0], val_crop_ratio=1.0,
-                               mean=[0.286] * 3, std=[0.353] * 3)
+                               mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD))
     dm.setup("fit")
     optim = OptimConfig(name="sgd", lr=0.05, weight_decay=5e-5, warmup_epochs=0)
     with phase("fp32 training"):

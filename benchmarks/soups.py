@@ -18,6 +18,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.classification import ClassificationModule
 from modules.components.optim import OptimConfig
@@ -50,7 +51,7 @@ def main() -> None:
     n, train_limit, held_limit, val_limit, base_epochs, ft_epochs = \
         (3, 4000, 1000, 2000, 2, 1) if args.quick else (6, 12000, 3000, 10000, 2, 1)
     settings = dict(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2, val_limit=val_limit,
-                    rrc_scale=[0.6, 1.0], val_crop_ratio=1.0, mean=[0.286] * 3, std=[0.353] * 3)
+                    rrc_scale=[0.6, 1.0], val_crop_ratio=1.0, mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD))
     # held-out split carved from training (data.holdout_fraction, as configs/soup.yaml): the train loader
     # excludes it, holdout_dataloader serves it with eval transforms
     dm = TorchvisionDataModule(train_limit=train_limit + held_limit, holdout_fraction=held_limit / (train_limit + held_limit),
