@@ -22,7 +22,8 @@ from tests.conftest import CONFIGS, NamedTensors
 def fashion_tensors(n: int = 128, offset: int = 0) -> NamedTensors:
     data = sources.fashion_mnist("val")
     images = torch.from_numpy(data.images[offset:offset + n]).float().div(255)
-    images = F.pad(images, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1).sub(0.286).div(0.353).contiguous()
+    images = F.pad(images, (2, 2, 2, 2)).unsqueeze(1).expand(-1, 3, -1, -1)
+    images = images.sub(sources.FASHION_MNIST_MEAN[0]).div(sources.FASHION_MNIST_STD[0]).contiguous()
     return NamedTensors(images, torch.from_numpy(data.labels[offset:offset + n]).long())
 
 

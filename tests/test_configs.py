@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from app.cli import VisionlabCLI
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from modules.components.backbones import create_backbone
 from tests.conftest import CONFIGS
 
@@ -68,7 +69,7 @@ def stand_in_classifier(tmp_path_factory):
     path = tmp_path_factory.mktemp("stand_in") / "classifier.ckpt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": {"backbone": "test_vit", "backbone_kwargs": kwargs, "num_classes": 10, "image_size": 32},
-                "datamodule_hyper_parameters": {"mean": (0.286,) * 3, "std": (0.353,) * 3}}, path)
+                "datamodule_hyper_parameters": {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}}, path)
     return path
 
 
@@ -117,3 +118,15 @@ def test_every_config_instantiates(config, stand_in_classifier, stand_in_imagene
     assert isinstance(cli.trainer, pl.Trainer)
     for callback in (own.get("trainer") or {}).get("callbacks+", []) or []:
         assert any(f"{type(c).__module__}.{type(c).__qualname__}" == callback["class_path"] for c in cli.trainer.callbacks)
+
+
+def test_fashion_mnist_yamls_normalise_with_the_package_constants():
+    """The Fashion-MNIST data layers (YAML cannot import) carry the mean / std that benchmarks and tests take from
+    ``datamodules.sources``: a retuned number in one place only would make configs and benchmarks disagree."""
+    layers = [p for p in sorted(CONFIGS.glob("data/*.yaml"))
+              if yaml.safe_load(p.read_text())["data"]["init_args"].get("source") == "fashion_mnist"]
+    assert {p.name for p in layers} >= {"fashion_mnist.yaml", "fashion_mnist_torchvision.yaml"}
+    for layer in layers:
+        init_args = yaml.safe_load(layer.read_text())["data"]["init_args"]
+        assert tuple(init_args["mean"]) == FASHION_MNIST_MEAN, layer.name
+        assert tuple(init_args["std"]) == FASHION_MNIST_STD, layer.name

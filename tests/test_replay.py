@@ -15,6 +15,7 @@ from app.store_logits import store_logits
 from datamodules.base import loader_batch
 from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.replay import StoredCrops, apply_crops, sample_crop_params, with_stored_crops
+from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components import sparse_logits
 from modules.components.distill import renormalised_sparse_targets, sparse_soft_targets, topk_probabilities
@@ -25,7 +26,7 @@ from .conftest import CONFIGS
 
 EPOCHS, TOPK, BATCH = 3, 4, 16
 DATA = dict(source="fashion_mnist", image_size=32, batch_size=BATCH, num_workers=1, train_limit=64, val_limit=16,
-            rrc_scale=(0.35, 1.0), mean=(0.286,) * 3, std=(0.353,) * 3, seed=3)
+            rrc_scale=(0.35, 1.0), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, seed=3)
 BACKENDS = (FFCVDataModule, TorchvisionDataModule)
 
 
