@@ -1,5 +1,7 @@
 """CLIP at small scale on the embedded Fashion-MNIST: zero-shot top-1, retrieval, and token-masking step time.
 
+from harness import print_ratio
+
 Captions are the class names in five prompt templates (``datamodules.captions.FFCVCaptionDataModule``),
 the image tower a small ViT (32 px, 4-px patches: 64 tokens), the text tower a small transformer over
 CLIP's BPE trained from scratch. Each variant (no masking; FLIP random and Attentive Mask CLIP token
@@ -153,7 +155,7 @@ def main() -> None:
     print()
     for name in VARIANTS:
         if name != "mask0":
-            print(f"{name}_speedup: {timed['mask0'] / timed[name]:.2f}x")
+            print_ratio(f"{name}_speedup", timed["mask0"] / timed[name])
     chance = 1 / dm.num_classes
     for name, row in rows.items():
         verdict = "holds" if row["zeroshot_acc1"] > 2 * chance else "DOES NOT hold"

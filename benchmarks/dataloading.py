@@ -21,13 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from datamodules import sources
 from datamodules.base import loader_batch
 from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.torchvision_datamodule import TorchvisionDataModule
+
+from harness import print_ratios
 
 
 def write_jpeg_tree(root: Path, count: int, size: int) -> Path:
@@ -107,10 +108,8 @@ def main() -> None:
     for name, rate, rate_norm, warmup, prep, size in rows:
         print(f"{name:<12} {rate:>12.0f} {rate_norm:>12.0f} {warmup:>10.1f} {prep:>10.1f} {size / 2**20:>9.1f}")
     base, base_norm = rows[0][1], rows[0][2]
-    for name, rate, rate_norm, *_ in rows[1:]:
-        print(f"{name}: {rate / base:.2f}x")
-    for name, rate, rate_norm, *_ in rows[1:]:
-        print(f"{name}+norm: {rate_norm / base_norm:.2f}x")
+    print_ratios({name: rate / base for name, rate, *_ in rows[1:]})
+    print_ratios({f"{name}+norm": rate_norm / base_norm for name, _, rate_norm, *_ in rows[1:]})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from modules.components.dit import DiT
 from modules.components.optim import OptimConfig
 from modules.diffusion import DiffusionModule
 
+from harness import print_ratios
+
 DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0),
             hflip=False, val_crop_ratio=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
 ALL, PRETRAIN, TRANSFER = list(range(10)), [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -225,14 +227,15 @@ def scratch_summary(by: dict) -> None:
 
 
 def transfer_summary(by: dict, rows: list[dict]) -> None:
-    print(f"difffit_vs_full fd (full/difffit, 1 = equal): {by['full_ft_5-9']['fd'] / by['difffit_5-9']['fd']:.2f}x")
-    print(f"difffit_vs_full sample_acc (difffit/full): {by['difffit_5-9']['acc'] / max(by['full_ft_5-9']['acc'], 1e-9):.2f}x")
-    print(f"difffit_vs_full step time (full/difffit): {by['full_ft_5-9']['step_ms'] / by['difffit_5-9']['step_ms']:.2f}x")
-    print(f"difffit_vs_full trainable params (full/difffit): {by['full_ft_5-9']['pct'] / by['difffit_5-9']['pct']:.2f}x")
-    print(f"pretrain_vs_scratch fd on 5-9 (scratch/difffit): {by['dit_scratch_5-9']['fd'] / by['difffit_5-9']['fd']:.2f}x")
-    for r in rows:
-        print(f"{r['name']} fd over training (mid/end, >1 = improving): {r['fd_mid'] / r['fd']:.2f}x")
     difffit, full = by["difffit_5-9"], by["full_ft_5-9"]
+    print_ratios({
+        "difffit_vs_full fd (full/difffit, 1 = equal)": full["fd"] / difffit["fd"],
+        "difffit_vs_full sample_acc (difffit/full)": difffit["acc"] / max(full["acc"], 1e-9),
+        "difffit_vs_full step time (full/difffit)": full["step_ms"] / difffit["step_ms"],
+        "difffit_vs_full trainable params (full/difffit)": full["pct"] / difffit["pct"],
+        "pretrain_vs_scratch fd on 5-9 (scratch/difffit)": by["dit_scratch_5-9"]["fd"] / difffit["fd"],
+    })
+    print_ratios({f"{r['name']} fd over training (mid/end, >1 = improving)": r["fd_mid"] / r["fd"] for r in rows})
     close = difffit["fd"] <= 1.05 * full["fd"]
     faster = difffit["step_ms"] < full["step_ms"]
     print(f"\ndirection: DiffFit within 5% of full FT's fd ({difffit['fd']:.2f} vs {full['fd']:.2f}) with "

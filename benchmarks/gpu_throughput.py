@@ -33,6 +33,8 @@ from modules.clip import CLIPModule
 from modules.components.optim import OptimConfig
 from modules.mae import MAEModule
 
+from harness import print_ratio, print_ratios
+
 SWITCHES = {  # name -> callbacks of callbacks/speed.py, given the network attribute they act on
     "channels_last": lambda network: [ChannelsLast(network)],
     "compile": lambda network: [CompileNetwork(network)],
@@ -182,9 +184,8 @@ def main() -> None:
     for name in dict.fromkeys(r[0] for r in rows):
         by = {(r[1], r[2]): r[3] for r in rows if r[0] == name}
         eager = by[("synthetic", "eager")]
-        print(f"{name} ffcv_vs_synthetic: {by[('ffcv', 'eager')] / eager:.2f}x")
-        for switch in args.switches:
-            print(f"{name} {switch}_vs_eager: {by[('synthetic', switch)] / eager:.2f}x")
+        print_ratio(f"{name} ffcv_vs_synthetic", by[("ffcv", "eager")] / eager)
+        print_ratios({f"{name} {switch}_vs_eager": by[("synthetic", switch)] / eager for switch in args.switches})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from modules.mae import MAEModule
 from modules.mr_mae import MRMAEModule
 from modules.simmim import SimMIMModule
 
+from harness import print_ratio
+
 BACKBONE = "vit_tiny_patch16_224"
 # Mean of the (normed) patch tokens as the image feature: what MIM trains each token for.
 VIT = {"patch_size": 4, "depth": 4, "embed_dim": 128, "num_heads": 4, "global_pool": "avg", "fc_norm": False}
@@ -227,14 +229,14 @@ def main() -> None:
     for name, base in (("mae", "simmim"), ("mr_mae", "mae")):  # the papers' directions: MAE >= SimMIM, MR-MAE >= MAE
         if {name, base} <= rows.keys():
             ratio = rows[name]["finetune"] / max(rows[base]["finetune"], 1e-9)
-            print(f"{name}_vs_{base}_finetune: {ratio:.2f}x ({'holds' if ratio >= 1 else 'DOES NOT hold'}: >= 1)")
+            print_ratio(f"{name}_vs_{base}_finetune", ratio, holds=ratio >= 1, rule=">= 1")
     for name, row in rows.items():
         if name != "scratch":
             ratio = row["probe_lbfgs"] / max(rows["scratch"]["probe_lbfgs"], 1e-9)
-            print(f"probe_lbfgs_{name}_vs_random_init: {ratio:.2f}x")
+            print_ratio(f"probe_lbfgs_{name}_vs_random_init", ratio)
     print(f"encoder fwd+bwd, batch 128: all 64 tokens {1000 * full_s:.1f} ms, 25% visible {1000 * masked_s:.1f} ms")
     speedup = full_s / masked_s
-    print(f"mae_speedup: {speedup:.2f}x ({'holds' if speedup >= 2.5 else 'DOES NOT hold'}: >= 2.5x)")
+    print_ratio("mae_speedup", speedup, holds=speedup >= 2.5, rule=">= 2.5x")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from modules.classification import ClassificationModule
 from modules.components.batches import NamedTensors
 from modules.components.optim import build_optimizer, build_scheduler
 
+from harness import print_ratio
+
 
 class StepTimer(pl.Callback):
     def __init__(self, warmup: int):
@@ -88,7 +90,7 @@ def main() -> None:
     print(f"{'variant':<14} {'ms/step':>9}")
     for name, seconds in results.items():
         print(f"{name:<14} {seconds * 1000:>9.1f}")
-    print(f"lightning_overhead: {results['lightning'] / results['plain_pytorch']:.2f}x")
+    print_ratio("lightning_overhead", results["lightning"] / results["plain_pytorch"])
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import timm
 import torch
+
 from harness import cli_run, packaged_weights, print_ratios
 
 BACKBONE = "mobilenetv2_100"

@@ -34,6 +34,8 @@ from modules.classification import ClassificationModule
 from modules.components.batches import NamedTensors
 from modules.components.optim import OptimConfig
 
+from harness import print_ratios
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -171,9 +173,8 @@ def main() -> None:
         summary[name] = (step, peak, state)
         print(f"{name:<9} {step * 1000:>9.0f} {peak / mib:>21.0f} {state / mib:>18.0f}  ({parts})")
     (ddp_step, ddp_peak, ddp_state), (step, peak, state) = summary["ddp"], summary["fsdp2"]
-    print(f"fsdp2_step_time_vs_ddp: {step / ddp_step:.2f}x")
-    print(f"fsdp2_peak_rss_vs_ddp: {peak / ddp_peak:.2f}x")
-    print(f"fsdp2_state_memory_vs_ddp: {state / ddp_state:.2f}x")
+    print_ratios({"fsdp2_step_time_vs_ddp": step / ddp_step, "fsdp2_peak_rss_vs_ddp": peak / ddp_peak,
+                  "fsdp2_state_memory_vs_ddp": state / ddp_state})
 
 
 if __name__ == "__main__":

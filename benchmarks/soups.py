@@ -24,6 +24,8 @@ from modules.classification import ClassificationModule
 from modules.components.optim import OptimConfig
 from modules.components.soup import greedy_soup, recompute_batchnorm, uniform_soup
 
+from harness import print_ratio
+
 warnings.filterwarnings("ignore")
 
 
@@ -104,7 +106,7 @@ def main() -> None:
     print(f"\nuniform soup vs best single: {rows[-2][2] - tests[best]:+.2f} pts val")
     print(f"greedy soup vs best single: {rows[-1][2] - tests[best]:+.2f} pts val")
     for name, row in (("uniform_soup", rows[-2]), ("greedy_soup", rows[-1])):
-        print(f"{name}_vs_best_single_error: {(100 - tests[best]) / max(100 - row[2], 1e-9):.2f}x (>1 = fewer val errors)")
+        print_ratio(f"{name}_vs_best_single_error", (100 - tests[best]) / max(100 - row[2], 1e-9), note=">1 = fewer val errors")
     gain = rows[-1][2] - tests[best]
     print(f"direction (greedy soup >= best single ingredient on the reported split): {'holds' if gain >= 0 else 'FAILS'}")
     print(f"total {time.perf_counter() - started:.0f} s")
