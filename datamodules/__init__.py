@@ -11,6 +11,10 @@ def _numba_threading_for_one_cpu() -> None:
     numba's threads at import; ``NUMBA_THREADING_LAYER`` in the environment wins."""
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != 1 or "NUMBA_THREADING_LAYER" in os.environ:
         return
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401  (needs the system's libgomp; without it keep numba's default)
+    except ImportError:
+        return
     os.environ["NUMBA_THREADING_LAYER"] = "omp"  # read by numba.config at import (children inherit it)
     if "numba" in sys.modules:  # already imported: its config was read; the layer itself is chosen at launch
         sys.modules["numba"].config.THREADING_LAYER = "omp"
