@@ -47,14 +47,10 @@ class WriteSettings:
 
 
 def loader_threads(requested: int) -> int:
-    """The FFCV ``Loader`` thread count to use for ``requested`` workers, after preparing numba for it.
-
-    FFCV hands ``num_workers`` to ``numba.set_num_threads``, which refuses more threads than numba started
-    (``NUMBA_NUM_THREADS``, by default the CPUs this process may run on: 1 under ``taskset``, a SLURM task bound
-    to one CPU, ``docker --cpuset-cpus=0``); the count is lowered to that, with a warning. In a process bound to
-    one CPU numba's default TBB pool never returns from its unload at interpreter exit (FFCV loader threads +
-    TBB, reproduced here with ``taskset -c 0``: the batch is served, the process then hangs), so there the
-    OpenMP layer is chosen (``datamodules/__init__.py``).
+    """The FFCV ``Loader`` thread count for ``requested`` workers: FFCV hands ``num_workers`` to
+    ``numba.set_num_threads``, which refuses more threads than numba started (``NUMBA_NUM_THREADS``, by default
+    the CPUs this process may run on), so the count is lowered to that, with a warning. (The threading layer of
+    a one-CPU process is chosen in ``datamodules/__init__.py``.)
     """
     import numba
 

@@ -25,6 +25,7 @@ from modules.components.peft import (Adapter, AdapterConfig, AdaptFormerBlock, P
                                      merge_ssf, mlp_sites, probe_forward, replace_submodule, residual_block_sites, vit_blocks,
                                      wrap_sites)
 from modules.components.side_network import SideNetwork, backbone_intermediates
+from modules.components.specs import module_spec
 
 
 def classifier_name(backbone: nn.Module) -> str:
@@ -153,7 +154,7 @@ class AdapterPlacement:
         raise NotImplementedError
 
     def spec(self) -> dict:
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": {}}
+        return module_spec(self)
 
 
 class ParallelPlacement(AdapterPlacement):
