@@ -5,8 +5,8 @@
     visionlab prepare-data --config configs/data/imagenet.yaml --output /shared/imagenet-ffcv
 
 Writes ``train.beton``, ``val.beton`` and ``manifest.json`` into ``--output`` with one writer process per core
-(``--workers``), in the config's write settings (``--data.init_args.write_mode proportion`` etc. override
-them). Then train from the files alone with ``--data.init_args.prepared /shared/imagenet-ffcv``: the source
+(``--workers``), in the config's write settings (``--data.init_args.loader.init_args.write_mode proportion`` etc. override
+them). Then train from the files alone with ``--data.init_args.loader.init_args.prepared /shared/imagenet-ffcv``: the source
 tree is not read again, so it need not exist on the training nodes.
 """
 
@@ -30,11 +30,13 @@ def build_parser() -> ArgumentParser:
 
 def prepare(datamodule, output: str | Path, workers: int | None = None) -> dict:
     """Write ``datamodule``'s splits into ``output``; returns the manifest."""
-    if not hasattr(datamodule, "write_prepared"):
-        raise ConfigError(f"{type(datamodule).__name__} does not write .beton files: use an FFCV DataModule config")
+    loader = getattr(datamodule, "loader", None)
+    if not hasattr(loader, "write_prepared"):
+        raise ConfigError(f"the {type(loader).__name__} loader back-end writes no .beton files: set data.init_args.loader "
+                          "to datamodules.ffcv_loader.FFCVLoader")
     if workers is not None:
-        datamodule.write_workers = workers
-    return datamodule.write_prepared(Path(output).expanduser())
+        loader.write_workers = workers
+    return loader.write_prepared(Path(output).expanduser())
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -45,7 +47,7 @@ def main(args: list[str] | None = None) -> dict:
     manifest = prepare(parser.instantiate_classes(cfg).data, cfg.output, cfg.workers)
     counts = ", ".join(f"{split} {entry['samples']}" for split, entry in manifest["splits"].items())
     print(f"prepare-data: {cfg.output}: {counts} images, {manifest['num_classes']} classes; "
-          f"train with --data.init_args.prepared {cfg.output}")
+          f"train with --data.init_args.loader.init_args.prepared {cfg.output}")
     return manifest
 
 

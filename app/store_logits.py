@@ -49,7 +49,7 @@ def store_logits(datamodule, teacher: nn.Module, epochs: int, topk: int, output:
     """Store ``teacher``'s top-k logits on ``epochs`` augmented passes over ``datamodule``'s training split.
 
     Args:
-        datamodule: an FFCV or torchvision DataModule (with or without ``StoredCrops`` batches: its
+        datamodule: an ``ImageDataModule`` on either loader back-end (with or without ``StoredCrops`` batches: its
             ``decode_size`` decides the decoded pixels); its augmentation settings (``seed``, ``rrc_scale``,
             ``rrc_ratio``, ``hflip``, ``image_size``) define the crops.
         teacher: image classifier taking normalised (B, 3, S, S) and returning (B, num_classes) logits.

@@ -1,4 +1,4 @@
-"""Images/s of the FFCV DataModule vs the torchvision DataModule on the same JPEG files.
+"""Images/s of the FFCV loader back-end vs the torchvision one on the same JPEG files.
 
 Fashion-MNIST images are written once as an ImageFolder of RGB JPEGs upscaled to 160 px (ImageNet-like
 decode + crop work); both DataModules then run random-resized-crop + flip to the same crop size with the
@@ -24,9 +24,9 @@ from pathlib import Path
 from PIL import Image
 
 from datamodules import sources
-from datamodules.base import loader_batch
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.torchvision_datamodule import TorchvisionDataModule
+from datamodules.base import ImageDataModule, loader_batch
+from datamodules.ffcv_loader import FFCVLoader
+from datamodules.torchvision_loader import TorchvisionLoader
 
 from harness import print_ratios
 
@@ -84,9 +84,9 @@ def main() -> None:
     common = dict(source=str(tree), image_size=args.crop, batch_size=args.batch_size, num_workers=args.workers,
                   val_fraction=0.05, rrc_scale=(0.08, 1.0))
     variants = {
-        "torchvision": TorchvisionDataModule(**common),
-        "ffcv_jpg": FFCVDataModule(cache_dir=str(args.workdir / "beton"), write_mode="jpg", jpeg_quality=90, **common),
-        "ffcv_raw": FFCVDataModule(cache_dir=str(args.workdir / "beton"), write_mode="raw", **common),
+        "torchvision": ImageDataModule(loader=TorchvisionLoader(), **common),
+        "ffcv_jpg": ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_mode="jpg", jpeg_quality=90), **common),
+        "ffcv_raw": ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_mode="raw"), **common),
     }
     rows = []
     for name, dm in variants.items():
@@ -99,7 +99,8 @@ def main() -> None:
         rate = images_per_second(dm, loader, epochs, normalize=False)
         rate_norm = images_per_second(dm, loader, epochs, normalize=True)
         del loader
-        size = sum(p.stat().st_size for p in Path(dm.beton_path("train")).parent.glob("*.beton")) if hasattr(dm, "beton_path") else 0
+        beton = getattr(dm.loader, "beton_path", None)
+        size = sum(p.stat().st_size for p in Path(beton("train")).parent.glob("*.beton")) if beton else 0
         rows.append((name, rate, rate_norm, warmup, prep, size))
 
     print(f"\ndataloading: {count} JPEGs at {args.size}px -> RRC {args.crop}px + flip + normalise, "

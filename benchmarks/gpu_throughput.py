@@ -2,7 +2,7 @@
 training-speed switches (``channels_last``, ``torch.compile``) on and off.
 
 Each module (classification, MAE, CLIP) trains through a real Lightning ``fit`` (bf16 mixed precision on GPU).
-"synthetic" feeds uint8 batches already in memory (no decode, no augmentation); "ffcv" feeds the FFCV DataModule
+"synthetic" feeds uint8 batches already in memory (no decode, no augmentation); "ffcv" feeds the FFCV back-end
 from a JPEG ``.beton`` (Fashion-MNIST upscaled to ImageNet-like sizes). The gap between the two is the data-loading
 overhead the accelerator sees. The switches are the YAML callbacks of ``callbacks/speed.py`` (``ChannelsLast``,
 ``CompileNetwork``), applied to the synthetic feed; compiled runs are timed after their warm-up steps, which pay
@@ -26,8 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataloading import write_jpeg_tree  # benchmarks/dataloading.py
 from callbacks.speed import ChannelsLast, CompileNetwork
-from datamodules.captions import FFCVCaptionDataModule
-from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.backend import LoaderBackend
+from datamodules.base import ImageDataModule
+from datamodules.captions import ClassPrompts
+from datamodules.ffcv_loader import FFCVLoader
 from modules.classification import ClassificationModule
 from modules.clip import CLIPModule
 from modules.components.optim import OptimConfig
@@ -55,22 +57,17 @@ class _Synthetic(Dataset):
         return self.images[index], self.labels[index]
 
 
-class SyntheticDataModule(FFCVDataModule):
-    """Same normalisation path as the FFCV DataModule, batches from memory (no decoding at all)."""
+class SyntheticLoader(LoaderBackend):
+    """A loader back-end serving uint8 batches from memory (no decoding at all): the DataModule's device-side
+    normalisation and batch transform (class-prompt captions for CLIP) stay the same as with FFCV."""
 
-    def __init__(self, count: int, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, count: int):
         self.count = count
 
-    def prepare_data(self):
-        pass
-
-    def setup(self, stage):
-        pass
-
-    def train_dataloader(self):
-        return DataLoader(_Synthetic(self.image_size, self.count, self.num_classes), batch_size=self.batch_size,
-                          shuffle=True, drop_last=True, num_workers=0, pin_memory=torch.cuda.is_available())
+    def split_loader(self, split, train, indices=None):
+        dm = self.datamodule
+        return DataLoader(_Synthetic(dm.image_size, self.count, dm.num_classes), batch_size=dm.batch_size,
+                          shuffle=train, drop_last=train, num_workers=0, pin_memory=torch.cuda.is_available())
 
 
 class Timer(pl.Callback):
@@ -87,10 +84,6 @@ class Timer(pl.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
-
-
-class SyntheticCaptionDataModule(SyntheticDataModule, FFCVCaptionDataModule):
-    """The synthetic batches captioned on the device like ``FFCVCaptionDataModule`` (class prompts), for CLIP."""
 
 
 class NetworkCalls(pl.Callback):
@@ -144,17 +137,16 @@ def main() -> None:
 
     rows = []
     for name, (build, network, captions) in modules(gpu, size, context_length).items():
-        text_args = {"context_length": context_length} if captions else {}
         # an untimed first fit per module: its first steps pay one-time costs (kernel selection, allocator) beyond
         # the warm-up steps, which would bias the first timed row; it also counts the network's calls
         runs = [("synthetic", "warm-up"), ("synthetic", "eager"), ("ffcv", "eager"), *(("synthetic", s) for s in args.switches)]
         for feed, switch in runs:
             if feed == "ffcv":
-                data = (FFCVCaptionDataModule if captions else FFCVDataModule)(
-                    cache_dir=str(args.workdir / "beton"), write_mode="jpg", max_resolution=256 if gpu else 80,
-                    **data_args, **text_args)
+                loader = FFCVLoader(cache_dir=str(args.workdir / "beton"), write_mode="jpg", max_resolution=256 if gpu else 80)
             else:
-                data = (SyntheticCaptionDataModule if captions else SyntheticDataModule)(count=count, **data_args, **text_args)
+                loader = SyntheticLoader(count)
+            prompts = ClassPrompts(context_length=context_length) if captions else None
+            data = ImageDataModule(loader=loader, batches=prompts, **data_args)
             timer = Timer(warmup)
             calls = [NetworkCalls(network)] if switch == "warm-up" else []  # hooks stay out of compiled runs
             switches = SWITCHES[switch](network) if switch in SWITCHES else []

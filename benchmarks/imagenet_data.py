@@ -2,7 +2,7 @@
 
 Extends ``benchmarks/dataloading.py`` (its timing helpers) to ImageNet-like files: a JPEG tree cut from the
 scikit-image photographs (random crops rescaled to 300-500 px on the long side, JPEG quality 90, 100 classes; 10 with --quick),
-written by ``visionlab prepare-data``'s code path (``FFCVDataModule.write_prepared``) in ``raw``, ``jpg`` and
+written by ``visionlab prepare-data``'s code path (``FFCVLoader.write_prepared``) in ``raw``, ``jpg`` and
 ``proportion`` (ffcv-imagenet's recipe: at most 500 px, half JPEG at quality 90). Each is then read at 224 px
 with random-resized-crop + flip against the torchvision ImageFolder loader on the same files, with the same
 worker count, and again with ``datamodules.augment.RandAugment`` run on each uint8 batch as the DataModule
@@ -28,8 +28,9 @@ from dataloading import images_per_second, warm_up  # benchmarks/dataloading.py
 from datamodules.augment import RandAugment
 from datamodules.base import loader_batch
 from datamodules.beton import default_writers
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.torchvision_datamodule import TorchvisionDataModule
+from datamodules.base import ImageDataModule
+from datamodules.ffcv_loader import FFCVLoader
+from datamodules.torchvision_loader import TorchvisionLoader
 
 IMAGENET_IMAGES = 1_281_167 + 50_000
 MODES = {
@@ -116,19 +117,20 @@ def main() -> None:
     common = dict(source=str(tree), image_size=args.crop, batch_size=args.batch_size, num_workers=args.workers,
                   val_fraction=0.02, rrc_scale=(0.08, 1.0))
     # One small untimed write first: the writer's numba compilation is paid once per process, not per mode.
-    warm = FFCVDataModule(cache_dir=str(args.workdir / "beton-warm-up"), write_mode="proportion", train_limit=32,
-                          val_limit=4, **common)
+    warm = ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton-warm-up"), write_mode="proportion"), train_limit=32,
+                           val_limit=4, **common).loader
     shutil.rmtree(warm.folder(), ignore_errors=True)
     warm.write_prepared()
     rows = []
-    tv = TorchvisionDataModule(**common)
+    tv = ImageDataModule(loader=TorchvisionLoader(), **common)
     tv.setup("fit")
     rows.append(("torchvision", None, source_bytes, *loader_rates(tv, epochs)))
     for name, settings in MODES.items():
-        dm = FFCVDataModule(cache_dir=str(args.workdir / "beton"), write_workers=default_writers(), **settings, **common)
-        shutil.rmtree(dm.folder(), ignore_errors=True)
+        dm = ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_workers=default_writers(), **settings),
+                             **common)
+        shutil.rmtree(dm.loader.folder(), ignore_errors=True)
         start = time.perf_counter()
-        manifest = dm.write_prepared()
+        manifest = dm.loader.write_prepared()
         write_rate = sum(s["samples"] for s in manifest["splits"].values()) / (time.perf_counter() - start)
         dm.setup("fit")
         per_image = sum(s["bytes"] for s in manifest["splits"].values()) / sum(s["samples"] for s in manifest["splits"].values())

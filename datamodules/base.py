@@ -1,4 +1,5 @@
-"""Shared interface of visionlab's image DataModules (FFCV and torchvision implement the loaders)."""
+"""visionlab's image DataModule: sources, splits and device-side batches; a loader back-end (FFCV | torchvision)
+turns splits into loaders and an optional batch transform (captions, replayed crops) adds keys to each batch."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from datamodules import sources
 from datamodules.augment import DeviceAugment
+from datamodules.backend import LoaderBackend, default_loader
 from modules.components.errors import ConfigError
 
 EMBEDDED = "fashion_mnist"
@@ -59,7 +61,7 @@ class BatchTransform:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Labelled images from the embedded Fashion-MNIST or any ImageFolder tree.
+    """Labelled images from the embedded Fashion-MNIST or any ImageFolder tree, through an injected loader back-end.
 
     Batches leave the loader as uint8 ``(B, 3, H, W)``; ``on_after_batch_transfer`` augments training batches
     on the device (``batch_augment``, ``normalized_augment``) and normalises, so both loader back-ends and
@@ -68,6 +70,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     Args:
         source: ``fashion_mnist`` (the embedded default) or the path of an ImageFolder tree.
+        loader: the loader back-end by ``class_path``: ``datamodules.ffcv_loader.FFCVLoader`` (default; its
+            settings are the ``.beton`` cache, write mode, order...) or ``datamodules.torchvision_loader.TorchvisionLoader``.
         image_size: output crop size (linked into the model).
         batch_size: per-device batch size.
         num_workers: loader worker processes/threads.
@@ -128,9 +132,10 @@ class ImageDataModule(pl.LightningDataModule):
         holdout_fraction: float = 0.0,
         extra_eval: dict[str, str] | None = None,
         batches: BatchTransform | None = None,
+        loader: LoaderBackend | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["batch_augment", "normalized_augment", "batches"])
+        self.save_hyperparameters(ignore=["batch_augment", "normalized_augment", "batches", "loader"])
         self.extra_eval = dict(extra_eval or {})
         for name in self.extra_eval:
             if not name.isidentifier() or name in {"train", "val", "raw"}:
@@ -143,6 +148,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.classes = list(classes) if classes else None
         self.seed = seed
         self._sources: dict[str, object] = {}
+        self.loader = loader if loader is not None else default_loader()
+        self.loader.bind(self)
+        self.prepare_data_per_node = self.loader.prepare_data_per_node
         self.class_names = self._class_names()
         self.set_normalization(mean, std)
         self.augment = DeviceAugment(batch_augment or [], normalized_augment or [],
@@ -157,6 +165,9 @@ class ImageDataModule(pl.LightningDataModule):
         return self.source == EMBEDDED
 
     def _class_names(self) -> list[str]:
+        known = self.loader.class_names()
+        if known is not None:
+            return known
         if self.is_embedded:
             names = sources.FASHION_MNIST_CLASSES
         else:
@@ -181,6 +192,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def source_classes(self) -> list[str]:
         """Class names of the source before any ``classes`` selection (what extra sets' folders are named)."""
+        known = self.loader.source_classes()
+        if known is not None:
+            return known
         return list(sources.FASHION_MNIST_CLASSES) if self.is_embedded else sources.folder_classes(self.source, self.hparams.class_index)
 
     def eval_sets(self) -> list[str]:
@@ -205,7 +219,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     # --- held-out split of the training data (model-soup selection) ------------------------------
     def num_train_samples(self) -> int:
-        return len(self.get_source("train"))
+        known = self.loader.num_train_samples()
+        return len(self.get_source("train")) if known is None else known
 
     def holdout_split(self) -> tuple[np.ndarray | None, np.ndarray]:
         """(training indices, held-out indices): a seeded ``holdout_fraction`` of the training split.
@@ -231,9 +246,21 @@ class ImageDataModule(pl.LightningDataModule):
                               "data.init_args.holdout_fraction, e.g. 0.02 as the paper's ImageNet2p")
         return self.split_loader("train", train=False, indices=self.holdout_split()[1])
 
+    # --- loaders (the back-end's) ----------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.loader.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.loader.setup(stage)
+        if self.batches is not None:
+            self.batches.setup(self, stage)
+
     def split_loader(self, split: str, train: bool, indices=None):
         """A loader over ``split`` (optionally only ``indices``) with train or eval transforms (the back-end's)."""
-        raise NotImplementedError
+        return self.loader.split_loader(split, train, indices)
+
+    def train_dataloader(self):
+        return self.split_loader("train", train=True, indices=self.holdout_split()[0])
 
     # --- batches ---------------------------------------------------------------------------------
     def set_normalization(self, mean, std) -> None:
@@ -265,11 +292,6 @@ class ImageDataModule(pl.LightningDataModule):
         """Whether the loaders add each sample's index (``batches`` asks for it)."""
         return bool(self.batches is not None and self.batches.yields_index)
 
-    def setup_batches(self, stage: str) -> None:
-        """The end of every back-end's ``setup``."""
-        if self.batches is not None:
-            self.batches.setup(self, stage)
-
     def class_prompt_tokens(self) -> torch.Tensor:
         """(C, T, L) prompt token ids of every class and template (zero-shot heads), from a caption ``batches``."""
         if not hasattr(self.batches, "class_prompt_tokens"):
@@ -298,9 +320,8 @@ class ImageDataModule(pl.LightningDataModule):
         return bool(self.batches is not None and self.batches.full_train_images)
 
     def decoded_pixels(self, decode_size: int | None) -> str:
-        """What the back-end's whole training images are: ``source`` when they are the source's own pixels
-        (lossless, identical through either back-end), else a description of the lossy/resizing decode."""
-        raise NotImplementedError
+        """What the back-end's whole training images are (``LoaderBackend.decoded_pixels``)."""
+        return self.loader.decoded_pixels(decode_size)
 
     def full_image_loader(self):
         """The training split as whole decoded ``(uint8 images, labels, indices)`` batches in index order, none

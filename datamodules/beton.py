@@ -36,7 +36,7 @@ class WriteSettings:
 
     def __post_init__(self):
         if self.write_mode not in WRITE_MODES:
-            raise ConfigError(f"data.write_mode '{self.write_mode}' is not one of {', '.join(WRITE_MODES)}")
+            raise ConfigError(f"data.loader.write_mode '{self.write_mode}' is not one of {', '.join(WRITE_MODES)}")
         if not 0.0 <= self.compress_probability <= 1.0:
             raise ConfigError(f"data.compress_probability {self.compress_probability} must be within [0, 1]")
         if not 1 <= self.jpeg_quality <= 100:

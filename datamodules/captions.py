@@ -10,10 +10,8 @@ captions are the same text (retrieval counts any identical caption as a match).
 * ``CaptionsFile``: an ImageFolder tree plus a captions file (one or more per image). The loaders yield each
   sample's index; its captions are a table lookup on the batch (the ``.beton`` files are again the classifier's).
 
-Either goes into any back-end: ``FFCVDataModule(batches=ClassPrompts(...))`` or ``TorchvisionDataModule(...)``;
-the DataModule then exposes ``class_prompt_tokens()`` (C classes x T templates x L) for zero-shot heads.
-``FFCVCaptionDataModule``, ``TorchvisionCaptionDataModule``, ``CaptionFolderDataModule`` and
-``FFCVCaptionFolderDataModule`` are those compositions under their former names (same arguments).
+Either goes into ``ImageDataModule(batches=ClassPrompts(...))`` whatever its loader back-end (FFCV or
+torchvision); the DataModule then exposes ``class_prompt_tokens()`` (C classes x T templates x L) for zero-shot heads.
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ from typing import Sequence
 import torch
 
 from datamodules.base import BatchTransform
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components.errors import ConfigError, DataError
 from modules.components.text import ClipTokenizer
 
@@ -188,43 +184,3 @@ class CaptionsFile(ClassPrompts):
         rows = table.rows(indices, uniforms)  # (B,)
         tokens = table.tokens[rows].to(out["image"].device)  # (B, L)
         return {**out, "tokens": tokens, "caption_id": table.text_ids[rows].to(out["label"].device)}
-
-
-# --- the compositions under their former names ------------------------------------------------------
-class _CaptionPreset:
-    """The caption transform's tokenizer and tables, as the former caption DataModules exposed them."""
-
-    @property
-    def tokenizer(self) -> ClipTokenizer:
-        return self.batches.tokenizer
-
-    def caption_table(self, split: str) -> _CaptionTable:
-        return self.batches.caption_table(self, split)
-
-
-class FFCVCaptionDataModule(_CaptionPreset, FFCVDataModule):
-    """``FFCVDataModule(batches=ClassPrompts(templates, context_length), **kwargs)``."""
-
-    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(batches=ClassPrompts(templates, context_length), **kwargs)
-
-
-class TorchvisionCaptionDataModule(_CaptionPreset, TorchvisionDataModule):
-    """``TorchvisionDataModule(batches=ClassPrompts(templates, context_length), **kwargs)``."""
-
-    def __init__(self, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(batches=ClassPrompts(templates, context_length), **kwargs)
-
-
-class CaptionFolderDataModule(_CaptionPreset, TorchvisionDataModule):
-    """``TorchvisionDataModule(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)``."""
-
-    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)
-
-
-class FFCVCaptionFolderDataModule(_CaptionPreset, FFCVDataModule):
-    """``FFCVDataModule(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)``."""
-
-    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32, **kwargs):
-        super().__init__(batches=CaptionsFile(captions_file, templates, context_length), **kwargs)

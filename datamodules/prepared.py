@@ -26,7 +26,7 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder).expanduser() / MANIFEST
     if not path.is_file():
         raise ConfigError(f"{path} not found: write the prepared files with `visionlab prepare-data --config <data.yaml> "
-                          f"--output {Path(folder)}`, or unset data.prepared")
+                          f"--output {Path(folder)}`, or unset data.loader.prepared")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:

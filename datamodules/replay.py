@@ -235,7 +235,8 @@ class StoredCrops(BatchTransform):
 
 def with_stored_crops(datamodule: ImageDataModule, logits_path: str | None = None) -> ImageDataModule:
     """``datamodule`` itself when its ``batches`` are ``StoredCrops``, else its data config (same class and
-    settings, a new DataModule) with ``StoredCrops(logits_path)`` as its batch transform."""
+    settings, a new DataModule that takes over its loader back-end) with ``StoredCrops(logits_path)`` as its batch
+    transform."""
     if not isinstance(datamodule, ImageDataModule):
         raise ConfigError(f"{type(datamodule).__name__} cannot replay augmentations: use an FFCV or torchvision data config")
     if isinstance(datamodule.batches, StoredCrops):
@@ -243,4 +244,4 @@ def with_stored_crops(datamodule: ImageDataModule, logits_path: str | None = Non
     if datamodule.batches is not None:
         raise ConfigError(f"data.init_args.batches is {type(datamodule.batches).__name__}: stored crops need "
                           "datamodules.replay.StoredCrops there instead")
-    return type(datamodule)(**dict(datamodule.hparams), batches=StoredCrops(logits_path))
+    return type(datamodule)(**dict(datamodule.hparams), batches=StoredCrops(logits_path), loader=datamodule.loader)

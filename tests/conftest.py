@@ -4,6 +4,7 @@ tensor datasets for hand-made batches."""
 from __future__ import annotations
 
 import gc
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,26 @@ import pytest
 from PIL import Image
 
 from datamodules import sources
+from datamodules.base import ImageDataModule
+from datamodules.ffcv_loader import FFCVLoader
+from datamodules.torchvision_loader import TorchvisionLoader
 from modules.components.batches import NamedTensors  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def ffcv_data(**kwargs) -> ImageDataModule:
+    """``ImageDataModule(loader=FFCVLoader(...))``: the keyword arguments that are ``FFCVLoader``'s (cache_dir,
+    write_mode, order...) go to the back-end, the rest to the DataModule."""
+    own = set(inspect.signature(FFCVLoader).parameters)
+    loader = FFCVLoader(**{k: v for k, v in kwargs.items() if k in own})
+    return ImageDataModule(loader=loader, **{k: v for k, v in kwargs.items() if k not in own})
+
+
+def torchvision_data(**kwargs) -> ImageDataModule:
+    """``ImageDataModule(loader=TorchvisionLoader(), **kwargs)``."""
+    return ImageDataModule(loader=TorchvisionLoader(), **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +72,7 @@ def cli_args(root_dir: Path, cache: Path, *extra: str, model: str = "classificat
         "--config", str(CONFIGS / model),
         "--trainer.default_root_dir", str(root_dir),  # the default TensorBoard logger follows it (app/cli.py)
         "--trainer.enable_progress_bar", "false",
-        "--data.init_args.cache_dir", str(cache),
+        "--data.init_args.loader.init_args.cache_dir", str(cache),
         "--data.init_args.num_workers", "1",
         *extra,
     ]

@@ -13,7 +13,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from datamodules.ffcv_datamodule import FFCVDataModule
+from datamodules.base import ImageDataModule
+from datamodules.ffcv_loader import FFCVLoader
 from modules.classification import ClassificationModule
 from modules.components.optim import OptimConfig
 
@@ -41,9 +42,9 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0)
-    data = FFCVDataModule(source=args.source, cache_dir=args.cache, image_size=16, batch_size=args.batch_size,
-                          num_workers=1, order=args.order, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=False,
-                          val_crop_ratio=1.0)
+    data = ImageDataModule(loader=FFCVLoader(cache_dir=args.cache, order=args.order), source=args.source, image_size=16,
+                           batch_size=args.batch_size, num_workers=1, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0),
+                           hflip=False, val_crop_ratio=1.0)
     model = ClassificationModule("test_vit", num_classes=data.num_classes, image_size=16, label_smoothing=0.0,
                                  backbone_kwargs={"patch_size": 4},
                                  # SGD: the update is linear in the gradient, so DDP's different reduction order

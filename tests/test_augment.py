@@ -14,7 +14,7 @@ from torch import nn
 from datamodules.augment import (DeviceAugment, NormalizedRandomErasing, PerSampleChoice, RandAugment, ThreeAugment,
                                  TrivialAugment)
 from datamodules.repeated import repeated_order
-from datamodules.torchvision_datamodule import TorchvisionDataModule
+from tests.conftest import ffcv_data, torchvision_data
 
 
 def _same_image_batch(batch: int = 8) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_zero_strength_is_the_identity():
 
 
 def test_datamodule_augments_training_batches_only():
-    dm = TorchvisionDataModule(source="fashion_mnist", batch_augment=[K.ColorJitter(0.5, 0.5, 0.5, p=1.0)])
+    dm = torchvision_data(source="fashion_mnist", batch_augment=[K.ColorJitter(0.5, 0.5, 0.5, p=1.0)])
     images, labels = _same_image_batch(), torch.zeros(8, dtype=torch.int64)
     dm.trainer = SimpleNamespace(training=False, global_rank=0, current_epoch=0)
     val = dm.on_after_batch_transfer({"image": images, "label": labels}, 0)["image"]
@@ -114,9 +114,8 @@ def test_repeated_order_index_sets_per_rank(samples, repeats, world):
 
 
 def test_ffcv_loader_uses_the_repeated_order_per_rank(beton_cache):
-    from datamodules.ffcv_datamodule import FFCVDataModule
 
-    dm = FFCVDataModule(source="fashion_mnist", image_size=16, train_limit=60, val_limit=20, batch_size=5, num_workers=1,
+    dm = ffcv_data(source="fashion_mnist", image_size=16, train_limit=60, val_limit=20, batch_size=5, num_workers=1,
                         cache_dir=str(beton_cache), repeated_augmentation=3)
     dm.prepare_data()
     dm.setup("fit")
@@ -140,4 +139,4 @@ def test_recipe_overlay_is_configured_from_yaml_for_any_technique(tmp_path, beto
     augment = cli.datamodule.augment
     assert [type(m).__name__ for m in augment.pixel] == ["RandAugment"] and augment.pixel[0].layers == 2
     assert [type(m).__name__ for m in augment.normalized] == ["NormalizedRandomErasing"]
-    assert cli.datamodule.repeated_augmentation == 3
+    assert cli.datamodule.loader.repeated_augmentation == 3

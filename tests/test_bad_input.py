@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import one_line_error as _one_line_error, cli_args
+from tests.conftest import torchvision_data
 
 
 
@@ -60,13 +61,11 @@ def test_checkpoint_for_other_class_count(run_cli, tmp_path, beton_cache, capsys
 
 def test_model_and_data_class_counts_disagree(tmp_path, beton_cache):
     import lightning.pytorch as pl
-
-    from datamodules.torchvision_datamodule import TorchvisionDataModule
     from modules.classification import ClassificationModule
     from modules.components.errors import ConfigError
 
     model = ClassificationModule("test_resnet", num_classes=5, image_size=32)
-    data = TorchvisionDataModule(train_limit=64, val_limit=64, num_workers=0)
+    data = torchvision_data(train_limit=64, val_limit=64, num_workers=0)
     trainer = pl.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match="5 classes but the data has 10"):
         trainer.fit(model, data)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from tests.conftest import ffcv_data, torchvision_data
 
 GOLDEN = Path(__file__).with_name("data") / "batches_before_refactor"  # one .npz per back-end and kind
 BACKENDS = ("torchvision", "ffcv")
@@ -47,35 +48,31 @@ def captions_file(folder: Path, output: Path) -> Path:
 
 
 def build(backend: str, kind: str, folder: Path, cache: Path, work: Path):
-    """Today's DataModule of (``backend``, ``kind``); after the refactor, the composed one."""
+    """The DataModule of (``backend``, ``kind``), composed: a loader back-end and a batch transform."""
     from datamodules import captions
-    from datamodules.ffcv_datamodule import FFCVDataModule
-    from datamodules.torchvision_datamodule import TorchvisionDataModule
 
     ffcv = backend == "ffcv"
+    make = ffcv_data if ffcv else torchvision_data
     extra = dict(cache_dir=str(cache), num_workers=1) if ffcv else dict(num_workers=0)
     if kind == "plain":
-        return (FFCVDataModule if ffcv else TorchvisionDataModule)(**COMMON, **FASHION, **extra)
+        return make(**COMMON, **FASHION, **extra)
     if kind == "prompts":
-        cls = captions.FFCVCaptionDataModule if ffcv else captions.TorchvisionCaptionDataModule
-        return cls(context_length=16, **COMMON, **FASHION, **extra)
+        return make(batches=captions.ClassPrompts(context_length=16), **COMMON, **FASHION, **extra)
     if kind == "captions":
-        cls = captions.FFCVCaptionFolderDataModule if ffcv else captions.CaptionFolderDataModule
-        return cls(captions_file=str(captions_file(folder, work / "captions.tsv")), context_length=16,
-                   source=str(folder), val_fraction=0.25, **COMMON, **extra)
+        transform = captions.CaptionsFile(str(captions_file(folder, work / "captions.tsv")), context_length=16)
+        return make(batches=transform, source=str(folder), val_fraction=0.25, **COMMON, **extra)
     from app.store_logits import store_logits
 
     logits = work / "train.vlsl"
     if not logits.exists():
         torch.manual_seed(0)
         teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
-        source = FFCVDataModule(**COMMON, **FASHION, cache_dir=str(cache), num_workers=1)
+        source = ffcv_data(**COMMON, **FASHION, cache_dir=str(cache), num_workers=1)
         source.prepare_data()
         store_logits(source, teacher, 2, 3, logits, device="cpu")
     from datamodules.replay import StoredCrops
 
-    cls = FFCVDataModule if ffcv else TorchvisionDataModule
-    return cls(batches=StoredCrops(logits_path=str(logits)), **COMMON, **FASHION, **extra)
+    return make(batches=StoredCrops(logits_path=str(logits)), **COMMON, **FASHION, **extra)
 
 
 def batches(datamodule, train_batches: int = 2) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

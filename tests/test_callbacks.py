@@ -297,7 +297,7 @@ def test_soup_command_over_cli_checkpoints(tmp_path, run_cli, beton_cache, monke
     out = tmp_path / "soup.ckpt"
     assert run_cli([
         "soup", "--config", str(CONFIGS / "trainer/debug.yaml"), "--config", str(CONFIGS / "data/fashion_mnist.yaml"),
-        "--config", str(CONFIGS / "classification/debug.yaml"), "--data.init_args.cache_dir", str(beton_cache),
+        "--config", str(CONFIGS / "classification/debug.yaml"), "--data.init_args.loader.init_args.cache_dir", str(beton_cache),
         "--data.init_args.num_workers", "1", "--checkpoints", f"[{paths[0]},{paths[1]}]", "--output", str(out),
         "--bn_batches", "2", *holdout,
     ]) == 0  # `visionlab soup ...`

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from datamodules.captions import CaptionsFile, ClassPrompts
 from modules.components.clip_loss import accumulated_contrastive_backward, split_micro_batches
 from modules.components.contrastive import (
     LogitScale, attentive_keep_index, clip_loss, contrastive_loss_from_logits, cosine_momentum, crop_to_boxes,
@@ -22,7 +23,7 @@ from modules.components.contrastive import (
     zero_shot_head, zero_shot_logits,
 )
 from modules.components.masked_vit import cls_attention, encode_pooled
-from tests.conftest import cli_args
+from tests.conftest import cli_args, ffcv_data, torchvision_data
 
 
 def _features(n: int = 8, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,29 +442,25 @@ def test_recall_at_k_hand_built():
 
 # --- data ----------------------------------------------------------------------------------------
 def test_label_captions_on_the_batch():
-    from datamodules.captions import TorchvisionCaptionDataModule
-
-    dm = TorchvisionCaptionDataModule(source="fashion_mnist", val_limit=16, batch_size=8, num_workers=0,
-                                      templates=["a photo of a {}.", "a {} product."], context_length=16)
+    dm = torchvision_data(source="fashion_mnist", val_limit=16, batch_size=8, num_workers=0,
+                          batches=ClassPrompts(templates=["a photo of a {}.", "a {} product."], context_length=16))
     assert dm.class_prompt_tokens().shape == (10, 2, 16)
     dm.setup("validate")
     batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert sorted(batch) == ["caption_id", "image", "label", "tokens"]
     images, tokens, labels, caption_ids = batch["image"], batch["tokens"], batch["label"], batch["caption_id"]
     assert images.dtype == torch.float32 and tokens.shape == (8, 16)
-    expected = dm.tokenizer([f"a photo of a {dm.class_names[c].replace('/', ' or ').lower()}." for c in labels])
+    expected = dm.batches.tokenizer([f"a photo of a {dm.class_names[c].replace('/', ' or ').lower()}." for c in labels])
     assert torch.equal(tokens, expected)  # validation: first template
     assert torch.equal(caption_ids, labels * 2)
 
 
 def test_caption_folder_pairs_images_with_their_captions(image_folder, tmp_path):
-    from datamodules.captions import CaptionFolderDataModule
-
     files = sorted(p for p in image_folder.rglob("*") if p.is_file())
     captions = tmp_path / "captions.tsv"
     captions.write_text("".join(f"{f.relative_to(image_folder).as_posix()}\timage number {i}\n" for i, f in enumerate(files)))
     number = {f.relative_to(image_folder).as_posix(): i for i, f in enumerate(files)}
-    dm = CaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), batch_size=4, num_workers=0)
+    dm = torchvision_data(batches=CaptionsFile(str(captions)), source=str(image_folder), batch_size=4, num_workers=0)
     dm.setup("fit")
     batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert sorted(batch) == ["caption_id", "image", "index", "label", "tokens"]
@@ -471,11 +468,11 @@ def test_caption_folder_pairs_images_with_their_captions(image_folder, tmp_path)
     source = dm.get_source("val")
     for row, index in zip(tokens, caption_ids.tolist()):
         text = f"image number {number[source.files[index].relative_to(image_folder).as_posix()]}"
-        assert torch.equal(row, dm.tokenizer(text)[0])
+        assert torch.equal(row, dm.batches.tokenizer(text)[0])
     captions.write_text(captions.read_text().splitlines()[0] + "\n")
     from modules.components.errors import DataError
     with pytest.raises(DataError, match="no caption"):
-        CaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), num_workers=0).setup("fit")
+        torchvision_data(batches=CaptionsFile(str(captions)), source=str(image_folder), num_workers=0).setup("fit")
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -514,18 +511,14 @@ def _captions_with_repeats(image_folder, tmp_path) -> tuple:
 
 
 def _ffcv_caption_folder(image_folder, captions, beton_cache, **kwargs):
-    from datamodules.captions import FFCVCaptionFolderDataModule
-
-    dm = FFCVCaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), cache_dir=str(beton_cache),
-                                     batch_size=8, num_workers=1, val_fraction=0.25, context_length=16, **kwargs)
+    dm = ffcv_data(batches=CaptionsFile(str(captions), context_length=16), source=str(image_folder),
+                   cache_dir=str(beton_cache), batch_size=8, num_workers=1, val_fraction=0.25, **kwargs)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
 def test_ffcv_caption_folder_yields_each_images_captions_like_the_torchvision_one(image_folder, tmp_path, beton_cache):
-    from datamodules.captions import CaptionFolderDataModule
-
     captions, per_image = _captions_with_repeats(image_folder, tmp_path)
     dm = _ffcv_caption_folder(image_folder, captions, beton_cache)
     assert dm.class_prompt_tokens().shape == (3, 5, 16)
@@ -536,14 +529,14 @@ def test_ffcv_caption_folder_yields_each_images_captions_like_the_torchvision_on
     assert images.dtype == torch.float32 and images.shape == (len(source), 3, 32, 32)
     assert tokens.dtype == torch.int64 and tokens.shape == (len(source), 16)
     texts = [per_image[f.relative_to(image_folder).as_posix()][0] for f in source.files]  # validation: first caption
-    assert torch.equal(tokens, dm.tokenizer(texts))  # sequential val order = source order = .beton order
+    assert torch.equal(tokens, dm.batches.tokenizer(texts))  # sequential val order = source order = .beton order
     assert torch.equal(labels, torch.as_tensor(source.labels))
     same_text = torch.tensor([[a == b for b in texts] for a in texts])
     assert torch.equal(caption_ids[:, None] == caption_ids[None], same_text)
     assert len(set(texts)) < len(texts)  # the check above saw shared texts
 
-    reference = CaptionFolderDataModule(captions_file=str(captions), source=str(image_folder), batch_size=8,
-                                        num_workers=0, val_fraction=0.25, context_length=16)
+    reference = torchvision_data(batches=CaptionsFile(str(captions), context_length=16), source=str(image_folder),
+                                 batch_size=8, num_workers=0, val_fraction=0.25)
     reference.setup("fit")
     expected = [reference.on_after_batch_transfer(batch, 0) for batch in reference.val_dataloader()]
     for key, got in (("tokens", tokens), ("label", labels), ("caption_id", caption_ids)):
@@ -558,7 +551,7 @@ def test_ffcv_caption_folder_training_picks_among_an_images_captions(image_folde
     source = dm.get_source("train")
     seen: dict[int, set[str]] = {}
     text_of_id: dict[int, str] = {}
-    decode = {tuple(dm.tokenizer([t])[0].tolist()): t for texts in per_image.values() for t in texts}
+    decode = {tuple(dm.batches.tokenizer([t])[0].tolist()): t for texts in per_image.values() for t in texts}
     for batch in dm.train_dataloader():
         for _ in range(12):
             named = dm.on_after_batch_transfer(batch, 0)
@@ -574,18 +567,19 @@ def test_ffcv_caption_folder_training_picks_among_an_images_captions(image_folde
 
 
 def test_caption_folders_reject_missing_captions(image_folder, tmp_path, beton_cache):
-    from datamodules.captions import FFCVCaptionFolderDataModule
     from modules.components.errors import ConfigError, DataError
 
     kwargs = dict(source=str(image_folder), cache_dir=str(beton_cache), num_workers=0)
     with pytest.raises(ConfigError, match="not found"):
-        FFCVCaptionFolderDataModule(captions_file=str(tmp_path / "absent.tsv"), **kwargs).caption_table("train")
+        dm = ffcv_data(batches=CaptionsFile(str(tmp_path / "absent.tsv")), **kwargs)
+        dm.batches.caption_table(dm, "train")
     captions, _ = _captions_with_repeats(image_folder, tmp_path)
     captions.write_text(captions.read_text().splitlines()[1] + "\n")
     with pytest.raises(DataError, match="have no caption"):
-        FFCVCaptionFolderDataModule(captions_file=str(captions), **kwargs).caption_table("train")
+        dm = ffcv_data(batches=CaptionsFile(str(captions)), **kwargs)
+        dm.batches.caption_table(dm, "train")
     with pytest.raises(ConfigError, match="ImageFolder source"):
-        FFCVCaptionFolderDataModule(captions_file=str(captions), source="fashion_mnist", cache_dir=str(beton_cache))
+        ffcv_data(batches=CaptionsFile(str(captions)), source="fashion_mnist", cache_dir=str(beton_cache))
 
 
 @pytest.mark.slow
@@ -594,9 +588,10 @@ def test_ffcv_caption_folder_config_fits_through_cli(run_cli, tmp_path, beton_ca
     tiny = ["--model.init_args.backbone", "test_vit", "--model.init_args.backbone_kwargs", '{"patch_size": 4, "depth": 2}',
             "--model.init_args.embed_dim", "32", "--model.init_args.text_width", "32", "--model.init_args.text_depth", "1",
             "--model.init_args.text_heads", "2"]
-    data = ["--data.init_args.source", str(image_folder), "--data.init_args.captions_file", str(captions),
-            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "8", "--data.init_args.context_length", "16",
-            "--data.init_args.write_mode", "raw", "--data.init_args.max_resolution", "null"]
+    data = ["--data.init_args.source", str(image_folder), "--data.init_args.batches.init_args.captions_file", str(captions),
+            "--data.init_args.image_size", "32", "--data.init_args.batch_size", "8",
+            "--data.init_args.batches.init_args.context_length", "16",
+            "--data.init_args.loader", '{"init_args": {"write_mode": "raw", "max_resolution": null}}']  # see test_prepare_data
     args = cli_args(tmp_path / "run", beton_cache, *tiny, *data, "--trainer.fast_dev_run", "true",
-                    model="clip/imagefolder_captions_ffcv.yaml", data="data/imagefolder.yaml")
+                    model="clip/imagefolder.yaml", data="data/imagefolder.yaml")
     assert run_cli(args) == 0

@@ -1,4 +1,4 @@
-"""FFCV and torchvision DataModules: real Fashion-MNIST and ImageFolder round-trips, splits, atomic writes."""
+"""The image DataModule on both back-ends: real Fashion-MNIST and ImageFolder round-trips, splits, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch
 from datamodules import sources
 from datamodules.base import loader_batch
 from datamodules.beton import check_beton, write_atomic, write_beton
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components.errors import DataError
+from tests.conftest import ffcv_data, torchvision_data
 
 
 def _collect(loader):
@@ -34,7 +33,7 @@ def test_fashion_mnist_idx_files_are_read_exactly():
 
 
 def test_ffcv_roundtrip_labels_identical_and_pixels_close(beton_cache):
-    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=300, val_limit=300,
+    dm = ffcv_data(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=300, val_limit=300,
                         batch_size=64, num_workers=1, cache_dir=str(beton_cache))
     dm.prepare_data()
     dm.setup("fit")
@@ -63,7 +62,7 @@ def _best_window_errors(output: np.ndarray, image: np.ndarray, side: int) -> tup
 
 
 def test_ffcv_train_loader_crops_flips_and_drops_last(beton_cache):
-    dm = FFCVDataModule(source="fashion_mnist", image_size=16, train_limit=300, val_limit=300, batch_size=64,
+    dm = ffcv_data(source="fashion_mnist", image_size=16, train_limit=300, val_limit=300, batch_size=64,
                         num_workers=1, cache_dir=str(beton_cache))
     dm.prepare_data()
     dm.setup("fit")
@@ -79,7 +78,7 @@ def test_ffcv_train_loader_crops_flips_and_drops_last(beton_cache):
 
 def test_ffcv_train_images_are_flipped_random_crops_of_the_source(beton_cache):
     # Fixed crop area (a quarter: 14 x 14 of 28 x 28) and square ratio; sequential order keeps sources aligned.
-    dm = FFCVDataModule(source="fashion_mnist", image_size=28, train_limit=64, val_limit=64, batch_size=32,
+    dm = ffcv_data(source="fashion_mnist", image_size=28, train_limit=64, val_limit=64, batch_size=32,
                         num_workers=1, cache_dir=str(beton_cache), order="sequential", rrc_scale=(0.25, 0.25),
                         rrc_ratio=(1.0, 1.0))
     dm.prepare_data()
@@ -102,8 +101,8 @@ def test_ffcv_train_images_are_flipped_random_crops_of_the_source(beton_cache):
 
 def test_imagefolder_ffcv_jpg_roundtrip_and_torchvision_agree(image_folder, beton_cache):
     common = dict(source=str(image_folder), image_size=28, val_crop_ratio=1.0, val_fraction=0.25, batch_size=8, num_workers=1)
-    ffcv_dm = FFCVDataModule(cache_dir=str(beton_cache), write_mode="jpg", jpeg_quality=95, max_resolution=28, **common)
-    tv_dm = TorchvisionDataModule(**common)
+    ffcv_dm = ffcv_data(cache_dir=str(beton_cache), write_mode="jpg", jpeg_quality=95, max_resolution=28, **common)
+    tv_dm = torchvision_data(**common)
     assert ffcv_dm.num_classes == tv_dm.num_classes == 3
     ffcv_dm.prepare_data()
     ffcv_dm.setup("fit")
@@ -133,7 +132,7 @@ def test_imagefolder_split_is_deterministic_and_disjoint(image_folder):
 
 
 def test_class_subset_relabels_in_given_order(beton_cache):
-    dm = TorchvisionDataModule(source="fashion_mnist", classes=[7, 2], val_limit=100)
+    dm = torchvision_data(source="fashion_mnist", classes=[7, 2], val_limit=100)
     assert dm.num_classes == 2 and dm.class_names == ["Sneaker", "Pullover"]
     val = dm.get_source("val")
     raw = sources.fashion_mnist("val")
@@ -199,7 +198,7 @@ def test_truncated_beton_is_detected(tmp_path):
 
 def test_ffcv_loader_works_under_inference_mode(beton_cache):
     """Trainer.validate/test iterate under torch.inference_mode; FFCV must not hang or fail there."""
-    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=300, val_limit=300,
+    dm = ffcv_data(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=300, val_limit=300,
                         batch_size=64, num_workers=1, cache_dir=str(beton_cache))
     dm.prepare_data()
     dm.setup("validate")
@@ -210,14 +209,14 @@ def test_ffcv_loader_works_under_inference_mode(beton_cache):
 
 def test_beton_replaced_under_a_running_loader_is_an_error_not_stale_data(tmp_path):
     """FFCV maps a .beton once: after os.replace it would keep serving the old file (or crash its thread)."""
-    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=64, val_limit=64,
+    dm = ffcv_data(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=64, val_limit=64,
                         batch_size=32, num_workers=1, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.val_dataloader()
     first, _ = _collect(loader)
     _collect(loader)  # a second epoch over the unchanged file is fine
-    path = dm.beton_path("val")
+    path = dm.loader.beton_path("val")
     replacement = path.with_name("other.beton")
     write_beton(sources.restrict(sources.fashion_mnist("val"), None, 64, 64, "val"), replacement, num_workers=1)
     os.replace(replacement, path)
@@ -230,7 +229,7 @@ def test_a_dying_ffcv_reader_thread_is_an_error_not_a_hang(tmp_path, monkeypatch
 
     from ffcv.loader.epoch_iterator import EpochIterator
 
-    dm = FFCVDataModule(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=64, val_limit=96,
+    dm = ffcv_data(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=64, val_limit=96,
                         batch_size=32, num_workers=1, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     dm.setup("fit")
@@ -259,18 +258,18 @@ def test_a_dying_ffcv_reader_thread_is_an_error_not_a_hang(tmp_path, monkeypatch
     assert "stopped before the end of the epoch" in outcome.get("error", ""), outcome
 
 
-@pytest.mark.parametrize("module", [FFCVDataModule, TorchvisionDataModule])
+@pytest.mark.parametrize("module", [ffcv_data, torchvision_data])
 def test_holdout_split_is_carved_from_training_and_never_trained_on(module, tmp_path):
     dm = module(source="fashion_mnist", image_size=28, val_crop_ratio=1.0, train_limit=200, val_limit=64,
                 batch_size=20, num_workers=1, holdout_fraction=0.1, seed=3, hflip=False, rrc_scale=(1.0, 1.0),
-                rrc_ratio=(1.0, 1.0), **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {}))
+                rrc_ratio=(1.0, 1.0), **({"cache_dir": str(tmp_path)} if module is ffcv_data else {}))
     dm.prepare_data()
     dm.setup("fit")
     train, held = dm.holdout_split()
     assert len(held) == 20 and len(train) == 180 and not set(train) & set(held)
     assert sorted([*train, *held]) == list(range(200))
     again = module(source="fashion_mnist", image_size=28, train_limit=200, holdout_fraction=0.1, seed=3,
-                   **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {}))
+                   **({"cache_dir": str(tmp_path)} if module is ffcv_data else {}))
     again.prepare_data()
     assert np.array_equal(again.holdout_split()[1], held)  # seeded: every run of a sweep holds out the same images
     held_images, _ = _collect(dm.holdout_dataloader())
@@ -281,7 +280,7 @@ def test_holdout_split_is_carved_from_training_and_never_trained_on(module, tmp_
     expected = expected[..., 0] if expected.dim() == 4 else expected  # grey stored as RGB
     torch.testing.assert_close(held_images[:, 0].float(), expected, rtol=0, atol=1.0)  # the held-out pixels, in order
     with pytest.raises(Exception, match="holdout_fraction"):
-        module(source="fashion_mnist", train_limit=10, **({"cache_dir": str(tmp_path)} if module is FFCVDataModule else {})).holdout_dataloader()
+        module(source="fashion_mnist", train_limit=10, **({"cache_dir": str(tmp_path)} if module is ffcv_data else {})).holdout_dataloader()
 
 
 def test_named_batch_passes_dicts_and_refuses_positional_batches():
@@ -307,10 +306,10 @@ def test_transferred_batches_are_named_with_the_loaders_index(tmp_path):
         def __call__(self, datamodule, batch, training):
             return datamodule.prepare_batch(batch)
 
-    plain = TorchvisionDataModule(source="fashion_mnist", val_limit=8, batch_size=4, num_workers=0)
+    plain = torchvision_data(source="fashion_mnist", val_limit=8, batch_size=4, num_workers=0)
     batch = plain.on_after_batch_transfer(next(iter(plain.val_dataloader())), 0)
     assert sorted(batch) == ["image", "label"] and batch["image"].dtype == torch.float32
-    indexed = TorchvisionDataModule(source="fashion_mnist", val_limit=8, batch_size=4, num_workers=0, batches=KeepIndex())
+    indexed = torchvision_data(source="fashion_mnist", val_limit=8, batch_size=4, num_workers=0, batches=KeepIndex())
     batch = indexed.on_after_batch_transfer(next(iter(indexed.val_dataloader())), 0)
     assert sorted(batch) == ["image", "index", "label"]
     assert batch["index"].dtype == torch.int64 and batch["index"].tolist() == [0, 1, 2, 3]

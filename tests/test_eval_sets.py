@@ -17,7 +17,7 @@ from callbacks.averaging import EMA, SWA
 from callbacks.evaluation import EvalResults
 from datamodules import sources
 from modules.components.errors import ConfigError
-from tests.conftest import cli_args
+from tests.conftest import cli_args, ffcv_data, torchvision_data
 from tests.test_callbacks import fashion_tensors, tiny_module, trainer
 
 BIAS = torch.arange(9, -1, -1, dtype=torch.float32)  # logits of the constant model: class 0 first, 5..9 outside top-5
@@ -55,12 +55,10 @@ def datamodule(backend: str, extra_eval: dict, cache):
     common = dict(source="fashion_mnist", image_size=32, val_crop_ratio=1.0, train_limit=64, val_limit=16,
                   batch_size=8, extra_eval=extra_eval)
     if backend == "ffcv":
-        from datamodules.ffcv_datamodule import FFCVDataModule
 
-        return FFCVDataModule(cache_dir=str(cache), num_workers=1, **common)
-    from datamodules.torchvision_datamodule import TorchvisionDataModule
+        return ffcv_data(cache_dir=str(cache), num_workers=1, **common)
 
-    return TorchvisionDataModule(num_workers=0, **common)
+    return torchvision_data(num_workers=0, **common)
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "ffcv"])

@@ -11,6 +11,7 @@ import torch
 
 from callbacks.evaluation import EvalResults, ReaLAccuracy, ReaLEvaluation
 from callbacks.knn import KNNMonitor, weighted_knn_predict
+from tests.conftest import torchvision_data
 
 
 def test_weighted_knn_votes_by_hand():
@@ -33,10 +34,9 @@ def test_real_accuracy_counts_set_membership_and_skips_empty_sets():
 
 
 def test_knn_monitor_real_accuracy_and_results_file_through_validate(tmp_path):
-    from datamodules.torchvision_datamodule import TorchvisionDataModule
     from modules.classification import ClassificationModule
 
-    data = TorchvisionDataModule(source="fashion_mnist", train_limit=64, val_limit=32, batch_size=16, num_workers=0)
+    data = torchvision_data(source="fashion_mnist", train_limit=64, val_limit=32, batch_size=16, num_workers=0)
     data.setup("validate")
     truth = data.get_source("val").labels.tolist()
     sets = [[label] for label in truth]

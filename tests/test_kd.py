@@ -338,7 +338,7 @@ def test_cli_store_logits_then_fit_stored_logits_yaml(run_cli, tmp_path, beton_c
     checkpoint = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in teacher.state_dict().items()},
                 "hyper_parameters": {"backbone": "test_resnet", "num_classes": 10, "image_size": 32}}, checkpoint)
-    limits = ["--data.init_args.cache_dir", str(beton_cache), "--data.init_args.train_limit", "256",
+    limits = ["--data.init_args.loader.init_args.cache_dir", str(beton_cache), "--data.init_args.train_limit", "256",
               "--data.init_args.val_limit", "128"]
     logits = tmp_path / "train_logits.vlsl"
     assert run_cli(["store-logits", "--config", str(CONFIGS / "data/fashion_mnist.yaml"), *limits, "--teacher", str(checkpoint),

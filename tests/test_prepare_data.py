@@ -13,11 +13,10 @@ from PIL import Image
 
 from datamodules import sources
 from datamodules.base import loader_batch
-from datamodules.ffcv_datamodule import FFCVDataModule
-from tests.conftest import CONFIGS, cli_args
+from tests.conftest import CONFIGS, cli_args, ffcv_data, torchvision_data
 
 DATA = ["--data.init_args.image_size", "32", "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "1",
-        "--data.init_args.val_fraction", "0.25", "--data.init_args.max_resolution", "40"]
+        "--data.init_args.val_fraction", "0.25", "--data.init_args.loader.init_args.max_resolution", "40"]
 
 
 def _tree(root: Path, per_class: int = 8) -> Path:
@@ -50,8 +49,8 @@ def test_prepare_data_writes_betons_and_manifest(run_cli, tmp_path, capsys):
     from datamodules.beton import beton_checksum
 
     tree, out = _tree(tmp_path / "tree"), tmp_path / "prepared"
-    assert _prepare(run_cli, tree, out, "--data.init_args.write_mode", "proportion",
-                    "--data.init_args.compress_probability", "0.5") == 0
+    assert _prepare(run_cli, tree, out, "--data.init_args.loader.init_args.write_mode", "proportion",
+                    "--data.init_args.loader.init_args.compress_probability", "0.5") == 0
     printed = capsys.readouterr().out
     assert "estimated" in printed and "images/s" in printed
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.beton", "val.beton"]  # no temp files
@@ -69,9 +68,9 @@ def test_prepare_data_writes_betons_and_manifest(run_cli, tmp_path, capsys):
 
 def test_fit_from_prepared_files_after_the_source_tree_is_deleted(run_cli, tmp_path, beton_cache):
     tree, out = _tree(tmp_path / "tree"), tmp_path / "prepared"
-    assert _prepare(run_cli, tree, out, "--data.init_args.write_mode", "jpg") == 0
+    assert _prepare(run_cli, tree, out, "--data.init_args.loader.init_args.write_mode", "jpg") == 0
     shutil.rmtree(tree)
-    args = cli_args(tmp_path / "run", beton_cache, "--data.init_args.source", str(tree), "--data.init_args.prepared",
+    args = cli_args(tmp_path / "run", beton_cache, "--data.init_args.source", str(tree), "--data.init_args.loader.init_args.prepared",
                     str(out), *DATA, data="data/imagefolder.yaml")
     assert run_cli(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -81,7 +80,7 @@ def test_restart_trusts_the_cache_manifest_without_listing_the_source(tmp_path, 
     tree = _tree(tmp_path / "tree")
     settings = dict(source=str(tree), cache_dir=str(tmp_path / "cache"), image_size=32, batch_size=6, num_workers=1,
                     val_fraction=0.25, write_mode="raw", write_workers=1)
-    first = FFCVDataModule(**settings)
+    first = ffcv_data(**settings)
     first.prepare_data()
     first.setup("fit")
 
@@ -90,21 +89,21 @@ def test_restart_trusts_the_cache_manifest_without_listing_the_source(tmp_path, 
 
     with monkeypatch.context() as patch:
         patch.setattr(sources, "_scan", no_listing)
-        again = FFCVDataModule(**settings)
+        again = ffcv_data(**settings)
         again.prepare_data()
         again.setup("fit")
         assert len(again.train_dataloader()) == 18 // 6
     # verify_source re-lists and rewrites after a change in the tree.
     shutil.copy(tree / "class0" / "000.jpg", tree / "class0" / "999.jpg")
-    changed = FFCVDataModule(verify_source=True, **settings)
+    changed = ffcv_data(verify_source=True, **settings)
     changed.prepare_data()
     changed.setup("fit")
-    assert changed.manifest()["splits"]["train"]["samples"] + changed.manifest()["splits"]["val"]["samples"] == 25
+    assert changed.loader.manifest()["splits"]["train"]["samples"] + changed.loader.manifest()["splits"]["val"]["samples"] == 25
 
 
 def test_shared_cache_is_prepared_by_one_rank_only(tmp_path):
-    shared = FFCVDataModule(source="fashion_mnist", cache_dir=str(tmp_path))
-    local = FFCVDataModule(source="fashion_mnist", cache_dir=str(tmp_path), cache_shared=False)
+    shared = ffcv_data(source="fashion_mnist", cache_dir=str(tmp_path))
+    local = ffcv_data(source="fashion_mnist", cache_dir=str(tmp_path), cache_shared=False)
     assert shared.prepare_data_per_node is False and local.prepare_data_per_node is True
 
 
@@ -116,7 +115,7 @@ def test_truncated_jpeg_is_named_or_skipped_with_a_count(run_cli, tmp_path, caps
     assert _prepare(run_cli, tree, out) == 2
     _one_error_line(capsys, str(bad), "skip_unreadable")
     assert not out.exists() or not list(out.iterdir())
-    assert _prepare(run_cli, tree, out, "--data.init_args.skip_unreadable", "true") == 0
+    assert _prepare(run_cli, tree, out, "--data.init_args.loader.init_args.skip_unreadable", "true") == 0
     assert "skipped 1 unreadable" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -164,9 +163,10 @@ def test_cmyk_16bit_palette_and_alpha_images_become_the_right_rgb(run_cli, tmp_p
             folder.mkdir(parents=True)
             image.save(folder / ("0.jpg" if name == "cmyk" else "0.png"), **({"quality": 100} if name == "cmyk" else {}))
     out = tmp_path / "prepared"
-    assert _prepare(run_cli, tmp_path / "tree", out, "--data.init_args.write_mode", "raw",
-                    "--data.init_args.max_resolution", "null") == 0
-    dm = FFCVDataModule(prepared=str(out), image_size=16, val_crop_ratio=1.0, batch_size=8, num_workers=1)
+    # as JSON: jsonargparse 4.53 parses a dotted `--data.init_args.loader.init_args.max_resolution null` as 'None'
+    assert _prepare(run_cli, tmp_path / "tree", out, "--data.init_args.loader",
+                    '{"init_args": {"write_mode": "raw", "max_resolution": null}}') == 0
+    dm = ffcv_data(prepared=str(out), image_size=16, val_crop_ratio=1.0, batch_size=8, num_workers=1)
     dm.setup("validate")
     loaded = loader_batch(next(iter(dm.val_dataloader())))
     got, labels = loaded["image"], loaded["label"]
@@ -216,22 +216,21 @@ def test_flat_val_folder_with_ilsvrc_ground_truth_and_class_index(tmp_path):
 
 
 def test_flat_val_folder_with_csv_labels_and_class_names(tmp_path):
-    from datamodules.torchvision_datamodule import TorchvisionDataModule
 
     root, truth = _imagenet_tree(tmp_path / "imagenet")
     rows = ["ImageId,PredictionString"] + [f"ILSVRC2012_val_{i + 1:08d},{SYNSETS[t]} 1 2 30 40" for i, t in enumerate(truth)]
     (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")  # Kaggle's LOC_val_solution.csv layout
     (tmp_path / "names.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n"
                                         "n02119789 kit fox, Vulpes macrotis\n")
-    dm = TorchvisionDataModule(source=str(root), val_labels=str(tmp_path / "val.csv"),
+    dm = torchvision_data(source=str(root), val_labels=str(tmp_path / "val.csv"),
                                class_names_file=str(tmp_path / "names.txt"))
     assert dm.class_names == ["tench", "goldfish", "kit fox"]
     assert dm.get_source("val").labels.tolist() == truth
-    from datamodules.captions import TorchvisionCaptionDataModule
+    from datamodules.captions import ClassPrompts
 
-    clip = TorchvisionCaptionDataModule(source=str(root), val_labels=str(tmp_path / "val.csv"),
-                                        class_names_file=str(tmp_path / "names.txt"), context_length=16)
-    assert torch.equal(clip.class_prompt_tokens()[2, 0], clip.tokenizer(["a photo of a kit fox."])[0])
+    clip = torchvision_data(source=str(root), val_labels=str(tmp_path / "val.csv"),
+                            class_names_file=str(tmp_path / "names.txt"), batches=ClassPrompts(context_length=16))
+    assert torch.equal(clip.class_prompt_tokens()[2, 0], clip.batches.tokenizer(["a photo of a kit fox."])[0])
 
 
 def test_flat_val_folder_without_labels_is_one_line(run_cli, tmp_path, capsys):

@@ -228,8 +228,10 @@ def test_ddp_rank_killed_mid_epoch_survivor_exits_naming_it(tmp_path, kill_rank)
 ONE_CPU_LOADER = """
 import os, sys, warnings
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as taskset -c N, a bound SLURM task, docker --cpuset-cpus
-from datamodules.ffcv_datamodule import FFCVDataModule
-dm = FFCVDataModule(image_size=32, batch_size=64, num_workers=2, train_limit=256, val_limit=128, cache_dir=sys.argv[1])
+from datamodules.base import ImageDataModule
+from datamodules.ffcv_loader import FFCVLoader
+dm = ImageDataModule(loader=FFCVLoader(cache_dir=sys.argv[1]), image_size=32, batch_size=64, num_workers=2, train_limit=256,
+                     val_limit=128)
 dm.prepare_data()
 dm.setup("fit")
 with warnings.catch_warnings(record=True) as seen:

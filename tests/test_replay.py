@@ -13,26 +13,24 @@ from torch import nn
 
 from app.store_logits import store_logits
 from datamodules.base import loader_batch
-from datamodules.ffcv_datamodule import FFCVDataModule
 from datamodules.replay import StoredCrops, apply_crops, sample_crop_params, with_stored_crops
 from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from datamodules.torchvision_datamodule import TorchvisionDataModule
 from modules.components import sparse_logits
 from modules.components.distill import renormalised_sparse_targets, sparse_soft_targets, topk_probabilities
 from modules.components.errors import ConfigError, DataError
 from modules.components.sparse_logits import SparseLogits, load_sparse_logits, save_sparse_logits
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, ffcv_data, torchvision_data
 
 EPOCHS, TOPK, BATCH = 3, 4, 16
 DATA = dict(source="fashion_mnist", image_size=32, batch_size=BATCH, num_workers=1, train_limit=64, val_limit=16,
             rrc_scale=(0.35, 1.0), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, seed=3)
-BACKENDS = (FFCVDataModule, TorchvisionDataModule)
+BACKENDS = (ffcv_data, torchvision_data)
 
 
 def replaying(backend, cache, logits_path=None, decode_size=None, crops_per_image=1, **settings):
     """``backend`` over ``settings`` (default ``DATA``) with ``StoredCrops`` batches (FFCV's ``.beton`` in ``cache``)."""
-    extra = {"cache_dir": str(cache)} if backend is FFCVDataModule else {}
+    extra = {"cache_dir": str(cache)} if backend is ffcv_data else {}
     crops = StoredCrops(None if logits_path is None else str(logits_path), decode_size, crops_per_image)
     return backend(batches=crops, **{**DATA, **settings}, **extra)
 
@@ -210,7 +208,7 @@ def _assert_replay_is_exact(datamodule, teacher: RecordingTeacher, seen: dict, e
 def stored_run(tmp_path_factory):
     """Logits stored through the FFCV path."""
     cache = tmp_path_factory.mktemp("replay-beton")
-    datamodule = FFCVDataModule(cache_dir=str(cache), **DATA)
+    datamodule = ffcv_data(cache_dir=str(cache), **DATA)
     datamodule.prepare_data()
     output = tmp_path_factory.mktemp("logits") / "train.vlsl"
     stored, teacher, seen = _store_recording(datamodule, output)
@@ -258,7 +256,7 @@ def test_stored_crops_do_not_combine_with_another_batch_transform():
     from datamodules.captions import ClassPrompts
 
     with pytest.raises(ConfigError, match="ClassPrompts: stored crops need datamodules.replay.StoredCrops"):
-        with_stored_crops(TorchvisionDataModule(batches=ClassPrompts(), **DATA))
+        with_stored_crops(torchvision_data(batches=ClassPrompts(), **DATA))
     with pytest.raises(ConfigError, match="cannot replay augmentations"):
         with_stored_crops(pl.LightningDataModule())
 
@@ -267,7 +265,7 @@ def test_stored_crops_do_not_combine_with_another_batch_transform():
 def test_replay_of_mixed_size_image_folder(image_folder, beton_cache, tmp_path, backend):
     """Images of several sizes are decoded as centre squares of ``decode_size``; replay stays exact."""
     settings = {"source": str(image_folder), "train_limit": None, "val_limit": None}
-    if backend is FFCVDataModule:
+    if backend is ffcv_data:
         unsized = replaying(backend, beton_cache, **settings)
         unsized.prepare_data()
         with pytest.raises(ConfigError, match="batches.init_args.decode_size"):
@@ -283,7 +281,7 @@ def test_several_crops_per_image_replay_stored_epochs_en_plus_j(stored_run):
     """FKD's region-level soft labels: with n crops per image, training epoch e shows every image as stored
     epochs (e n + j) % K, crop-major, each with its own stored logits."""
     cache, output, stored, seen, _ = stored_run
-    datamodule = replaying(FFCVDataModule, cache, output, crops_per_image=2)
+    datamodule = replaying(ffcv_data, cache, output, crops_per_image=2)
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.batches.replay_epoch = 1
@@ -299,7 +297,7 @@ def test_several_crops_per_image_replay_stored_epochs_en_plus_j(stored_run):
         rows = slice(crop * BATCH, (crop + 1) * BATCH)
         np.testing.assert_array_equal(batch["topk_values"][rows].numpy(), stored.topk_values[indices.numpy(), column].astype(np.float32))
         np.testing.assert_array_equal(batch["topk_logsumexp"][rows].numpy(), stored.topk_logsumexp[indices.numpy(), column])
-    too_many = replaying(FFCVDataModule, cache, output, crops_per_image=EPOCHS + 1)
+    too_many = replaying(ffcv_data, cache, output, crops_per_image=EPOCHS + 1)
     too_many.setup("fit")
     with pytest.raises(ConfigError, match="crops_per_image 4 exceeds the 3 stored epochs"):
         too_many.on_after_batch_transfer(loaded, 0)
@@ -323,7 +321,7 @@ class SizedTeacher(nn.Module):
 
 def test_teacher_sees_the_stored_boxes_at_its_own_resolution_and_normalisation(stored_run, tmp_path):
     cache = stored_run[0]
-    datamodule = FFCVDataModule(cache_dir=str(cache), **DATA)
+    datamodule = ffcv_data(cache_dir=str(cache), **DATA)
     datamodule.prepare_data()
     teacher = SizedTeacher()
     stored = store_logits(datamodule, teacher, 1, TOPK, tmp_path / "t48.vlsl", device="cpu", teacher_image_size=48,
@@ -372,17 +370,17 @@ def test_stored_file_rebuilds_the_teachers_target_with_its_true_remainder(stored
 
 def test_logits_of_another_subset_are_refused(stored_run):
     cache, output, _, _, _ = stored_run
-    datamodule = replaying(FFCVDataModule, cache, output, train_limit=48)
+    datamodule = replaying(ffcv_data, cache, output, train_limit=48)
     datamodule.prepare_data()
     with pytest.raises(ConfigError, match="num_samples=64 but this data config has 48"):
         datamodule.setup("fit")
-    bigger = replaying(TorchvisionDataModule, cache, output, image_size=24)
+    bigger = replaying(torchvision_data, cache, output, image_size=24)
     with pytest.raises(ConfigError, match="image_size"):
         bigger.setup("fit")
-    resized = replaying(TorchvisionDataModule, cache, output, decode_size=32)  # other pixels
+    resized = replaying(torchvision_data, cache, output, decode_size=32)  # other pixels
     with pytest.raises(ConfigError, match="decoded_pixels='source' but this data config has 'torchvision centre32'"):
         resized.setup("fit")
-    unset = replaying(TorchvisionDataModule, cache)
+    unset = replaying(torchvision_data, cache)
     with pytest.raises(ConfigError, match="data.init_args.batches.init_args.logits_path is not set"):
         unset.setup("fit")
 
@@ -403,7 +401,7 @@ class _RecordTargets(pl.LightningModule):
 
 def test_trainer_epoch_e_replays_stored_epoch_e_mod_k(stored_run):
     cache, output, stored, _, _ = stored_run
-    datamodule = replaying(FFCVDataModule, cache, output, order="sequential")
+    datamodule = replaying(ffcv_data, cache, output, order="sequential")
     module = _RecordTargets()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=EPOCHS + 1, limit_train_batches=1, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -427,7 +425,7 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
 
 def _tool_args(cache: Path, teacher: Path, output: Path, *extra: str) -> list[str]:
     return ["store-logits", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / "data/fashion_mnist.yaml"),
-            "--data.init_args.cache_dir", str(cache), "--data.init_args.train_limit", "64",
+            "--data.init_args.loader.init_args.cache_dir", str(cache), "--data.init_args.train_limit", "64",
             "--data.init_args.val_limit", "16", "--data.init_args.num_workers", "1",
             "--teacher", str(teacher), "--output", str(output), "--batch_size", "32", *extra]
 
@@ -444,8 +442,8 @@ def test_store_logits_tool_end_to_end(run_cli, stored_run, teacher_checkpoint, t
     assert (np.diff(stored.topk_values.astype(np.float32), axis=2) <= 0).all()  # descending
     assert all(len(set(row)) == 3 for row in stored.topk_indices.reshape(-1, 3).tolist())
     # the file replays through the student's data config
-    replay = with_stored_crops(FFCVDataModule(**{**DATA, "seed": 0, "rrc_scale": (0.6, 1.0)}, cache_dir=str(cache)), str(output))
-    assert isinstance(replay.batches, StoredCrops) and type(replay) is FFCVDataModule and replay.seed == 0
+    replay = with_stored_crops(ffcv_data(**{**DATA, "seed": 0, "rrc_scale": (0.6, 1.0)}, cache_dir=str(cache)), str(output))
+    assert isinstance(replay.batches, StoredCrops) and type(replay.loader).__name__ == "FFCVLoader" and replay.seed == 0
     replay.setup("fit")
     assert replay.batches.stored.epochs == 2
     assert with_stored_crops(replay) is replay  # already replaying: itself

@@ -122,7 +122,7 @@ def _fit_args(run_dir, cache, *extra, data="data/fashion_mnist.yaml"):
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.init_args.save_dir", str(run_dir),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--data.init_args.num_workers", "1", *(["--data.init_args.cache_dir", str(cache)] if cache else []), *extra]
+            "--data.init_args.num_workers", "1", *(["--data.init_args.loader.init_args.cache_dir", str(cache)] if cache else []), *extra]
 
 
 def _log(run_dir, job_id) -> str:

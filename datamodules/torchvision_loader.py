@@ -1,4 +1,4 @@
-"""Plain torchvision DataModule with the FFCV DataModule's interface and transforms (baseline, fallback)."""
+"""The torchvision loader back-end: the FFCV back-end's crops and batches through ``torch.utils.data`` (baseline, fallback)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from datamodules.base import ImageDataModule
+from datamodules.base import LoaderBackend
 
 
 class CenterCropRatio(torch.nn.Module):
@@ -44,15 +44,14 @@ class _SourceDataset(Dataset):
         return (self.transform(image), label, index) if self.with_index else (self.transform(image), label)
 
 
-class TorchvisionDataModule(ImageDataModule):
-    """The same sources, crops and normalisation as ``FFCVDataModule`` through ``torch.utils.data``.
-
-    Args:
-        **kwargs: the shared ``ImageDataModule`` arguments (source, image_size, batch_size...).
-    """
+class TorchvisionLoader(LoaderBackend):
+    """The same sources, crops and batches as ``FFCVLoader`` through ``torch.utils.data`` worker processes: no
+    files written, every image decoded (files) or converted (arrays) on each access. The reference that the FFCV
+    back-end is tested against, and the fallback where FFCV is not installed."""
 
     def transform(self, train: bool) -> v2.Compose:
-        hp, size = self.hparams, self.image_size
+        dm = self.datamodule
+        hp, size = dm.hparams, dm.image_size
         if train:
             ops = [v2.RandomResizedCrop(size, scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio), antialias=True)]
             if hp.hflip:
@@ -62,37 +61,35 @@ class TorchvisionDataModule(ImageDataModule):
         return v2.Compose([*ops, v2.PILToTensor()])  # uint8 (3, H, W); normalised on the device
 
     def setup(self, stage: str) -> None:
-        for split in ("train", *self.eval_sets()):
-            self.get_source(split)
-        self.setup_batches(stage)
+        for split in ("train", *self.datamodule.eval_sets()):
+            self.datamodule.get_source(split)
 
     def dataset(self, split: str, train: bool) -> Dataset:
         """``split`` as ``(uint8 (3, S, S) image, label[, index])`` items with train or eval transforms; with
         ``full_train_images`` the ``train`` split is whole images (centre squares resized to the transform's
         ``decode_size`` when it has one) with their index."""
-        if split == "train" and self.full_train_images:
-            decode_size = self.batches.decode_size
+        dm = self.datamodule
+        if split == "train" and dm.full_train_images:
+            decode_size = dm.batches.decode_size
             ops = [] if decode_size is None else [CenterCropRatio(decode_size, 1.0)]
-            return _SourceDataset(self.get_source(split), v2.Compose([*ops, v2.PILToTensor()]), with_index=True)
-        return _SourceDataset(self.get_source(split), self.transform(train), self.yields_index)
+            return _SourceDataset(dm.get_source(split), v2.Compose([*ops, v2.PILToTensor()]), with_index=True)
+        return _SourceDataset(dm.get_source(split), self.transform(train), dm.yields_index)
 
     def decoded_pixels(self, decode_size: int | None) -> str:
         return "source" if decode_size is None else f"torchvision centre{decode_size}"
 
     def split_loader(self, split: str, train: bool, indices=None) -> DataLoader:
+        dm = self.datamodule
         dataset = self.dataset(split, train)
         if indices is not None:
             dataset = Subset(dataset, [int(i) for i in indices])
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=dm.batch_size,
             shuffle=train,
             drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=dm.num_workers,
+            persistent_workers=dm.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            generator=torch.Generator().manual_seed(dm.seed) if train else None,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self.split_loader("train", train=True, indices=self.holdout_split()[0])

@@ -1,4 +1,4 @@
-"""FFCV DataModule: writes ``.beton`` files once into a cache, then loads them with ``ffcv.loader.Loader``."""
+"""The FFCV loader back-end: writes ``.beton`` files once into a cache, then loads them with ``ffcv.loader.Loader``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.base import ImageDataModule
+from datamodules.backend import LoaderBackend
 from datamodules.beton import WriteSettings, loader_threads
 from datamodules.prepared import MANIFEST, SPLITS, check_prepared, complete_manifest, read_manifest, write_prepared
 from modules.components.errors import ConfigError, DataError
@@ -20,7 +20,7 @@ def _file_identity(path: str) -> tuple[int, int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-class _Loader:
+class _CheckedLoader:
     """An ``ffcv.loader.Loader`` whose epoch buffers are allocated outside ``torch.inference_mode``, and which
     refuses to start an epoch over a ``.beton`` that was replaced or changed since the loader opened it.
 
@@ -84,7 +84,7 @@ def _require_ffcv():
         import ffcv  # noqa: F401
     except ImportError as err:
         raise ConfigError(
-            "ffcv is not installed: run scripts/setup.sh, or use datamodules.torchvision_datamodule.TorchvisionDataModule"
+            "ffcv is not installed: run scripts/setup.sh, or set data.init_args.loader to datamodules.torchvision_loader.TorchvisionLoader"
         ) from err
 
 
@@ -116,8 +116,8 @@ def index_pipeline():
     return PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()])
 
 
-class FFCVDataModule(ImageDataModule):
-    """Labelled images through FFCV: random-resized-crop + flip for train, centre crop for val.
+class FFCVLoader(LoaderBackend):
+    """The ``ImageDataModule``'s splits through FFCV: random-resized-crop + flip for train, centre crop for val.
 
     The ``.beton`` files come from a prepared folder (``prepared``, written by ``visionlab prepare-data``) or
     are written once into ``cache_dir/<name>-<key>/`` where the key covers the source path, the data
@@ -148,7 +148,6 @@ class FFCVDataModule(ImageDataModule):
         repeated_augmentation: each training image appears this many times per epoch (DeiT's repeated
             augmentation), the copies spread over consecutive ranks; 1 disables. Epoch length is unchanged.
         batches_ahead: batches prepared ahead by the loader.
-        **kwargs: the shared ``ImageDataModule`` arguments (source, image_size, batch_size...).
     """
 
     def __init__(
@@ -167,40 +166,44 @@ class FFCVDataModule(ImageDataModule):
         order: str = "random",
         repeated_augmentation: int = 1,
         batches_ahead: int = 3,
-        **kwargs,
     ):
         self.prepared = Path(prepared).expanduser() if prepared else None
         self._manifest = read_manifest(self.prepared) if self.prepared else None
-        super().__init__(**kwargs)
         if order not in {"random", "quasi_random", "sequential"}:
-            raise ConfigError(f"data.order '{order}' is not one of random, quasi_random, sequential")
+            raise ConfigError(f"data.loader.order '{order}' is not one of random, quasi_random, sequential")
         if repeated_augmentation < 1:
-            raise ConfigError(f"data.repeated_augmentation {repeated_augmentation} must be at least 1")
-        if write_mode is None and not self.is_embedded:
-            write_mode, max_resolution = "proportion", max_resolution or 500
-        self.settings = WriteSettings(write_mode or "raw", max_resolution, jpeg_quality, compress_probability)
-        self.write_mode, self.max_resolution, self.jpeg_quality = self.settings.write_mode, max_resolution, jpeg_quality
+            raise ConfigError(f"data.loader.repeated_augmentation {repeated_augmentation} must be at least 1")
+        self._write_args = (write_mode, max_resolution, jpeg_quality, compress_probability)
         self.cache_dir = Path(cache_dir).expanduser()
         self.write_workers, self.skip_unreadable, self.verify_source = write_workers, skip_unreadable, verify_source
         self.prepare_data_per_node = not cache_shared
         self.os_cache, self.order, self.batches_ahead = os_cache, order, batches_ahead
         self.repeated_augmentation = repeated_augmentation
 
+    def bind(self, datamodule) -> None:
+        super().bind(datamodule)
+        write_mode, max_resolution, jpeg_quality, compress_probability = self._write_args
+        if write_mode is None and not datamodule.is_embedded:
+            write_mode, max_resolution = "proportion", max_resolution or 500
+        self.settings = WriteSettings(write_mode or "raw", max_resolution, jpeg_quality, compress_probability)
+        self.write_mode, self.max_resolution, self.jpeg_quality = self.settings.write_mode, max_resolution, jpeg_quality
+
     # --- prepared files --------------------------------------------------------------------------
     def selection(self) -> dict:
         """What decides the samples and labels (recorded in the manifest)."""
-        hp = self.hparams
-        return {"source": str(self.source if self.is_embedded else Path(self.source).expanduser().resolve()),
-                "classes": self.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
-                "val_fraction": hp.val_fraction, "seed": self.seed, "class_index": hp.class_index,
+        dm = self.datamodule
+        hp = dm.hparams
+        return {"source": str(dm.source if dm.is_embedded else Path(dm.source).expanduser().resolve()),
+                "classes": dm.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
+                "val_fraction": hp.val_fraction, "seed": dm.seed, "class_index": hp.class_index,
                 "val_labels": hp.val_labels, "skip_unreadable": self.skip_unreadable}
 
-    def _class_names(self) -> list[str]:
+    def class_names(self) -> list[str] | None:
         if self._manifest is None:
-            return super()._class_names()
+            return None
         recorded, splits = self._manifest["selection"], self._manifest["splits"]
         for key in ("classes", "train_limit", "val_limit"):
-            mine = list(self.classes or []) if key == "classes" else self.hparams[key]
+            mine = list(self.datamodule.classes or []) if key == "classes" else self.datamodule.hparams[key]
             theirs = list(recorded[key] or []) if key == "classes" else recorded[key]
             if key != "classes" and mine is not None and mine >= splits[key[:-6]]["samples"]:
                 continue  # a limit above the prepared count keeps everything either way
@@ -214,11 +217,11 @@ class FFCVDataModule(ImageDataModule):
         if self.prepared is not None:
             return self.prepared
         key = json.dumps([self.selection(), self.settings.as_dict()], sort_keys=True)
-        name = "embedded" if self.is_embedded else Path(self.source).name
+        name = "embedded" if self.datamodule.is_embedded else Path(self.datamodule.source).name
         return self.cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
     def beton_path(self, split: str) -> Path:
-        if split in self.extra_eval:
+        if split in self.datamodule.extra_eval:
             return self.extra_folder(split) / "val.beton"
         return self.folder() / f"{split}.beton"
 
@@ -231,11 +234,12 @@ class FFCVDataModule(ImageDataModule):
         """Write both splits and the manifest into ``folder`` (default: the cache folder), listing the source;
         then the ``extra_eval`` sets that are not written yet (``extra_folder``)."""
         if self.prepared is not None:
-            raise ConfigError(f"data.prepared is set ({self.prepared}): the files are read from there, not written")
+            raise ConfigError(f"data.loader.prepared is set ({self.prepared}): the files are read from there, not written")
         folder = Path(folder) if folder is not None else self.folder()
-        names = [str(n) for n in self.class_names]
-        description = {"selection": self.selection(), "source_fingerprint": {s: self.get_source(s).fingerprint for s in SPLITS}}
-        self._manifest = write_prepared(folder, {s: self.get_source(s) for s in SPLITS}, names, self.settings,
+        dm = self.datamodule
+        names = [str(n) for n in dm.class_names]
+        description = {"selection": self.selection(), "source_fingerprint": {s: dm.get_source(s).fingerprint for s in SPLITS}}
+        self._manifest = write_prepared(folder, {s: dm.get_source(s) for s in SPLITS}, names, self.settings,
                                         description, self.write_workers, self.skip_unreadable)
         self._prepare_extras(folder)
         return self._manifest
@@ -248,7 +252,7 @@ class FFCVDataModule(ImageDataModule):
         folder = self.folder()
         manifest = complete_manifest(folder)
         if manifest is not None and self.verify_source:
-            current = {s: self.get_source(s).fingerprint for s in SPLITS}
+            current = {s: self.datamodule.get_source(s).fingerprint for s in SPLITS}
             manifest = manifest if manifest["source_fingerprint"] == current else None
         if manifest is None:
             self.write_prepared(folder)
@@ -259,17 +263,16 @@ class FFCVDataModule(ImageDataModule):
         folder = self.folder()
         if not (folder / MANIFEST).is_file():
             raise ConfigError(f"{folder / MANIFEST} is missing: call prepare_data() first (the Trainer does); "
-                              "with a cache_dir local to each node set data.cache_shared false")
+                              "with a cache_dir local to each node set data.loader.cache_shared false")
         self._manifest = None
         check_prepared(folder, self.manifest())
-        for name in self.extra_eval:
+        for name in self.datamodule.extra_eval:
             check_prepared(self.extra_folder(name), read_manifest(self.extra_folder(name)))
-        self.setup_batches(stage)
 
     # --- extra evaluation sets (data.extra_eval) -------------------------------------------------
-    def source_classes(self) -> list[str]:
+    def source_classes(self) -> list[str] | None:
         if self.prepared is None:
-            return super().source_classes()
+            return None
         manifest = self.manifest()
         if manifest["selection"]["classes"]:
             raise ConfigError(f"{self.prepared} was prepared with data.classes, so the full class list that names "
@@ -277,9 +280,10 @@ class FFCVDataModule(ImageDataModule):
         return list(manifest["classes"])
 
     def _extra_selection(self, name: str) -> dict:
-        classes = "\n".join(self.source_classes())
-        return {"source": str(Path(self.extra_eval[name]).expanduser().resolve()), "classes": self.classes,
-                "val_limit": self.hparams.val_limit, "seed": self.seed,
+        dm = self.datamodule
+        classes = "\n".join(dm.source_classes())
+        return {"source": str(Path(dm.extra_eval[name]).expanduser().resolve()), "classes": dm.classes,
+                "val_limit": dm.hparams.val_limit, "seed": dm.seed,
                 "source_classes": hashlib.sha1(classes.encode()).hexdigest()}
 
     def extra_folder(self, name: str, root: Path | None = None) -> Path:
@@ -291,19 +295,20 @@ class FFCVDataModule(ImageDataModule):
     def _prepare_extras(self, root: Path) -> None:
         """Write each extra set whose folder under ``root`` has no complete manifest (or, with
         ``verify_source``, whose images changed)."""
-        for name in self.extra_eval:
+        dm = self.datamodule
+        for name in dm.extra_eval:
             folder = self.extra_folder(name, root)
             manifest = complete_manifest(folder)
             if manifest is not None and self.verify_source:
-                manifest = manifest if manifest["source_fingerprint"] == {"val": self.get_source(name).fingerprint} else None
+                manifest = manifest if manifest["source_fingerprint"] == {"val": dm.get_source(name).fingerprint} else None
             if manifest is None:
-                source = self.get_source(name)
+                source = dm.get_source(name)
                 description = {"selection": self._extra_selection(name), "source_fingerprint": {"val": source.fingerprint}}
-                write_prepared(folder, {"val": source}, [str(n) for n in self.class_names], self.settings, description,
+                write_prepared(folder, {"val": source}, [str(n) for n in dm.class_names], self.settings, description,
                                self.write_workers, self.skip_unreadable)
 
     def _distributed(self) -> bool:
-        trainer = self.trainer
+        trainer = self.datamodule.trainer
         return bool(trainer is not None and trainer.world_size > 1)
 
     def pipelines(self, split: str, train: bool) -> dict:
@@ -315,9 +320,10 @@ class FFCVDataModule(ImageDataModule):
                                           SimpleRGBImageDecoder)
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
-        hp, size = self.hparams, (self.image_size, self.image_size)
-        if split == "train" and self.full_train_images:
-            decode_size = self.batches.decode_size
+        dm = self.datamodule
+        hp, size = dm.hparams, (dm.image_size, dm.image_size)
+        if split == "train" and dm.full_train_images:
+            decode_size = dm.batches.decode_size
             if decode_size is None:
                 decoder = SimpleRGBImageDecoder()
             else:
@@ -332,14 +338,14 @@ class FFCVDataModule(ImageDataModule):
             image_pipeline = [CenterCropRGBImageDecoder(size, ratio=hp.val_crop_ratio)]
         image_pipeline += [ToTensor(), ToTorchImage(channels_last=False)]
         pipelines = {"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]}
-        return {**pipelines, "index": index_pipeline()} if self.yields_index else pipelines
+        return {**pipelines, "index": index_pipeline()} if dm.yields_index else pipelines
 
-    def make_loader(self, split: str, train: bool, indices=None):
+    def split_loader(self, split: str, train: bool, indices=None):
         """An ``ffcv.loader.Loader`` over ``split`` with the ``pipelines`` of ``split``/``train``."""
         try:
             return self._make_loader(split, train, indices)
         except TypeError as err:
-            if not self.full_train_images or "constant image" not in str(err):
+            if not self.datamodule.full_train_images or "constant image" not in str(err):
                 raise
             raise ConfigError("training images differ in size: set data.init_args.batches.init_args.decode_size "
                               "(e.g. 256) to decode them at one size") from err
@@ -352,21 +358,21 @@ class FFCVDataModule(ImageDataModule):
         if train and self.repeated_augmentation > 1:
             from datamodules.repeated import repeated_traversal
 
-            trainer = self.trainer
+            trainer = self.datamodule.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if distributed else (0, 1)
             order, distributed = repeated_traversal(self.repeated_augmentation, rank, world), False  # sharded by the order
         elif train and self.order == "random":
             order = OrderOption.RANDOM
         elif train and self.order == "quasi_random":
             order = OrderOption.RANDOM if self._distributed() else OrderOption.QUASI_RANDOM
-        return _Loader(Loader(
+        return _CheckedLoader(Loader(
             str(self.beton_path(split)),
-            batch_size=self.batch_size,
-            num_workers=loader_threads(self.num_workers),
+            batch_size=self.datamodule.batch_size,
+            num_workers=loader_threads(self.datamodule.num_workers),
             os_cache=self.os_cache,
             order=order,
             distributed=distributed,
-            seed=self.seed,
+            seed=self.datamodule.seed,
             indices=indices,
             pipelines=self.pipelines(split, train),
             drop_last=train,
@@ -384,8 +390,3 @@ class FFCVDataModule(ImageDataModule):
 
         return int(Reader(str(self.beton_path("train"))).num_samples)
 
-    def split_loader(self, split: str, train: bool, indices=None):
-        return self.make_loader(split, train=train, indices=indices)
-
-    def train_dataloader(self):
-        return self.make_loader("train", train=True, indices=self.holdout_split()[0])
