@@ -80,7 +80,7 @@ def run_overrides(name: str, args, weights: str, mean: list[float], std: list[fl
         "--data.init_args.val_limit", str(args.val_images),
         "--data.init_args.batch_size", str(args.batch_size),
         "--data.init_args.mean", json.dumps(mean), "--data.init_args.std", json.dumps(std),
-        "--data.init_args.cache_dir", str(args.root / "beton"),
+        "--data.init_args.loader.init_args.cache_dir", str(args.root / "beton"),
         "--trainer.max_epochs", str(args.epochs), "--trainer.check_val_every_n_epoch", str(args.epochs),
         "--trainer.default_root_dir", str(args.root / name), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
