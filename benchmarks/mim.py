@@ -64,8 +64,8 @@ def run(layers: list[str], overrides: list[str], epochs: int, root: Path, images
 
 
 def labelled_run(args, layers: list[str], overrides: list[str], epochs: int, root: Path):
-    model, data, trainer, _ = run(layers, overrides, epochs, root, args.labelled_images, args.val_images,
-                                  args.labelled_batch)
+    _, data, trainer, _ = run(layers, overrides, epochs, root, args.labelled_images, args.val_images,
+                              args.labelled_batch)
     return data, trainer, float(trainer.callback_metrics["val/acc1"])
 
 
