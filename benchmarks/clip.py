@@ -1,8 +1,6 @@
 """CLIP at small scale on the embedded Fashion-MNIST: zero-shot top-1, retrieval, and token-masking step time.
 
-from harness import print_ratio
-
-Captions are the class names in five prompt templates (``datamodules.captions.FFCVCaptionDataModule``),
+Captions are the class names in five prompt templates (``datamodules.captions.ClassPrompts``),
 the image tower a small ViT (32 px, 4-px patches: 64 tokens), the text tower a small transformer over
 CLIP's BPE trained from scratch. Each variant (no masking; FLIP random and Attentive Mask CLIP token
 dropping at 50% / 75%) trains for the same epochs, then is evaluated on held-out Fashion-MNIST test images:
@@ -18,6 +16,10 @@ Masked variants spend the last ``--unmasked-tuning`` share of their steps unmask
 without it, attentive masking never shows the model the low-attention (background) tokens it meets at test
 time, and its full-image zero-shot accuracy collapses (see modules/clip.py).
 
+Every model and datamodule is built by visionlab's own CLI from ``trainer/cpu.yaml + data/fashion_mnist.yaml +
+clip/fashion_mnist.yaml``; set here: the small towers, the variant's token masking, the lr and warm-up, the
+subset, batch and epochs (see ``overrides``).
+
     python benchmarks/clip.py --quick   # ~2-3 min on 2 cores (a smoke run, barely past chance)
     python benchmarks/clip.py           # ~10-15 min on 2 cores
 """
@@ -25,64 +27,71 @@ time, and its full-image zero-shot accuracy collapses (see modules/clip.py).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
-from datamodules.captions import FFCVCaptionDataModule
-from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from modules.clip import CLIPModule
-from modules.components.optim import OptimConfig
-from modules.components.token_masking import AttentiveMasking, RandomMasking
+from harness import cli_run, print_ratio
 
-BACKBONE = "vit_tiny_patch16_224"
+LAYERS = ["trainer/cpu.yaml", "data/fashion_mnist.yaml", "clip/fashion_mnist.yaml"]
 VIT = {"patch_size": 4, "depth": 3, "embed_dim": 96, "num_heads": 3}
-DATA = dict(source="fashion_mnist", image_size=32, num_workers=1, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, context_length=16)
+RANDOM, ATTENTIVE = (f"modules.components.token_masking.{name}" for name in ("RandomMasking", "AttentiveMasking"))
 EARLIER_SCORER = dict(attention_layers=1, online_crop_scale=(1.0, 1.0), ema_warmup=True)
-VARIANTS = {  # name: (token masking class or None, its ratio, extra masking arguments)
+VARIANTS = {  # name: (token masking class_path or None, its ratio, extra masking arguments)
     "mask0": (None, 0.0, {}),
-    "random50": (RandomMasking, 0.5, {}),
-    "random75": (RandomMasking, 0.75, {}),
-    "attentive50": (AttentiveMasking, 0.5, {}),
-    "attentive75": (AttentiveMasking, 0.75, {}),
-    "attentive75_warmup": (AttentiveMasking, 0.75, EARLIER_SCORER),
+    "random50": (RANDOM, 0.5, {}),
+    "random75": (RANDOM, 0.75, {}),
+    "attentive50": (ATTENTIVE, 0.5, {}),
+    "attentive75": (ATTENTIVE, 0.75, {}),
+    "attentive75_warmup": (ATTENTIVE, 0.75, EARLIER_SCORER),
 }
+# A benchmark run trains in-process: no logger, no checkpoint files (the CLI's checkpoint callback stays, idle),
+# no progress bar, summary or sanity check; one loader worker, as the script has always used.
+IN_PROCESS = ["--seed_everything", "0", "--data.init_args.num_workers", "1", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
 
 
-def model(args, masking: type | None, ratio: float, extra: dict) -> CLIPModule:
-    optim = OptimConfig(name="adamw", lr=args.lr, weight_decay=0.1, warmup_epochs=0.2)
-    if masking is AttentiveMasking:
+def overrides(args, name: str, root: Path) -> list[str]:
+    """The configs' CLIP at this benchmark's size, with variant ``name``'s token masking (FLIP's unmasked tuning
+    for every masked variant)."""
+    masking, ratio, extra = VARIANTS[name]
+    if masking == ATTENTIVE:
         extra = {"ema_decay": args.ema_decay if not extra.get("ema_warmup") else args.warmup_ema_decay, **extra}
-    return CLIPModule(BACKBONE, num_classes=10, image_size=32, backbone_kwargs=VIT, embed_dim=64, text_width=64,
-                      text_depth=2, text_heads=4, text_max_length=16,
-                      masking=None if masking is None else masking(ratio, **extra),
-                      unmasked_tuning=args.unmasked_tuning if masking is not None else 0.0, optim=optim)
+    spec = "null" if masking is None else json.dumps({"class_path": masking, "init_args": {"ratio": ratio, **extra}})
+    return [
+        "--model.init_args.backbone_kwargs", json.dumps(VIT), "--model.init_args.embed_dim", "64",
+        "--model.init_args.text_width", "64", "--model.init_args.text_max_length", "16",  # = the data's context_length
+        "--model.init_args.masking", spec,
+        "--model.init_args.unmasked_tuning", str(args.unmasked_tuning if masking is not None else 0.0),
+        "--model.init_args.optim.lr", str(args.lr), "--model.init_args.optim.warmup_epochs", "0.2",
+        "--data.init_args.train_limit", str(args.train_images), "--data.init_args.val_limit", str(args.val_images),
+        "--data.init_args.batch_size", str(args.batch_size),
+        # validation after the fit alone (see train_and_evaluate); FFCV's loader threads cannot write into buffers
+        # made under torch.inference_mode ("Inplace update to inference tensor outside InferenceMode")
+        "--trainer.max_epochs", str(args.epochs), "--trainer.limit_val_batches", "0", "--trainer.inference_mode", "false",
+        "--trainer.default_root_dir", str(root), *IN_PROCESS,
+    ]
 
 
-def train_and_evaluate(args, dm: FFCVCaptionDataModule, clip: CLIPModule, root: Path) -> dict[str, float]:
-    fit = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                     num_sanity_val_steps=0, default_root_dir=root)
+def train_and_evaluate(args, name: str, root: Path) -> dict[str, float]:
+    clip, data, trainer = cli_run(LAYERS, overrides(args, name, root))
     started = time.perf_counter()
-    fit.fit(clip, datamodule=dm)
+    trainer.fit(clip, datamodule=data)
     seconds = time.perf_counter() - started
-    # inference_mode=False: FFCV's loader threads cannot write into buffers made under torch.inference_mode.
-    evaluate = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, inference_mode=False, default_root_dir=root)
-    metrics = evaluate.validate(clip, datamodule=dm, verbose=False)[0]
+    trainer.limit_val_batches = 1.0  # the fit did not validate: the whole val subset once, after it
+    metrics = trainer.validate(clip, datamodule=data, verbose=False)[0]
     return {"train_s": seconds, **{k.removeprefix("val/"): float(v) for k, v in metrics.items()}}
 
 
-def step_times(args, batch: list[torch.Tensor]) -> dict[str, float]:
+def step_times(args, batch: dict, root: Path) -> dict[str, float]:
     """Median seconds of one full training step per variant, measured in interleaved rounds."""
     modules, optimizers = {}, {}
-    for name, variant in VARIANTS.items():
-        torch.manual_seed(0)
-        modules[name] = model(args, *variant).train()
+    for name in VARIANTS:
+        modules[name] = cli_run(LAYERS, overrides(args, name, root))[0].train()
         modules[name].log = lambda *a, **k: None  # no Trainer attached
         optimizers[name] = torch.optim.AdamW(modules[name].model.parameters(), lr=1e-4)
     times = {name: [] for name in VARIANTS}
@@ -115,7 +124,6 @@ def main() -> None:
                         help="share of the steps, at the end, that masked variants train unmasked (FLIP)")
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants trained for accuracy")
-    parser.add_argument("--cache-dir", default="~/.cache/visionlab/beton")
     parser.add_argument("--out", default="runs/benchmarks/clip")
     args = parser.parse_args()
     if args.quick:
@@ -123,8 +131,7 @@ def main() -> None:
         args.variants = "mask0,random75,attentive75,attentive75_warmup"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dm = FFCVCaptionDataModule(cache_dir=args.cache_dir, train_limit=args.train_images, val_limit=args.val_images,
-                               batch_size=args.batch_size, **DATA)
+    _, dm, _ = cli_run(LAYERS, overrides(args, "mask0", out / "timing"))  # the data of every run, for the step times
     print(f"Fashion-MNIST 32 px, ViT patch 4 depth {VIT['depth']} dim {VIT['embed_dim']} + text transformer 2x64: "
           f"{args.epochs} epoch(s) x {args.train_images} captioned train images, batch {args.batch_size}; "
           f"zero-shot/retrieval on {args.val_images} held-out test images; chance top-1 = {1 / dm.num_classes:.2f}; "
@@ -133,15 +140,14 @@ def main() -> None:
 
     rows = {}
     for name in args.variants.split(","):
-        pl.seed_everything(0, verbose=False)
-        rows[name] = train_and_evaluate(args, dm, model(args, *VARIANTS[name]), out / name)
+        rows[name] = train_and_evaluate(args, name, out / name)
         print(f"  {name} done: {rows[name]}", flush=True)
 
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.train_dataloader()
     batch = dm.on_after_batch_transfer(next(iter(loader)), 0)
-    timed = step_times(args, batch)
+    timed = step_times(args, batch, out / "timing")
 
     print()
     print(f"{'variant':<19} {'zeroshot_top1':>13} {'i2t_R@1':>8} {'i2t_R@5':>8} {'t2i_R@1':>8} {'t2i_R@5':>8} "

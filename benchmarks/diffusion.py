@@ -13,6 +13,12 @@ and the end of training, the trainable share of the denoiser and the median trai
     python benchmarks/diffusion.py --quick   # ~7 min on a shared 2-core CPU (200 / 100 steps)
     python benchmarks/diffusion.py           # ~25 min on a shared 2-core CPU (1000 / 400 steps)
 
+Every run is built by visionlab's own CLI from ``trainer/cpu.yaml + data/fashion_mnist.yaml`` and one of
+``classification/resnet18.yaml`` (the feature classifier, here a ``test_resnet``), ``diffusion/dit.yaml``,
+``diffusion/dimr.yaml``, ``diffusion/difffit.yaml`` and ``diffusion/finetune.yaml`` (the transfers start from the
+0-4 pretraining's checkpoint through ``init_checkpoint``); set here: the small denoisers, the classes, subsets and
+epochs, the sampling budget and each run's lr and warm-up.
+
 The linear (DDPM) schedule is used: after a few hundred steps the denoiser's eps errors are still spatially
 white, and the cosine schedule's near-pure-noise steps amplify them the most.
 """
@@ -20,30 +26,26 @@ white, and the cosine schedule's near-pure-noise steps amplify them the most.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import statistics
 import time
 import warnings
-from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-from datamodules.ffcv_datamodule import FFCVDataModule
-from modules.classification import ClassificationModule
-from modules.components.difffit import DiffFit
-from modules.components.dimr import DiMR
-from modules.components.dit import DiT
-from modules.components.optim import OptimConfig
-from modules.diffusion import DiffusionModule
+from harness import cli_run, print_ratios
 
-from harness import print_ratios
-
-DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0),
-            hflip=False, val_crop_ratio=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+BASE = ["trainer/cpu.yaml", "data/fashion_mnist.yaml"]
 ALL, PRETRAIN, TRANSFER = list(range(10)), [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+# A benchmark run trains in-process: no logger, no checkpoint files (the CLI's checkpoint callback stays, idle),
+# no progress bar, summary or sanity check.
+IN_PROCESS = ["--seed_everything", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+              "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
 
 
 class Recorder(pl.Callback):
@@ -64,41 +66,43 @@ class Recorder(pl.Callback):
         self.evaluations.append((trainer.global_step, metrics))
 
 
-def data(root: Path, classes: list[int], train_limit: int, val_limit: int, batch_size: int) -> FFCVDataModule:
-    return FFCVDataModule(cache_dir=str(root / "beton"), classes=classes, train_limit=train_limit, val_limit=val_limit,
-                          batch_size=batch_size, **DATA)
-
-
-def trainer(root: Path, epochs: int, val_every: int, callbacks=()) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      check_val_every_n_epoch=val_every, gradient_clip_val=1.0, default_root_dir=root,
-                      callbacks=list(callbacks))
+def run_overrides(root: Path, classes: list[int], images: int, val_images: int, epochs: int, val_every: int,
+                  lr: float, warmup_epochs: float) -> list[str]:
+    """What every run here sets after its config layers: the classes and subset, epochs, lr and warm-up."""
+    return ["--data.init_args.classes", json.dumps(classes), "--data.init_args.train_limit", str(images),
+            "--data.init_args.val_limit", str(val_images), "--model.init_args.optim.lr", str(lr),
+            "--model.init_args.optim.warmup_epochs", str(warmup_epochs), "--trainer.max_epochs", str(epochs),
+            "--trainer.check_val_every_n_epoch", str(val_every), "--trainer.default_root_dir", str(root), *IN_PROCESS]
 
 
 def train_classifier(root: Path, args) -> tuple[Path, float]:
-    pl.seed_everything(0, verbose=False)
-    model = ClassificationModule(backbone="test_resnet", num_classes=10, image_size=32, label_smoothing=0.0,
-                                 optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, warmup_epochs=0.2))
-    run = trainer(root / "classifier", args.classifier_epochs, args.classifier_epochs)
-    run.fit(model, datamodule=data(root, ALL, args.classifier_images, args.val_images, 128))
+    """The feature classifier on all classes, seeing the diffusion runs' pixels (diffusion/dit.yaml's data block:
+    [-1, 1] inputs, no crop or flip, and its gradient clipping)."""
+    model, data, run = cli_run(BASE + ["diffusion/dit.yaml", "classification/resnet18.yaml"], [
+        "--model.init_args.backbone", "test_resnet", "--model.init_args.label_smoothing", "0.0",
+        "--model.init_args.optim.weight_decay", "0.01",
+        *run_overrides(root / "classifier", ALL, args.classifier_images, args.val_images, args.classifier_epochs,
+                       args.classifier_epochs, lr=3e-3, warmup_epochs=0.2)])
+    run.fit(model, datamodule=data)
     path = root / "classifier.ckpt"
     run.save_checkpoint(path)
     return path, float(run.callback_metrics["val/acc1"])
 
 
-def train_diffusion(root: Path, name: str, classes: list[int], images: int, epochs: int, args, save: bool = False,
-                    **options) -> dict:
-    """Fit one diffusion variant, validating (distance + sample accuracy) at mid-training and at the end."""
-    pl.seed_everything(0, verbose=False)
-    ddpm_eval = options.pop("ddpm_eval", False)
-    model = DiffusionModule(num_classes=len(classes), image_size=32, schedule="linear", sample_steps=args.sample_steps,
-                            guidance_scale=2.0, ema_decay=0.999, eval_samples_per_class=args.samples // len(classes),
-                            feature_classifier=str(root / "classifier.ckpt"), classifier_classes=classes, **options)
+def train_diffusion(root: Path, name: str, layer: str, classes: list[int], images: int, epochs: int, args,
+                    denoiser: dict, lr: float, save: bool = False, ddpm_eval: bool = False, extra: list[str] = ()) -> dict:
+    """Fit one diffusion variant (configs/diffusion/<layer>), validating (distance + sample accuracy) at
+    mid-training and at the end."""
+    model, datamodule, run = cli_run(BASE + [f"diffusion/{layer}"], [
+        *(arg for key, value in denoiser.items() for arg in (f"--model.init_args.denoiser.init_args.{key}", str(value))),
+        "--model.init_args.sample_steps", str(args.sample_steps),
+        "--model.init_args.eval_samples_per_class", str(args.samples // len(classes)),
+        "--model.init_args.feature_classifier", str(root / "classifier.ckpt"),
+        "--model.init_args.classifier_classes", json.dumps(classes), "--data.init_args.batch_size", str(args.batch_size),
+        *run_overrides(root / name, classes, images, args.val_images, epochs, max(1, epochs // 2), lr, 0.25), *extra])
     recorder = Recorder()
-    run = trainer(root / name, epochs, max(1, epochs // 2), [recorder])
+    run.callbacks.append(recorder)
     start = time.time()
-    datamodule = data(root, classes, images, args.val_images, args.batch_size)
     run.fit(model, datamodule=datamodule)
     ddpm_fd = ddpm_distance(model, datamodule, args) if ddpm_eval else float("nan")
     if save:
@@ -117,7 +121,7 @@ def train_diffusion(root: Path, name: str, classes: list[int], images: int, epoc
 
 
 @torch.no_grad()
-def ddpm_distance(model: DiffusionModule, datamodule: FFCVDataModule, args) -> float:
+def ddpm_distance(model: pl.LightningModule, datamodule: pl.LightningDataModule, args) -> float:
     """Frechet distance of DDPM samples (all T steps, the model's variance) to the validation images."""
     model.eval()
     for batch in datamodule.val_dataloader():
@@ -131,7 +135,7 @@ def ddpm_distance(model: DiffusionModule, datamodule: FFCVDataModule, args) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smallest meaningful size (a few minutes)")
-    parser.add_argument("--root", default="runs/bench/diffusion", help="run folder (checkpoints, .beton cache)")
+    parser.add_argument("--root", default="runs/bench/diffusion", help="run folder (checkpoints)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--parts", choices=("all", "scratch", "transfer"), default="all",
                         help="from-scratch rows (DiT, fixed variance, DiMR), transfer rows (DiffFit, full FT), or both")
@@ -162,30 +166,27 @@ def main() -> None:
         _, classifier_acc = train_classifier(root, args)
         print(f"feature classifier: test_resnet, {args.classifier_images} images x {args.classifier_epochs} epochs: "
               f"val top-1 {classifier_acc:.4f} ({time.time() - start:.0f} s)", flush=True)
-    optim = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25)
-    dit = dict(denoiser=partial(DiT, **args.denoiser), optim=optim)
-    fixed = dict(denoiser=partial(DiT, **args.denoiser, learn_sigma=False), optim=optim)
-    dimr = dict(denoiser=partial(DiMR, **args.dimr), optim=optim)
     rows = []
     if args.parts in ("all", "scratch"):
-        rows += [train_diffusion(root, "dit_scratch", ALL, args.images, args.epochs, args, ddpm_eval=True, **dit),
-                 train_diffusion(root, "dit_fixed_var", ALL, args.images, args.epochs, args, ddpm_eval=True, **fixed),
-                 train_diffusion(root, "dimr_scratch", ALL, args.images, args.epochs, args, **dimr)]
+        rows += [train_diffusion(root, "dit_scratch", "dit.yaml", ALL, args.images, args.epochs, args, args.denoiser,
+                                 1e-3, ddpm_eval=True),
+                 train_diffusion(root, "dit_fixed_var", "dit.yaml", ALL, args.images, args.epochs, args,
+                                 {**args.denoiser, "learn_sigma": "false"}, 1e-3, ddpm_eval=True),
+                 train_diffusion(root, "dimr_scratch", "dimr.yaml", ALL, args.images, args.epochs, args, args.dimr, 1e-3)]
     if args.parts in ("all", "transfer"):
-        rows += transfer_rows(root, args, dit)
+        rows += transfer_rows(root, args)
     report(rows, args, start)
 
 
-def transfer_rows(root: Path, args, dit: dict) -> list[dict]:
-    train_diffusion(root, "dit_pretrain_0-4", PRETRAIN, args.images, args.epochs, args, save=True, **dit)
-    pretrained = str(root / "dit_pretrain_0-4.ckpt")
-    transfer = dict(denoiser=partial(DiT, **args.denoiser), init_checkpoint=pretrained)
+def transfer_rows(root: Path, args) -> list[dict]:
+    train_diffusion(root, "dit_pretrain_0-4", "dit.yaml", PRETRAIN, args.images, args.epochs, args, args.denoiser, 1e-3,
+                    save=True)
+    pretrained = ["--model.init_args.init_checkpoint", str(root / "dit_pretrain_0-4.ckpt")]
+    transfer = (TRANSFER, args.transfer_images, args.transfer_epochs, args, args.denoiser)
     return [
-        train_diffusion(root, "difffit_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, finetune=DiffFit(),
-                        optim=OptimConfig(lr=1e-2, weight_decay=0.0, warmup_epochs=0.25), **transfer),
-        train_diffusion(root, "full_ft_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args,
-                        optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.25), **transfer),
-        train_diffusion(root, "dit_scratch_5-9", TRANSFER, args.transfer_images, args.transfer_epochs, args, **dit),
+        train_diffusion(root, "difffit_5-9", "difffit.yaml", *transfer, 1e-2, extra=pretrained),
+        train_diffusion(root, "full_ft_5-9", "finetune.yaml", *transfer, 1e-3, extra=pretrained),
+        train_diffusion(root, "dit_scratch_5-9", "dit.yaml", *transfer, 1e-3),
     ]
 
 
@@ -219,11 +220,13 @@ def report(rows: list[dict], args, start: float) -> None:
 
 
 def scratch_summary(by: dict) -> None:
-    print(f"dimr_vs_dit fd (dit/dimr, >1 = DiMR better): {by['dit_scratch']['fd'] / by['dimr_scratch']['fd']:.2f}x "
-          f"at {by['dimr_scratch']['params'] / by['dit_scratch']['params']:.2f}x the parameters")
-    print(f"learned_vs_fixed variance fd, DDPM sampling (fixed/learned, >=1 = learned no worse): "
-          f"{by['dit_fixed_var']['ddpm_fd'] / by['dit_scratch']['ddpm_fd']:.2f}x; DDIM (variance unused): "
-          f"{by['dit_fixed_var']['fd'] / by['dit_scratch']['fd']:.2f}x")
+    dit, fixed, dimr = by["dit_scratch"], by["dit_fixed_var"], by["dimr_scratch"]
+    print_ratios({
+        "dimr_vs_dit fd (dit/dimr, >1 = DiMR better)": dit["fd"] / dimr["fd"],
+        "dimr_vs_dit parameters (dimr/dit)": dimr["params"] / dit["params"],
+        "learned_vs_fixed variance fd, DDPM sampling (fixed/learned, >=1 = learned no worse)": fixed["ddpm_fd"] / dit["ddpm_fd"],
+        "learned_vs_fixed variance fd, DDIM (fixed/learned, the variance unused)": fixed["fd"] / dit["fd"],
+    })
 
 
 def transfer_summary(by: dict, rows: list[dict]) -> None:

@@ -14,11 +14,18 @@ Choices (set by short trials on this data, see --help): all ViTs pool the mean o
 (``global_pool=avg, fc_norm=False``, which keeps timm's key names for the strict hand-off); MAE/MR-MAE
 reconstruct raw pixels (``--norm-pix-loss`` for per-patch normalised targets); fine-tuning and probing use
 batch 32 on the labelled subset so that the short budgets still take a few hundred steps.
+
+Every run is built by visionlab's own CLI from the project's configs (``trainer/cpu.yaml + data/fashion_mnist.yaml``
+and then): pretraining ``<method>/fashion_mnist.yaml``, fine-tuning ``<method>/finetune.yaml`` (from the
+pretraining's checkpoint; from scratch: ``mae/finetune.yaml`` without a checkpoint), probing
+``linear_probe/fashion_mnist.yaml``. Set here: the small ViT, the subset sizes and epochs, the lrs above, the
+pretraining warm-up and MAE's small decoder (see ``pretrain_overrides``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -26,78 +33,67 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from modules.classification import ClassificationModule
 from modules.components.masking import mae_shuffle
 from modules.components.masked_vit import encode
 from modules.components.mim_parts import frozen_encoder
-from modules.components.optim import OptimConfig
-from modules.linear_probe import LinearProbeModule
-from modules.mae import MAEModule
-from modules.mr_mae import MRMAEModule
-from modules.simmim import SimMIMModule
 
-from harness import print_ratio
+from harness import cli_run, print_ratio
 
 BACKBONE = "vit_tiny_patch16_224"
 # Mean of the (normed) patch tokens as the image feature: what MIM trains each token for.
 VIT = {"patch_size": 4, "depth": 4, "embed_dim": 128, "num_heads": 4, "global_pool": "avg", "fc_norm": False}
-DATA = dict(source="fashion_mnist", image_size=32, num_workers=1, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+BASE = ["trainer/cpu.yaml", "data/fashion_mnist.yaml"]
+# A benchmark run trains in-process: no logger, no checkpoint files (the CLI's checkpoint callback stays, idle),
+# no progress bar, summary or sanity check; one loader worker, as the script has always used.
+IN_PROCESS = ["--seed_everything", "0", "--data.init_args.num_workers", "1", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
 
 
-def data(args, train_limit: int, batch_size: int = 128) -> FFCVDataModule:
-    return FFCVDataModule(cache_dir=args.cache_dir, train_limit=train_limit, val_limit=args.val_images,
-                          batch_size=batch_size, **DATA)
-
-
-def trainer(epochs: int, root: Path) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      num_sanity_val_steps=0, default_root_dir=root)
-
-
-def fit(model: pl.LightningModule, dm: FFCVDataModule, epochs: int, root: Path, save: Path | None = None) -> float:
+def run(layers: list[str], overrides: list[str], epochs: int, root: Path, images: int, val_images: int,
+        batch_size: int = 128, validate: bool = True) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer, float]:
+    """Build one run from ``BASE + layers`` and fit it; ``validate``: once, after the last epoch (else never)."""
+    checks = ["--trainer.check_val_every_n_epoch", str(epochs)] if validate else ["--trainer.limit_val_batches", "0"]
+    model, data, trainer = cli_run(BASE + layers, [
+        *overrides, *IN_PROCESS, *checks, "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(root),
+        "--data.init_args.train_limit", str(images), "--data.init_args.val_limit", str(val_images),
+        "--data.init_args.batch_size", str(batch_size)])
     started = time.perf_counter()
-    run = trainer(epochs, root)
-    run.fit(model, datamodule=dm)
-    if save is not None:
-        run.save_checkpoint(save)
-    return time.perf_counter() - started
+    trainer.fit(model, datamodule=data)
+    return model, data, trainer, time.perf_counter() - started
 
 
-def top1(model: pl.LightningModule, dm: FFCVDataModule, root: Path) -> float:
-    # inference_mode=False: FFCV's loader threads cannot write into buffers made under torch.inference_mode
-    # (Trainer.validate would hang on "Inplace update to inference tensor outside InferenceMode").
-    run = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, inference_mode=False, default_root_dir=root)
-    return float(run.validate(model, datamodule=dm, verbose=False)[0]["val/acc1"])
+def labelled_run(args, layers: list[str], overrides: list[str], epochs: int, root: Path):
+    _, data, trainer, _ = run(layers, overrides, epochs, root, args.labelled_images, args.val_images,
+                              args.labelled_batch)
+    return data, trainer, float(trainer.callback_metrics["val/acc1"])
 
 
-def finetune(args, init: Path | None, labelled: FFCVDataModule, root: Path) -> tuple[ClassificationModule, float]:
-    optim = OptimConfig(name="adamw", lr=args.finetune_lr, weight_decay=0.05, warmup_epochs=1,
-                        layer_decay=args.layer_decay if init else None)
-    model = ClassificationModule(BACKBONE, num_classes=10, image_size=32, backbone_kwargs=VIT, drop_path_rate=0.1,
-                                 label_smoothing=0.1, init_checkpoint=str(init) if init else None, optim=optim)
-    fit(model, labelled, args.finetune_epochs, root)
-    return model, top1(model, labelled, root)
+def finetune(args, method: str, init: Path | None, root: Path):
+    """configs/<method>/finetune.yaml from ``init``; from scratch (``init`` None): the same recipe on a fresh ViT
+    without layer-wise lr decay."""
+    start = ["--model.init_args.init_checkpoint", str(init), "--model.init_args.optim.layer_decay", str(args.layer_decay)] \
+        if init else ["--model.init_args.init_checkpoint", "null", "--model.init_args.backbone", BACKBONE,
+                      "--model.init_args.backbone_kwargs", json.dumps(VIT),
+                      "--model.init_args.optim", json.dumps({"layer_decay": None})]  # (".layer_decay null" fails to parse)
+    return labelled_run(args, [f"{method}/finetune.yaml"], [*start, "--model.init_args.optim.lr", str(args.finetune_lr)],
+                        args.finetune_epochs, root)
 
 
-def linear_probe(args, checkpoint: Path, labelled: FFCVDataModule, root: Path) -> float:
-    optim = OptimConfig(name="adamw", lr=args.probe_lr, weight_decay=0.0, warmup_epochs=0.5)
-    model = LinearProbeModule(BACKBONE, num_classes=10, image_size=32, init_checkpoint=str(checkpoint),
-                              backbone_kwargs=VIT, pool="avg", optim=optim)
-    fit(model, labelled, args.probe_epochs, root)
-    return top1(model, labelled, root)
+def linear_probe(args, checkpoint: Path, root: Path):
+    """configs/linear_probe/fashion_mnist.yaml on ``checkpoint``'s encoder (its ``token`` pool is the ViT's own
+    ``global_pool=avg``: the mean of the normed patch tokens)."""
+    return labelled_run(args, ["linear_probe/fashion_mnist.yaml"], [
+        "--model.init_args.init_checkpoint", str(checkpoint), "--model.init_args.optim.lr", str(args.probe_lr)],
+        args.probe_epochs, root)
 
 
 @torch.no_grad()
-def converged_probe(checkpoint: Path, labelled: FFCVDataModule) -> float:
+def converged_probe(checkpoint: Path, labelled: pl.LightningDataModule) -> float:
     """Top-1 of a *converged* linear probe: full-batch L-BFGS logistic regression on the frozen encoder's
     standardised mean-pooled tokens (eval crops of the labelled images). It is what the SGD probe estimates,
     free of its lr and step budget, so it tells a weak encoder from an unconverged probe."""
-    encoder = frozen_encoder(BACKBONE, 32, str(checkpoint), VIT)
+    encoder = frozen_encoder(None, labelled.image_size, str(checkpoint))  # the architecture the checkpoint records
 
     def features(loader) -> tuple[torch.Tensor, torch.Tensor]:
         feats, labels = [], []
@@ -125,24 +121,32 @@ def converged_probe(checkpoint: Path, labelled: FFCVDataModule) -> float:
     return float((head(val_x).argmax(1) == val_y).float().mean())
 
 
-def pretrainer(name: str, args, teacher: Path | None) -> pl.LightningModule:
-    betas = (0.9, 0.999) if name == "simmim" else (0.9, 0.95)  # each reference's AdamW betas
-    optim = OptimConfig(name="adamw", lr=args.pretrain_lr, weight_decay=0.05, betas=betas,
-                        warmup_epochs=min(0.3, args.pretrain_epochs / 4))
-    common = dict(num_classes=10, image_size=32, backbone_kwargs=VIT, log_images_every_n_steps=0, optim=optim)
-    decoder = dict(mask_ratio=0.75, norm_pix_loss=args.norm_pix_loss, decoder_dim=64, decoder_depth=1, decoder_heads=4)
-    if name == "simmim":
-        return SimMIMModule(BACKBONE, mask_patch_size=8, mask_ratio=0.6, **common)
-    if name == "mae":
-        return MAEModule(BACKBONE, **decoder, **common)
-    return MRMAEModule(BACKBONE, teacher=BACKBONE, teacher_kwargs=VIT, teacher_checkpoint=str(teacher),
-                       mimic_weight=args.mimic_weight, **decoder, **common)
+def pretrain_overrides(name: str, args, teacher: Path | None = None) -> list[str]:
+    """configs/<name>/fashion_mnist.yaml at this benchmark's size: the small ViT, its lr as an absolute value (no
+    batch scaling), a warm-up that fits the short runs, a 1-block 64-d decoder and no image logging; SimMIM's mask
+    and AdamW betas and MAE's stay the configs'."""
+    out = ["--model.init_args.backbone_kwargs", json.dumps(VIT), "--model.init_args.log_images_every_n_steps", "0",
+           "--model.init_args.optim", json.dumps({"lr": args.pretrain_lr, "lr_base_batch": None,  # merged into the config's
+                                                  "warmup_epochs": min(0.3, args.pretrain_epochs / 4)})]
+    if name != "simmim":
+        out += ["--model.init_args.norm_pix_loss", str(args.norm_pix_loss).lower(),
+                "--model.init_args.decoder_dim", "64", "--model.init_args.decoder_depth", "1"]
+    if name == "mr_mae":  # the teacher's architecture: the one its checkpoint records
+        out += ["--model.init_args.teacher_checkpoint", str(teacher), "--model.init_args.mimic_weight", str(args.mimic_weight)]
+    return out
 
 
-def encoder_step_times(batch_size: int, repeats: int, mask_ratio: float = 0.75) -> tuple[float, float]:
+def random_init_checkpoint(args, path: Path) -> None:
+    """A checkpoint of the MAE encoder as built, before any step (the probes' random-init baseline)."""
+    _, _, trainer, _ = run(["mae/fashion_mnist.yaml"], [*pretrain_overrides("mae", args), "--trainer.max_steps", "0"],
+                           1, path.parent / "random_init", args.labelled_images, args.val_images, validate=False)
+    trainer.save_checkpoint(path)
+
+
+def encoder_step_times(args, batch_size: int, repeats: int, mask_ratio: float = 0.75) -> tuple[float, float]:
     """Median forward+backward seconds of the ViT encoder on all tokens and on the visible 25%."""
-    torch.manual_seed(0)
-    vit = MAEModule(BACKBONE, num_classes=10, image_size=32, backbone_kwargs=VIT).backbone.train()
+    model, _, _ = cli_run(BASE + ["mae/fashion_mnist.yaml"], [*pretrain_overrides("mae", args), *IN_PROCESS])
+    vit = model.backbone.train()
     images = torch.randn(batch_size, 3, 32, 32)
     full, masked = [], []
     for i in range(repeats + 1):  # interleaved so that CPU contention hits both alike; the first is warm-up
@@ -176,42 +180,38 @@ def main() -> None:
     parser.add_argument("--mimic-weight", type=float, default=1.0)
     parser.add_argument("--norm-pix-loss", action="store_true", help="MAE per-patch normalised targets (off: raw pixels)")
     parser.add_argument("--methods", default="simmim,mae,mr_mae")
-    parser.add_argument("--cache-dir", default="~/.cache/visionlab/beton")
     parser.add_argument("--out", default="runs/benchmarks/mim")
     args = parser.parse_args()
     if args.quick:
         args.pretrain_images, args.pretrain_epochs, args.labelled_images = 3000, 2, 1000
         args.val_images, args.finetune_epochs, args.probe_epochs = 1000, 2, 2
-    pl.seed_everything(0, verbose=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    unlabelled = data(args, args.pretrain_images)
-    labelled = data(args, args.labelled_images, batch_size=args.labelled_batch)
     print(f"Fashion-MNIST 32 px, ViT patch 4 depth {VIT['depth']} dim {VIT['embed_dim']}: pretrain {args.pretrain_epochs} ep "
           f"x {args.pretrain_images} images, fine-tune/probe {args.finetune_epochs}/{args.probe_epochs} ep x "
           f"{args.labelled_images} labelled, top-1 on {args.val_images} val images", flush=True)
 
     rows = {}
-    pl.seed_everything(0, verbose=False)
-    scratch, scratch_top1 = finetune(args, None, labelled, out / "scratch")
+    _, scratch, scratch_top1 = finetune(args, "mae", None, out / "scratch")  # the three finetune.yaml recipes are the same
     scratch_ckpt = out / "scratch.ckpt"
-    torch.save({"state_dict": scratch.state_dict()}, scratch_ckpt)  # the MR-MAE teacher
+    scratch.save_checkpoint(scratch_ckpt)  # the MR-MAE teacher
     random_ckpt = out / "random_init.ckpt"
-    torch.save({"state_dict": pretrainer("mae", args, None).state_dict()}, random_ckpt)
-    rows["scratch"] = dict(pretrain_s=0.0, finetune=scratch_top1, probe=linear_probe(args, random_ckpt, labelled, out / "probe_random"),
-                           probe_lbfgs=converged_probe(random_ckpt, labelled))
+    random_init_checkpoint(args, random_ckpt)
+    labelled, _, probe = linear_probe(args, random_ckpt, out / "probe_random")
+    rows["scratch"] = dict(pretrain_s=0.0, finetune=scratch_top1, probe=probe, probe_lbfgs=converged_probe(random_ckpt, labelled))
     print(f"  scratch done: {rows['scratch']}", flush=True)
     for name in args.methods.split(","):
-        pl.seed_everything(0, verbose=False)
         checkpoint = out / f"{name}.ckpt"
-        seconds = fit(pretrainer(name, args, scratch_ckpt), unlabelled, args.pretrain_epochs, out / name, save=checkpoint)
-        pl.seed_everything(0, verbose=False)
-        _, finetuned = finetune(args, checkpoint, labelled, out / f"{name}_finetune")
-        rows[name] = dict(pretrain_s=seconds, finetune=finetuned, probe=linear_probe(args, checkpoint, labelled, out / f"{name}_probe"),
-                          probe_lbfgs=converged_probe(checkpoint, labelled))
+        _, _, pretraining, seconds = run([f"{name}/fashion_mnist.yaml"], pretrain_overrides(name, args, scratch_ckpt),
+                                         args.pretrain_epochs, out / name, args.pretrain_images, args.val_images,
+                                         validate=False)
+        pretraining.save_checkpoint(checkpoint)
+        _, _, finetuned = finetune(args, name, checkpoint, out / f"{name}_finetune")
+        labelled, _, probe = linear_probe(args, checkpoint, out / f"{name}_probe")
+        rows[name] = dict(pretrain_s=seconds, finetune=finetuned, probe=probe, probe_lbfgs=converged_probe(checkpoint, labelled))
         print(f"  {name} done: {rows[name]}", flush=True)
 
-    full_s, masked_s = encoder_step_times(batch_size=128, repeats=3 if args.quick else 8)
+    full_s, masked_s = encoder_step_times(args, batch_size=128, repeats=3 if args.quick else 8)
 
     print()
     print(f"{'variant':<10} {'pretrain_s':>10} {'finetune_top1':>14} {'probe_top1':>11} {'probe_lbfgs':>12}")
