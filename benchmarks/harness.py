@@ -34,6 +34,20 @@ def cli_run(layers: list[str], overrides: list[str] = ()) -> tuple[pl.LightningM
     return cli.model, cli.datamodule, cli.trainer
 
 
+# Overrides for a run a benchmark trains in-process and only reads back: no logger, progress bar, model summary or
+# sanity check, and the CLI's checkpoint callback writes nothing (Lightning refuses enable_checkpointing=false
+# next to it)
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+         "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
+
+
+def quiet_run(layers: list[str], overrides: list[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule,
+                                                                     pl.Trainer]:
+    """:func:`cli_run` with :data:`QUIET` before ``overrides``."""
+    return cli_run(layers, [*QUIET, *overrides])
+
+
 def packaged_weights(package: str, suffix: str = ".pth") -> str:
     """Path of the weights file a pip package ships (``importlib.metadata``), or a ConfigError saying what to install."""
     try:

@@ -33,19 +33,13 @@ import lightning.pytorch as pl
 import torch
 
 from app.store_logits import store_logits
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.replay import with_stored_crops
-from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from modules.classification import ClassificationModule
 from modules.components.distill import build_teacher
-from modules.components.kd_targets import FerKD, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
-from modules.components.kd_terms import FeatureKD
-from modules.components.optim import OptimConfig
-from modules.kd import DistillationModule
+
+from harness import print_ratio, quiet_run
 
 TEACHER, STUDENT = "resnet18", "test_resnet"
-DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+DATA = ["trainer/cpu.yaml", "data/fashion_mnist.yaml"]
+SCRATCH = ["classification/resnet18.yaml"]  # the project's from-scratch recipe: the teachers, and the student alone
 TOPK = 5
 
 
@@ -70,17 +64,17 @@ class EpochTimer(pl.Callback):
         return statistics.median(self.times[1:] or self.times)
 
 
-def trainer(root: Path, epochs: int, callbacks=()) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        check_val_every_n_epoch=epochs, default_root_dir=root, callbacks=list(callbacks),
-    )
-
-
-def data(root: Path, train_limit: int, args) -> FFCVDataModule:
-    return FFCVDataModule(cache_dir=str(root / "beton"), train_limit=train_limit, val_limit=args.val_images,
-                          batch_size=args.batch_size, **DATA)
+def run(root: Path, layers: list[str], train_limit: int, epochs: int, seed: int, args, overrides: list[str] = ()):
+    """``(model, datamodule, trainer)`` of one run, validated once after the last epoch, its epochs timed
+    (``trainer.epoch_timer``)."""
+    model, dm, trainer = quiet_run(DATA + layers, [
+        "--seed_everything", str(seed), "--data.init_args.train_limit", str(train_limit),
+        "--data.init_args.val_limit", str(args.val_images), "--data.init_args.batch_size", str(args.batch_size),
+        "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(epochs),
+        "--trainer.default_root_dir", str(root), *overrides])
+    trainer.epoch_timer = EpochTimer()
+    trainer.callbacks.append(trainer.epoch_timer)
+    return model, dm, trainer
 
 
 def train_teacher(root: Path, seed: int, args) -> tuple[Path, dict]:
@@ -89,77 +83,74 @@ def train_teacher(root: Path, seed: int, args) -> tuple[Path, dict]:
     info = path.with_suffix(".json")
     if path.is_file() and info.is_file():
         return path, {**json.loads(info.read_text()), "cached": True}
-    pl.seed_everything(seed, verbose=False)
-    model = ClassificationModule(backbone=TEACHER, num_classes=10, image_size=32, label_smoothing=0.1,
-                                 optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.3))
-    timer = EpochTimer()
-    run = trainer(root / f"teacher{seed}", args.teacher_epochs, [timer])
-    run.fit(model, datamodule=data(root, args.teacher_images, args))
-    run.save_checkpoint(path)
-    result = {"acc": float(run.callback_metrics["val/acc1"]), "epoch_s": timer.seconds}
+    model, dm, trainer = run(root / f"teacher{seed}", SCRATCH, args.teacher_images, args.teacher_epochs, seed, args,
+                             ["--model.init_args.backbone", TEACHER, "--model.init_args.optim.warmup_epochs", "0.3"])
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(path)
+    result = {"acc": float(trainer.callback_metrics["val/acc1"]), "epoch_s": trainer.epoch_timer.seconds}
     info.write_text(json.dumps(result))
     return path, {**result, "cached": False}
 
 
-def student_optim(weight_decay: float) -> OptimConfig:
-    return OptimConfig(name="adamw", lr=3e-3, weight_decay=weight_decay, warmup_epochs=0.3)
-
-
-def fit_student(root: Path, name: str, model: pl.LightningModule, dm, args) -> dict:
-    timer = EpochTimer()
-    run = trainer(root / name, args.epochs, [timer])
-    run.fit(model, datamodule=dm)
-    metrics = run.callback_metrics
-    row = {"name": name, "acc": float(metrics["val/acc1"]), "epoch_s": timer.seconds}
-    if "val/teacher_acc1" in metrics:
-        row["teacher_acc"] = float(metrics["val/teacher_acc1"])
-    if "train/ferkd_negatives" in metrics:
-        row["note"] = f"hard negatives in last batch: {float(metrics['train/ferkd_negatives']):.0%}"
-    return row
-
-
-def kd_student(teachers: list[Path], targets=None, **options) -> DistillationModule:
-    targets = targets if targets is not None else OnlineTeachers([str(t) for t in teachers])
-    return DistillationModule(student=STUDENT, num_classes=10, image_size=32, targets=targets,
-                              optim=student_optim(0.0), **options)
+def teachers_args(teachers: list[Path]) -> list[str]:
+    return ["--model.init_args.targets.init_args.teachers", json.dumps([str(t) for t in teachers])]
 
 
 def run_variants(root: Path, teachers: list[Path], args) -> list[dict]:
+    """The students: each variant's config layers after ``DATA``, the student and its budget set alike (AdamW 3e-3,
+    0.3 warmup epochs; each config's weight decay: 0.05 alone, 0 distilled)."""
     rows = []
 
-    def student_data():
-        return data(root, args.images, args)
+    def student(name, layers, overrides=()):
+        return run(root / name, layers, args.images, args.epochs, 0, args, [
+            "--model.init_args." + ("backbone" if layers == SCRATCH else "student"), STUDENT,
+            "--model.init_args.optim.lr", "0.003", "--model.init_args.optim.warmup_epochs", "0.3", *overrides])
 
-    def variant(key, make_model, dm=None, name=None):
-        if key in args.variants:
-            pl.seed_everything(0, verbose=False)
-            rows.append(fit_student(root, name or key, make_model(), dm or student_data(), args))
-            print(f"  {rows[-1]['name']}: top-1 {rows[-1]['acc']:.4f}, {rows[-1]['epoch_s']:.1f} s/epoch", flush=True)
+    def variant(key, layers, overrides=(), name=None):
+        if key not in args.variants:
+            return
+        name = name or key
+        model, dm, trainer = student(name, layers, overrides)
+        trainer.fit(model, datamodule=dm)
+        metrics = trainer.callback_metrics
+        row = {"name": name, "acc": float(metrics["val/acc1"]), "epoch_s": trainer.epoch_timer.seconds}
+        if "val/teacher_acc1" in metrics:
+            row["teacher_acc"] = float(metrics["val/teacher_acc1"])
+        if "train/ferkd_negatives" in metrics:
+            row["note"] = f"hard negatives in last batch: {float(metrics['train/ferkd_negatives']):.0%}"
+        rows.append(row)
+        print(f"  {row['name']}: top-1 {row['acc']:.4f}, {row['epoch_s']:.1f} s/epoch", flush=True)
 
-    variant("alone", lambda: ClassificationModule(backbone=STUDENT, num_classes=10, image_size=32, label_smoothing=0.1,
-                                                  optim=student_optim(0.05)))
-    variant("meal_v2", lambda: kd_student(teachers), name=f"meal_v2 ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})")
+    no_discriminator = ["--model.init_args.terms", "[]"]  # MEAL V2 here: the mean teacher softmax alone
+    variant("alone", SCRATCH)
+    variant("meal_v2", ["kd/meal_v2.yaml"], teachers_args(teachers) + no_discriminator,
+            name=f"meal_v2 ({len(teachers)} teacher{'s' if len(teachers) > 1 else ''})")
     if "stored" in args.variants:
         logits = root / f"logits-{args.images}x{args.epochs}-top{TOPK}.vlsl"
-        dm = with_stored_crops(student_data(), logits_path=str(logits))
+        stored = ["kd/stored_logits.yaml"], ["--data.init_args.batches.init_args.logits_path", str(logits)]
+        _, dm, _ = student("store", *stored)  # the stored run's data: the crops the students replay
         dm.prepare_data()
         dm.setup("predict")
         start = time.perf_counter()
         store_logits(dm, build_teacher(str(teachers[0]), 10, 32), epochs=args.epochs, topk=TOPK, output=logits, device="cpu")
         store_s = time.perf_counter() - start
-        # the replayed crops of the stored run with the teacher run online: the same pipeline as ``stored``,
-        # which isolates the cost of the online teacher forward (OnlineTeachers ignores the stored keys)
-        replayed = lambda: with_stored_crops(student_data(), logits_path=str(logits))  # noqa: E731
-        variant("stored", lambda: kd_student(teachers[:1]), replayed(), name="online_replay (teacher 1)")
-        variant("stored", lambda: kd_student([], StoredLogits()), dm)
+        # the replayed crops of the stored run with teacher 1 run online: the same pipeline as ``stored``, which
+        # isolates the cost of the online teacher forward (OnlineTeachers ignores the stored keys)
+        replay = json.dumps({"class_path": "datamodules.replay.StoredCrops", "init_args": {"logits_path": str(logits)}})
+        variant("stored", ["kd/meal_v2.yaml"], teachers_args(teachers[:1]) + no_discriminator
+                + ["--data.init_args.batches", replay], name="online_replay (teacher 1)")
+        variant("stored", *stored)
         if rows and rows[-1]["name"] == "stored":
             rows[-1]["note"] = f"top-{TOPK} of 10 + true remainder, {args.epochs} stored epochs written once in {store_s:.0f} s"
             rows[-1]["store_s"] = store_s
-        variant("stored", lambda: kd_student([], StoredLogitsRenormalised()), replayed(), name="stored_renorm")
+        variant("stored", stored[0], stored[1] + ["--model.init_args.targets",
+                                                  "modules.components.kd_targets.StoredLogitsRenormalised"],
+                name="stored_renorm")
         if rows and rows[-1]["name"] == "stored_renorm":
             rows[-1]["note"] = f"same file, renormalised over the top-{TOPK} (FKD marginal_renorm; the former default)"
-    variant("ferkd", lambda: kd_student(teachers[:1], calibration=FerKD(low=0.2, high=0.9, smoothing=0.3)))
-    variant("feature_kd", lambda: kd_student(teachers[:1], terms=[FeatureKD(1.0, feature_layer=2, projector="cross_attention")]))
+    variant("ferkd", ["kd/ferkd.yaml"], teachers_args(teachers[:1]) + ["--data.init_args.rrc_scale", "[0.6, 1.0]"])
+    variant("feature_kd", ["kd/feature_kd.yaml"],
+            teachers_args(teachers[:1]) + ["--model.init_args.terms.init_args.feature_layer", "2"])
     return rows
 
 
@@ -216,9 +207,9 @@ def main() -> None:
     if "stored" in by and online is not None:
         stored = by["stored"]
         saved = online["epoch_s"] - stored["epoch_s"]
-        print(f"stored_vs_online_epoch_time: {online['epoch_s'] / stored['epoch_s']:.1f}x faster "
-              f"({saved:.1f} s saved per epoch vs {online['name']}; the one-time store took {stored['store_s']:.0f} s "
-              f"= {stored['store_s'] / max(saved, 1e-9):.1f} student epochs' savings)")
+        print_ratio("stored_vs_online_epoch_time", online["epoch_s"] / stored["epoch_s"], digits=1,
+                    note=f"faster; {saved:.1f} s saved per epoch vs {online['name']}; the one-time store took "
+                         f"{stored['store_s']:.0f} s = {stored['store_s'] / max(saved, 1e-9):.1f} student epochs' savings")
     if "alone" in by:
         distilled = [r for r in rows if r["name"] != "alone"]
         held = all(r["acc"] > by["alone"]["acc"] for r in distilled)

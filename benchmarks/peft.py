@@ -13,6 +13,7 @@ stated bits, the exported task-file size and the median training-step time.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -23,38 +24,27 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.base import loader_batch
-from datamodules.ffcv_datamodule import FFCVDataModule
-from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from modules.classification import ClassificationModule
-from modules.components.optim import OptimConfig
 from modules.components.low_bit import NormalQuantile, UniformGrid, relative_error
-from modules.components.peft_methods import (
-    AdapterTuning,
-    FullFineTune,
-    LinearProbe,
-    SideTuning,
-    SSFTuning,
-)
-from modules.peft import PEFTModule, load_task_file
+from modules.peft import load_task_file
+
+from harness import print_ratios, quiet_run
 
 BACKBONE = "vit_tiny_patch16_224"
-VIT = {"patch_size": 8, "depth": 6}  # dim 192, 3 heads: 2.7M parameters, 16 tokens at 32 px
-DATA = dict(source="fashion_mnist", image_size=32, num_workers=2, rrc_scale=(0.6, 1.0), val_crop_ratio=1.0,
-            mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+VIT = '{"patch_size": 8, "depth": 6}'  # dim 192, 3 heads: 2.7M parameters, 16 tokens at 32 px
+DATA = ["trainer/cpu.yaml", "data/fashion_mnist.yaml"]
+# pretraining: the project's from-scratch recipe (AdamW 2e-3, weight decay 0.05, label smoothing 0.1) on the ViT
+PRETRAIN = ["classification/resnet18.yaml"]
 PRETRAIN_CLASSES, TRANSFER_CLASSES = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
-# name -> PEFTModule arguments, as configs/peft/<name>.yaml (lr per method as the papers tune it: higher for
-# the few new parameters)
+# name -> the method's overrides after peft/base.yaml + peft/<name>.yaml (their lr per method as the papers tune
+# it: higher for the few new parameters; 1-bit adapters: a 2x bottleneck, still < 2% trainable)
 VARIANTS = {
-    "linear_probe": dict(method=LinearProbe(), optim=OptimConfig(lr=1e-2, weight_decay=0.0)),
-    "full": dict(method=FullFineTune(), optim=OptimConfig(lr=5e-4, weight_decay=0.05)),
-    "ssf": dict(method=SSFTuning(init_std=0.02), optim=OptimConfig(lr=1e-2, weight_decay=0.0)),
-    "adapter": dict(method=AdapterTuning(dim=8, scale=0.1), optim=OptimConfig(lr=5e-3, weight_decay=0.0)),
-    # 1-bit weights store 32x smaller, so the bottleneck doubles (still < 2% trainable); sign flips of the
-    # latent STE weights need a larger lr
-    "adapter_1bit": dict(method=AdapterTuning(dim=16, scale=1.0, bias=False, quantizer=NormalQuantile(1)),
-                         optim=OptimConfig(lr=2e-2, weight_decay=0.0)),
-    "side": dict(method=SideTuning(dim=32, taps=3), optim=OptimConfig(lr=5e-3, weight_decay=0.0)),
+    "linear_probe": [],
+    "full": [],
+    "ssf": [],
+    "adapter": [],
+    "adapter_1bit": [],
+    "side": ["--model.init_args.method.init_args.taps", "3"],  # 3 taps on the 6-block ViT (the overlay has 4)
 }
 
 
@@ -89,43 +79,37 @@ class StepTimer(pl.Callback):
         return 1000 * statistics.median(self.times) if self.times else float("nan")
 
 
-def trainer(root: Path, epochs: int, callbacks=()) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        check_val_every_n_epoch=epochs, default_root_dir=root, callbacks=list(callbacks),
-    )
+def run(layers: list[str], root: Path, epochs: int, overrides: list[str]):
+    """``(model, datamodule, trainer)`` of one run: validation once, after the last epoch."""
+    return quiet_run(DATA + layers, overrides + [
+        "--model.init_args.backbone", BACKBONE, "--model.init_args.backbone_kwargs", VIT,
+        "--trainer.max_epochs", str(epochs), "--trainer.check_val_every_n_epoch", str(epochs),
+        "--trainer.default_root_dir", str(root)])
 
 
-def data(root: Path, classes: list[int], train_limit: int, val_limit: int | None, batch_size: int) -> FFCVDataModule:
-    return FFCVDataModule(cache_dir=str(root / "beton"), classes=classes, train_limit=train_limit,
-                          val_limit=val_limit, batch_size=batch_size, **DATA)
+def limits(train_limit: int, val_limit: int | None, batch_size: int) -> list[str]:
+    return ["--data.init_args.train_limit", str(train_limit), "--data.init_args.val_limit", json.dumps(val_limit),
+            "--data.init_args.batch_size", str(batch_size)]
 
 
 def pretrain(root: Path, args) -> tuple[Path, float]:
-    pl.seed_everything(0, verbose=False)
-    model = ClassificationModule(
-        backbone=BACKBONE, num_classes=len(PRETRAIN_CLASSES), image_size=32, backbone_kwargs=VIT, label_smoothing=0.1,
-        optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5),
-    )
-    run = trainer(root / "pretrain", args.pretrain_epochs)
-    run.fit(model, datamodule=data(root, PRETRAIN_CLASSES, args.pretrain_images, args.val_images, 128))
+    model, dm, trainer = run(PRETRAIN, root / "pretrain", args.pretrain_epochs, [
+        "--seed_everything", "0", "--model.init_args.optim.warmup_epochs", "0.5",
+        "--data.init_args.classes", json.dumps(PRETRAIN_CLASSES), *limits(args.pretrain_images, args.val_images, 128)])
+    trainer.fit(model, datamodule=dm)
     path = root / "pretrain.ckpt"
-    run.save_checkpoint(path)
-    return path, float(run.callback_metrics["val/acc1"])
+    trainer.save_checkpoint(path)
+    return path, float(trainer.callback_metrics["val/acc1"])
 
 
 def transfer(root: Path, name: str, checkpoint: Path, args) -> dict:
-    pl.seed_everything(0, verbose=False)
-    options = dict(VARIANTS[name])
-    options["optim"].warmup_epochs = 0.5
-    model = PEFTModule(backbone=BACKBONE, backbone_kwargs=VIT, num_classes=len(TRANSFER_CLASSES), image_size=32,
-                       init_checkpoint=str(checkpoint), **options)
+    model, dm, trainer = run(["peft/base.yaml", f"peft/{name}.yaml"], root / name, args.epochs, [
+        *VARIANTS[name], "--seed_everything", "0", "--model.init_args.init_checkpoint", str(checkpoint),
+        *limits(args.images, args.val_images, 64)])  # classes 5-9: peft/base.yaml
     timer = StepTimer()
-    run = trainer(root / name, args.epochs, [timer])
-    dm = data(root, TRANSFER_CLASSES, args.images, args.val_images, 64)
-    run.fit(model, datamodule=dm)
-    acc = float(run.callback_metrics["val/acc1"])
+    trainer.callbacks.append(timer)
+    trainer.fit(model, datamodule=dm)
+    acc = float(trainer.callback_metrics["val/acc1"])
     task_file = root / f"{name}.task.pt"
     file_bytes = model.export_task_file(task_file)
     reloaded = load_task_file(task_file)  # the exported file alone + the backbone checkpoint must reproduce the model
@@ -158,7 +142,7 @@ def main() -> None:
     quantizer_errors()
     start = time.time()
     checkpoint, pretrain_acc = pretrain(root, args)
-    print(f"pretrain: {BACKBONE} {VIT} on classes {PRETRAIN_CLASSES}, {args.pretrain_images} images x "
+    print(f"pretrain: {BACKBONE} {json.loads(VIT)} on classes {PRETRAIN_CLASSES}, {args.pretrain_images} images x "
           f"{args.pretrain_epochs} epochs: val top-1 {pretrain_acc:.4f} ({time.time() - start:.0f} s)")
     rows = [transfer(root, name, checkpoint, args) for name in args.variants]
 
@@ -173,8 +157,8 @@ def main() -> None:
         print()
         for r in rows:
             if r["name"] != "full":
-                print(f"{r['name']}: step time vs full {by['full']['step_ms'] / r['step_ms']:.2f}x, "
-                      f"task file vs full {by['full']['file_bytes'] / r['file_bytes']:.2f}x smaller")
+                print_ratios({f"{r['name']}: step time vs full": by["full"]["step_ms"] / r["step_ms"],
+                              f"{r['name']}: task file smaller than full": by["full"]["file_bytes"] / r["file_bytes"]})
     if {"linear_probe", "full"} <= by.keys():
         lo, hi = by["linear_probe"]["acc"], by["full"]["acc"]
         print(f"\ndirection (SSF / adapters >= linear probe {lo:.4f}, toward full FT {hi:.4f}, < 2% params):")

@@ -20,24 +20,38 @@ import time
 import warnings
 from contextlib import contextmanager
 
-import lightning.pytorch as pl
 import torch
 
 from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
-from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from datamodules.torchvision_datamodule import TorchvisionDataModule
-from modules.classification import ClassificationModule
 from modules.components import hawq, quant
-from modules.components.optim import OptimConfig
+
+from harness import print_ratio, quiet_run
 
 warnings.filterwarnings("ignore")
 
+# the project's from-scratch recipe on the torchvision loaders, with SGD (lr per run) instead of its AdamW
+LAYERS = ["trainer/cpu.yaml", "data/fashion_mnist_torchvision.yaml", "classification/resnet18.yaml"]
 
-def fit(module, dm, epochs, callbacks=(), root="runs/benchmarks/quantization"):
-    pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-               limit_val_batches=0, default_root_dir=root, callbacks=list(callbacks)).fit(module, dm)
-    return module
+
+def fit(args, epochs: int, lr: float, weight_decay: float = 5e-5, callbacks: list[str] = (), state=None):
+    """One training run of ``LAYERS`` + the ``callbacks`` layers (from ``state`` when given): ``(module, datamodule,
+    trainer)`` after fit."""
+    module, dm, trainer = quiet_run([*LAYERS, *callbacks], [
+        "--model.init_args.backbone", args.backbone,
+        "--model.init_args.optim.name", "sgd", "--model.init_args.optim.lr", str(lr),
+        "--model.init_args.optim.weight_decay", str(weight_decay), "--model.init_args.optim.warmup_epochs", "0",
+        "--data.init_args.train_limit", str(args.train_limit), "--data.init_args.val_limit", str(args.val_limit),
+        "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
+        "--trainer.default_root_dir", "runs/benchmarks/quantization"])
+    if state is not None:
+        module.load_state_dict(state)
+    trainer.fit(module, dm)
+    return module, dm, trainer
+
+
+def callback(trainer, cls):
+    """The ``cls`` callback a callbacks/ layer gave ``trainer``."""
+    return next(cb for cb in trainer.callbacks if isinstance(cb, cls))
 
 
 def prepared(dm, loader, count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -95,16 +109,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small subsets, one epoch each (~2 min on 2 idle cores)")
     parser.add_argument("--backbone", default="resnet18")
     args = parser.parse_args()
-    pl.seed_everything(0, verbose=False)
     train_limit, val_limit, epochs = (2000, 1000, 1) if args.quick else (20000, 10000, 3)
-    dm = TorchvisionDataModule(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2,
-                               train_limit=train_limit, val_limit=val_limit, rrc_scale=[0.6, 1.0], val_crop_ratio=1.0,
-                               mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD))
-    dm.setup("fit")
-    optim = OptimConfig(name="sgd", lr=0.05, weight_decay=5e-5, warmup_epochs=0)
+    args.train_limit, args.val_limit = train_limit, val_limit
     with phase("fp32 training"):
-        module = fit(ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=optim), dm,
-                     epochs + 1 if args.quick else epochs)
+        module, dm, _ = fit(args, epochs + 1 if args.quick else epochs, 0.05)
     fp32 = module.backbone.eval()
     batches = val_batches(dm)
     calib = [images for images, _ in prepared(dm, dm.train_dataloader(), 4 if args.quick else 16)]
@@ -129,20 +137,15 @@ def main() -> None:
     add_int8("PTQ int8", ptq)
     add_int8("PTQ int8 layer-wise", ptq_layerwise)
 
-    ft_optim = OptimConfig(name="sgd", lr=0.005, weight_decay=5e-5, warmup_epochs=0)
-    qat_module = ClassificationModule(args.backbone, num_classes=10, image_size=32, optim=ft_optim)
-    qat_module.load_state_dict(module.state_dict())
-    qat = QuantizationAwareTraining(start_epoch=0)
     with phase("QAT fine-tune"):
-        fit(qat_module, dm, 1, [qat])
+        _, _, trainer = fit(args, 1, 0.005, callbacks=["callbacks/qat.yaml"], state=module.state_dict())
+    qat = callback(trainer, QuantizationAwareTraining)
     add_int8("QAT int8", qat.int8_model, "+1 fine-tune epoch, BN/observers frozen at 50/60%")
 
-    bit_module = ClassificationModule(args.backbone, num_classes=10, image_size=32,
-                                      optim=OptimConfig(name="sgd", lr=0.02, weight_decay=0.0, warmup_epochs=0))
-    bit_module.load_state_dict(module.state_dict())
-    bitnet = BitNet()
     with phase("BitNet fine-tune"):
-        fit(bit_module, dm, epochs, [bitnet])
+        bit_module, _, trainer = fit(args, epochs, 0.02, weight_decay=0.0, callbacks=["callbacks/bitnet.yaml"],
+                                     state=module.state_dict())
+    bitnet = callback(trainer, BitNet)
     add("BitNet b1.58", bit_module.backbone, bitnet.file_bytes, f"+{epochs} fine-tune epoch(s), packed 2-bit file")
 
     mixed = MixedPrecision(budget=0.125, max_samples=12 if args.quick else 100)
@@ -169,10 +172,11 @@ def main() -> None:
         size = size if size is not None else quant.model_bytes(model)
         ms = timed[name]
         print(f"{name:22s} {acc:7.2f} {size:11d} {ms:9.1f}  {note}")
-        lines.append(f"{name}: top-1 {acc - base_acc:+.2f} pts, size {base_bytes / size:.2f}x smaller, "
-                     f"speed {base_ms / ms:.2f}x")
+        lines.append((name, acc - base_acc, base_bytes / size, base_ms / ms))
     print("\nvs fp32:")
-    print("\n".join(lines))
+    for name, points, smaller, speed in lines:
+        print_ratio(f"{name} size", smaller, note=f"smaller; top-1 {points:+.2f} pts")
+        print_ratio(f"{name} speed", speed)
     print("\nHAWQ bits per layer:", {n: b for n, b in bits.items()})
     print("HAWQ trace draws per layer:", mixed.samples)
     hawq_row, uniform_row = results["HAWQ 2/4/8-bit"], results["uniform 4-bit"]

@@ -15,26 +15,30 @@ import argparse
 import time
 import warnings
 
-import lightning.pytorch as pl
 import torch
 
-from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from datamodules.torchvision_datamodule import TorchvisionDataModule
-from modules.classification import ClassificationModule
-from modules.components.optim import OptimConfig
 from modules.components.soup import greedy_soup, recompute_batchnorm, uniform_soup
 
-from harness import print_ratio
+from harness import print_ratio, quiet_run
 
 warnings.filterwarnings("ignore")
 
+# the project's from-scratch recipe on the torchvision loaders; SGD with a fixed lr per run instead of its AdamW
+LAYERS = ["trainer/cpu.yaml", "data/fashion_mnist_torchvision.yaml", "classification/resnet18.yaml"]
 
-def fit(module, dm, epochs, seed):
-    pl.seed_everything(seed, verbose=False)
-    pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-               default_root_dir="runs/benchmarks/soups").fit(module, dm)
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+def fit(args, data: list[str], lr: float, epochs: int, seed: int, state=None):
+    """Train one run (from ``state`` when given): ``(module, datamodule, state dict after training)``."""
+    module, dm, trainer = quiet_run(LAYERS, data + [
+        "--seed_everything", str(seed), "--model.init_args.backbone", args.backbone,
+        "--model.init_args.optim.name", "sgd", "--model.init_args.optim.lr", str(lr),
+        "--model.init_args.optim.weight_decay", "5e-5", "--model.init_args.optim.warmup_epochs", "0",
+        "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
+        "--trainer.default_root_dir", "runs/benchmarks/soups"])
+    if state is not None:
+        module.load_state_dict(state)
+    trainer.fit(module, dm)
+    return module, dm, {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -52,33 +56,20 @@ def main() -> None:
     started = time.perf_counter()
     n, train_limit, held_limit, val_limit, base_epochs, ft_epochs = \
         (3, 4000, 1000, 2000, 2, 1) if args.quick else (6, 12000, 3000, 10000, 2, 1)
-    settings = dict(source="fashion_mnist", image_size=32, batch_size=128, num_workers=2, val_limit=val_limit,
-                    rrc_scale=[0.6, 1.0], val_crop_ratio=1.0, mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD))
-    # held-out split carved from training (data.holdout_fraction, as configs/soup.yaml): the train loader
-    # excludes it, holdout_dataloader serves it with eval transforms
-    dm = TorchvisionDataModule(train_limit=train_limit + held_limit, holdout_fraction=held_limit / (train_limit + held_limit),
-                               **settings)
-    dm.setup("fit")
-    held_loader = dm.holdout_dataloader()
-
-    def make(lr):
-        return ClassificationModule(args.backbone, num_classes=10, image_size=32, label_smoothing=0.1,
-                                    optim=OptimConfig(name="sgd", lr=lr, weight_decay=5e-5, warmup_epochs=0))
-
-    base = fit(make(0.05), dm, base_epochs, seed=0)
+    # held-out split carved from training (data.holdout_fraction, as configs/callbacks/soup.yaml): the train loader
+    # excludes it, holdout_dataloader serves it with eval transforms; the data seed fixes it for every run
+    data = ["--data.init_args.train_limit", str(train_limit + held_limit), "--data.init_args.val_limit", str(val_limit),
+            "--data.init_args.holdout_fraction", str(held_limit / (train_limit + held_limit))]
+    probe, dm, base = fit(args, data, 0.05, base_epochs, seed=0)
     lrs = [0.003, 0.01, 0.03, 0.006, 0.02, 0.05][:n]
-    states = []
-    for i, lr in enumerate(lrs):
-        module = make(lr)
-        module.load_state_dict(base)
-        states.append(fit(module, dm, ft_epochs, seed=100 + i))
+    states = [fit(args, data, lr, ft_epochs, seed=100 + i, state=base)[2] for i, lr in enumerate(lrs)]
+    held_loader = dm.holdout_dataloader()
 
     def pairs(batches):  # (normalised images, labels) of each batch
         return [(b["image"], b["label"]) for b in (dm.on_after_batch_transfer(raw, 0) for raw in batches)]
 
     held_out, test = pairs(held_loader), pairs(dm.val_dataloader())
     bn_images = [images for images, _ in pairs(b for _, b in zip(range(10 if args.quick else 20), dm.train_dataloader()))]
-    probe = make(0.0)
 
     def evaluate(state, data):
         probe.load_state_dict(state)
