@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from harness import cli_run, print_ratio
+from harness import QUIET, cli_run, print_ratio
 
 LAYERS = ["trainer/cpu.yaml", "data/fashion_mnist.yaml", "clip/fashion_mnist.yaml"]
 VIT = {"patch_size": 4, "depth": 3, "embed_dim": 96, "num_heads": 3}
@@ -50,9 +50,7 @@ VARIANTS = {  # name: (token masking class_path or None, its ratio, extra maskin
 }
 # A benchmark run trains in-process: no logger, no checkpoint files (the CLI's checkpoint callback stays, idle),
 # no progress bar, summary or sanity check; one loader worker, as the script has always used.
-IN_PROCESS = ["--seed_everything", "0", "--data.init_args.num_workers", "1", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
+IN_PROCESS = [*QUIET, "--seed_everything", "0", "--data.init_args.num_workers", "1"]  # harness.QUIET, seeded
 
 
 def overrides(args, name: str, root: Path) -> list[str]:

@@ -37,15 +37,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from harness import cli_run, print_ratios
+from harness import QUIET, cli_run, print_ratios
 
 BASE = ["trainer/cpu.yaml", "data/fashion_mnist.yaml"]
 ALL, PRETRAIN, TRANSFER = list(range(10)), [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 # A benchmark run trains in-process: no logger, no checkpoint files (the CLI's checkpoint callback stays, idle),
 # no progress bar, summary or sanity check.
-IN_PROCESS = ["--seed_everything", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
-              "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
+IN_PROCESS = [*QUIET, "--seed_everything", "0"]  # harness.QUIET, seeded
 
 
 class Recorder(pl.Callback):

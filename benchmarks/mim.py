@@ -37,7 +37,7 @@ from modules.components.masking import mae_shuffle
 from modules.components.masked_vit import encode
 from modules.components.mim_parts import frozen_encoder
 
-from harness import cli_run, print_ratio
+from harness import QUIET, cli_run, print_ratio
 
 BACKBONE = "vit_tiny_patch16_224"
 # Mean of the (normed) patch tokens as the image feature: what MIM trains each token for.
@@ -45,9 +45,7 @@ VIT = {"patch_size": 4, "depth": 4, "embed_dim": 128, "num_heads": 4, "global_po
 BASE = ["trainer/cpu.yaml", "data/fashion_mnist.yaml"]
 # A benchmark run trains in-process: no logger, no checkpoint files (the CLI's checkpoint callback stays, idle),
 # no progress bar, summary or sanity check; one loader worker, as the script has always used.
-IN_PROCESS = ["--seed_everything", "0", "--data.init_args.num_workers", "1", "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--trainer.num_sanity_val_steps", "0", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0"]
+IN_PROCESS = [*QUIET, "--seed_everything", "0", "--data.init_args.num_workers", "1"]  # harness.QUIET, seeded
 
 
 def run(layers: list[str], overrides: list[str], epochs: int, root: Path, images: int, val_images: int,
