@@ -42,7 +42,7 @@ def fit(args, epochs: int, lr: float, weight_decay: float = 5e-5, callbacks: lis
         "--model.init_args.optim.weight_decay", str(weight_decay), "--model.init_args.optim.warmup_epochs", "0",
         "--data.init_args.train_limit", str(args.train_limit), "--data.init_args.val_limit", str(args.val_limit),
         "--trainer.max_epochs", str(epochs), "--trainer.limit_val_batches", "0",
-        "--trainer.default_root_dir", "runs/benchmarks/quantization"])
+        "--trainer.default_root_dir", "runs/benchmarks/quantization", "--seed_everything", str(args.seed)])
     if state is not None:
         module.load_state_dict(state)
     trainer.fit(module, dm)
@@ -108,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subsets, one epoch each (~2 min on 2 idle cores)")
     parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every training run (spread across seeds)")
     args = parser.parse_args()
     train_limit, val_limit, epochs = (2000, 1000, 1) if args.quick else (20000, 10000, 3)
     args.train_limit, args.val_limit = train_limit, val_limit
