@@ -53,6 +53,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 # --- DDP -----------------------------------------------------------------------------------------
 class _ScaleGradient(torch.autograd.Function):
+    """Identity forward, gradient times ``factor`` backward (use `scale_gradient`)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
         ctx.factor = factor
@@ -61,6 +63,11 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad * ctx.factor, None
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged in the forward pass; its gradient multiplied by ``factor`` (``-1``: gradient reversal)."""
+    return _ScaleGradient.apply(x, factor)
 
 
 def gather_features(
@@ -85,7 +92,7 @@ def gather_features(
     for local in (image_features, text_features):
         shards = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(shards, local.detach().contiguous(), group=group)
-        shards[rank] = _ScaleGradient.apply(local, float(world_size))
+        shards[rank] = scale_gradient(local, float(world_size))
         gathered.append(torch.cat(shards))  # (world_size * B, D)
     return gathered[0], gathered[1]
 

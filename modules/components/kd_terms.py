@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.components.contrastive import _ScaleGradient
+from modules.components.contrastive import scale_gradient
 from modules.components.distill import (CrossAttention, PerTokenLinear, Projection, feature_kd_loss,
                                         student_tokens_and_logits, teacher_tokens)
 from modules.components.errors import ConfigError
@@ -220,7 +220,7 @@ class ProbabilityDiscriminator(LossTerm):
                                  nn.Linear(self.hidden_dim, self.hidden_dim), nn.ReLU(), nn.Linear(self.hidden_dim, 1))
 
     def loss(self, student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        student_probs = _ScaleGradient.apply(student_probs, -1.0)
+        student_probs = scale_gradient(student_probs, -1.0)
         logits = self.net(torch.cat([teacher_probs.detach(), student_probs])).squeeze(-1)  # (2B,)
         truth = torch.cat([torch.ones(len(teacher_probs)), torch.zeros(len(student_probs))]).to(logits)
         return F.binary_cross_entropy_with_logits(logits, truth)
