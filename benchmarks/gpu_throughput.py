@@ -6,8 +6,10 @@ Each module (classification, MAE, CLIP) trains through a real Lightning ``fit`` 
 from a JPEG ``.beton`` (Fashion-MNIST upscaled to ImageNet-like sizes). The gap between the two is the data-loading
 overhead the accelerator sees. The switches are the YAML callbacks of ``callbacks/speed.py`` (``ChannelsLast``,
 ``CompileNetwork``), applied to the synthetic feed; compiled runs are timed after their warm-up steps, which pay
-the compilation. A switch acts on one network of the module (``backbone``; CLIP's ``model``, the two towers): a
-compile switch whose network is never called as a whole (MAE and CLIP run the ViT's parts) is reported as a no-op.
+the compilation. ``channels_last`` acts on one network of the module (``backbone``; CLIP's ``model``, the two
+towers). ``compile`` compiles the network a classifier calls whole; MAE and CLIP run their ViT's steps one by one,
+so there it compiles each of the ViT's blocks (``CompileNetwork(blocks=True)``; CLIP: the image tower's), as
+``configs/callbacks/compile.yaml`` says to.
 
     python benchmarks/gpu_throughput.py            # GPU: ViT-B/16 at 224 px, batch 128; CPU: tiny sizes
     python benchmarks/gpu_throughput.py --quick
@@ -37,10 +39,10 @@ from modules.mae import MAEModule
 
 from harness import print_ratio, print_ratios
 
-SWITCHES = {  # name -> callbacks of callbacks/speed.py, given the network attribute they act on
-    "channels_last": lambda network: [ChannelsLast(network)],
-    "compile": lambda network: [CompileNetwork(network)],
-    "channels_last+compile": lambda network: [ChannelsLast(network), CompileNetwork(network)],
+SWITCHES = {  # name -> callbacks of callbacks/speed.py, given the network attribute and CompileNetwork's arguments
+    "channels_last": lambda network, compiled: [ChannelsLast(network)],
+    "compile": lambda network, compiled: [CompileNetwork(**compiled)],
+    "channels_last+compile": lambda network, compiled: [ChannelsLast(network), CompileNetwork(**compiled)],
 }
 
 
@@ -86,32 +88,22 @@ class Timer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-class NetworkCalls(pl.Callback):
-    """Counts training-time calls of the network a switch acts on (0: a compile of it cannot take effect)."""
-
-    def __init__(self, network: str):
-        self.network, self.calls = network, 0
-
-    def on_train_start(self, trainer, pl_module):
-        getattr(pl_module, self.network).register_forward_pre_hook(lambda module, inputs: self._count())
-
-    def _count(self):
-        self.calls += 1
-
-
 def modules(gpu: bool, size: int, context_length: int):
-    """name -> (builder, the network attribute the switches act on, captioned data)."""
+    """name -> (builder, the network attribute channels_last acts on, CompileNetwork's arguments, captioned data)."""
     vit = "vit_base_patch16_224" if gpu else "vit_tiny_patch16_224"
     vit_kwargs = {} if gpu else {"patch_size": 8, "depth": 4}
     text = {} if gpu else {"embed_dim": 64, "text_width": 64, "text_depth": 2, "text_heads": 4}
     optim = OptimConfig(name="adamw", lr=1e-4, warmup_epochs=0)
     return {
         f"classification[{vit}]": (lambda: ClassificationModule(vit, num_classes=10, image_size=size,
-                                                                backbone_kwargs=vit_kwargs, optim=optim), "backbone", False),
+                                                                backbone_kwargs=vit_kwargs, optim=optim), "backbone",
+                                    {"attribute": "backbone"}, False),
         f"mae[{vit}, 75% masked]": (lambda: MAEModule(vit, num_classes=10, image_size=size, backbone_kwargs=vit_kwargs,
-                                                      log_images_every_n_steps=10**9, optim=optim), "backbone", False),
+                                                      log_images_every_n_steps=10**9, optim=optim), "backbone",
+                                   {"attribute": "backbone", "blocks": True}, False),
         f"clip[{vit}]": (lambda: CLIPModule(vit, num_classes=10, image_size=size, backbone_kwargs=vit_kwargs,
-                                            text_max_length=context_length, optim=optim, **text), "model", True),
+                                            text_max_length=context_length, optim=optim, **text), "model",
+                         {"attribute": "model.image_encoder", "blocks": True}, True),
     }
 
 
@@ -136,9 +128,9 @@ def main() -> None:
     data_args = dict(source=str(tree), image_size=size, batch_size=batch, num_workers=workers, val_fraction=0.1)
 
     rows = []
-    for name, (build, network, captions) in modules(gpu, size, context_length).items():
+    for name, (build, network, compiled, captions) in modules(gpu, size, context_length).items():
         # an untimed first fit per module: its first steps pay one-time costs (kernel selection, allocator) beyond
-        # the warm-up steps, which would bias the first timed row; it also counts the network's calls
+        # the warm-up steps, which would bias the first timed row
         runs = [("synthetic", "warm-up"), ("synthetic", "eager"), ("ffcv", "eager"), *(("synthetic", s) for s in args.switches)]
         for feed, switch in runs:
             if feed == "ffcv":
@@ -148,31 +140,27 @@ def main() -> None:
             prompts = ClassPrompts(context_length=context_length) if captions else None
             data = ImageDataModule(loader=loader, batches=prompts, **data_args)
             timer = Timer(warmup)
-            calls = [NetworkCalls(network)] if switch == "warm-up" else []  # hooks stay out of compiled runs
-            switches = SWITCHES[switch](network) if switch in SWITCHES else []
+            switches = SWITCHES[switch](network, compiled) if switch in SWITCHES else []
             trainer = pl.Trainer(accelerator="auto", devices=1, precision="bf16-mixed" if gpu else "32-true",
                                  max_epochs=1, limit_train_batches=steps + warmup,
                                  limit_val_batches=0, logger=False, enable_checkpointing=False,
                                  enable_model_summary=False, enable_progress_bar=False,
-                                 callbacks=[*switches, timer, *calls])
+                                 callbacks=[*switches, timer])
             torch.manual_seed(0)
             torch.compiler.reset()  # each compiled run pays (and is timed after) its own compilation
             trainer.fit(build(), data)
-            timed = trainer.global_step - warmup
-            if calls:
-                called_whole = calls[0].calls > 0
+            if switch == "warm-up":
                 continue
-            no_op = "compile" in switch and not called_whole
-            rows.append((name, feed, switch, timed * batch / timer.seconds, timer.seconds / timed * 1000, no_op))
+            timed = trainer.global_step - warmup
+            rows.append((name, feed, switch, timed * batch / timer.seconds, timer.seconds / timed * 1000))
             print(f"  {name} {feed} {switch}: {rows[-1][3]:.1f} images/s", flush=True)
 
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ngpu_throughput on {device}: {size}px, batch {batch}, {'bf16-mixed' if gpu else 'fp32'}, "
           f"{workers} loader workers, {steps} timed steps after {warmup} warm-up steps")
     print(f"{'module':<40} {'feed':<10} {'switches':<22} {'images/s':>10} {'ms/step':>9}")
-    for name, feed, switch, rate, ms, no_op in rows:
-        note = "  (no-op: the network is never called whole)" if no_op else ""
-        print(f"{name:<40} {feed:<10} {switch:<22} {rate:>10.1f} {ms:>9.1f}{note}")
+    for name, feed, switch, rate, ms in rows:
+        print(f"{name:<40} {feed:<10} {switch:<22} {rate:>10.1f} {ms:>9.1f}")
     for name in dict.fromkeys(r[0] for r in rows):
         by = {(r[1], r[2]): r[3] for r in rows if r[0] == name}
         eager = by[("synthetic", "eager")]
