@@ -29,12 +29,14 @@ def test_ratio_lines(harness):
 
 def test_cli_run_builds_the_configs_layers_with_overrides_last(harness, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/x.py", "--quick"])  # a benchmark's own flags
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no "args and sys.argv" warning from LightningCLI
-        warnings.filterwarnings("ignore", message=".*(workers|GPU available|TPU|HPU).*")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model, data, trainer = harness.quiet_run(
             ["trainer/cpu.yaml", "data/fashion_mnist_torchvision.yaml", "classification/resnet18.yaml"],
             ["--data.init_args.batch_size", "7", "--trainer.max_epochs", "3"])
+    # only LightningCLI's "args and sys.argv" warning is the harness's to silence; others (an `srun` on PATH,
+    # no GPU) depend on the machine and are not asserted on
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
     assert type(model).__name__ == "ClassificationModule" and data.hparams.batch_size == 7
     assert trainer.max_epochs == 3 and trainer.logger is None and not trainer.checkpoint_callback.save_last
     assert model.hparams.num_classes == 10  # linked from the data, not typed in the model layer
