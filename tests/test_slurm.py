@@ -130,6 +130,7 @@ def _log(run_dir, job_id) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm_cluster")  # one cluster (daemons, ports, munge) per machine
 def test_two_nodes_train_one_model(cluster, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -154,6 +155,7 @@ def _steps(events_file) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm_cluster")  # one cluster (daemons, ports, munge) per machine
 def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
