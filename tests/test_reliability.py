@@ -52,6 +52,7 @@ def crashed_then_resumed(tmp_path_factory, beton_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("crashed_then_resumed")  # one 30 s crash-and-resume run, not one per worker
 def test_kill_9_mid_epoch_resumes_at_the_saved_step(crashed_then_resumed):
     root, saved, out = crashed_then_resumed
     # The newest save before the kill at step 11 is the in-epoch one at step 9 (epoch 1, one batch in).
@@ -64,6 +65,7 @@ def test_kill_9_mid_epoch_resumes_at_the_saved_step(crashed_then_resumed):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("crashed_then_resumed")  # one 30 s crash-and-resume run, not one per worker
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_last_names_it_and_a_readable_older_one(crashed_then_resumed, run_cli, tmp_path, beton_cache,
                                                          capsys, damage):
@@ -80,6 +82,7 @@ def test_damaged_last_names_it_and_a_readable_older_one(crashed_then_resumed, ru
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("crashed_then_resumed")  # one 30 s crash-and-resume run, not one per worker
 def test_last_valid_resumes_from_the_newest_readable_checkpoint(crashed_then_resumed, run_cli, tmp_path, beton_cache,
                                                                 capsys):
     root, _, _ = crashed_then_resumed
