@@ -2,7 +2,7 @@
 
 Fashion-MNIST images are written once as an ImageFolder of RGB JPEGs upscaled to 160 px (ImageNet-like
 decode + crop work); both DataModules then run random-resized-crop + flip to the same crop size with the
-same worker count. The first epoch is a warm-up (FFCV compiles its pipeline with numba); the mean of the
+same worker count (the FFCV variants with visionlab's seeded crops, and with FFCV's own unseeded ones). The first epoch is a warm-up (FFCV compiles its pipeline with numba); the mean of the
 following epochs is reported.
 
 Two rates per variant: ``loader`` counts the uint8 batches as the loader hands them over (the target: in
@@ -87,6 +87,11 @@ def main() -> None:
         "torchvision": ImageDataModule(loader=TorchvisionLoader(), **common),
         "ffcv_jpg": ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_mode="jpg", jpeg_quality=90), **common),
         "ffcv_raw": ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_mode="raw"), **common),
+        # FFCV's own unseeded crop decoder and flip (seeded_augmentation false): the price of seeded crops
+        "ffcv_jpg_unseeded": ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_mode="jpg", jpeg_quality=90,
+                                                               seeded_augmentation=False), **common),
+        "ffcv_raw_unseeded": ImageDataModule(loader=FFCVLoader(str(args.workdir / "beton"), write_mode="raw",
+                                                               seeded_augmentation=False), **common),
     }
     rows = []
     for name, dm in variants.items():
@@ -105,12 +110,14 @@ def main() -> None:
 
     print(f"\ndataloading: {count} JPEGs at {args.size}px -> RRC {args.crop}px + flip + normalise, "
           f"batch {args.batch_size}, {args.workers} workers, mean of {epochs} epochs after 1 warm-up epoch")
-    print(f"{'variant':<12} {'loader img/s':>12} {'+norm img/s':>12} {'warm-up s':>10} {'prepare s':>10} {'beton MB':>9}")
+    print(f"{'variant':<18} {'loader img/s':>12} {'+norm img/s':>12} {'warm-up s':>10} {'prepare s':>10} {'beton MB':>9}")
     for name, rate, rate_norm, warmup, prep, size in rows:
-        print(f"{name:<12} {rate:>12.0f} {rate_norm:>12.0f} {warmup:>10.1f} {prep:>10.1f} {size / 2**20:>9.1f}")
+        print(f"{name:<18} {rate:>12.0f} {rate_norm:>12.0f} {warmup:>10.1f} {prep:>10.1f} {size / 2**20:>9.1f}")
     base, base_norm = rows[0][1], rows[0][2]
     print_ratios({name: rate / base for name, rate, *_ in rows[1:]})
     print_ratios({f"{name}+norm": rate_norm / base_norm for name, _, rate_norm, *_ in rows[1:]})
+    rates = {name: rate for name, rate, *_ in rows}
+    print_ratios({f"{mode}_seeded_vs_unseeded": rates[mode] / rates[f"{mode}_unseeded"] for mode in ("ffcv_jpg", "ffcv_raw")})
 
 
 if __name__ == "__main__":

@@ -94,8 +94,9 @@ class ImageDataModule(pl.LightningDataModule):
             ``datamodules.augment.RandAugment``, ``kornia.augmentation.ColorJitter``; parameters per sample.
         normalized_augment: modules on the normalised training batch, e.g.
             ``datamodules.augment.NormalizedRandomErasing``.
-        augment_seed: seed of the device augmentation (default ``seed``); draws depend on (seed, rank, epoch,
-            step) only, so a rerun repeats them whatever the model consumes from the global RNG.
+        augment_seed: seed of the device augmentation and of FFCV's seeded crops and flips (default ``seed``);
+            draws depend on (seed, rank, epoch, step) only, so a rerun repeats them whatever the model consumes from
+            the global RNG.
         holdout_fraction: share of the training split held out for model-soup selection (``holdout_split``).
         batches: what each transferred batch becomes, chosen by ``class_path`` (``datamodules.captions.ClassPrompts``
             or ``CaptionsFile``, ``datamodules.replay.StoredCrops``); ``None``: ``{image, label[, index]}``.

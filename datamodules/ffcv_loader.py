@@ -4,79 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
-
-import torch
 
 from datamodules.backend import LoaderBackend
 from datamodules.beton import WriteSettings, loader_threads
+from datamodules.ffcv_epochs import CheckedLoader
 from datamodules.prepared import MANIFEST, SPLITS, check_prepared, complete_manifest, read_manifest, write_prepared
-from modules.components.errors import ConfigError, DataError
-
-
-def _file_identity(path: str) -> tuple[int, int, int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-class _CheckedLoader:
-    """An ``ffcv.loader.Loader`` whose epoch buffers are allocated outside ``torch.inference_mode``, and which
-    refuses to start an epoch over a ``.beton`` that was replaced or changed since the loader opened it.
-
-    ``Trainer.validate/test/predict`` iterate loaders under inference mode; FFCV allocates its batch buffers
-    when an epoch starts and fills them in place from its own thread, which torch forbids for inference
-    tensors (the loader thread dies and the main thread waits forever). FFCV reads its file through a memory
-    map and a sample table read once: after an ``os.replace`` it silently keeps serving the old file, and a
-    file rewritten in place can crash its reader thread (a hang), so the file's identity is checked first.
-    """
-
-    def __init__(self, loader, path: str):
-        self.loader = loader
-        self.path = path
-        self.identity = _file_identity(path)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        try:
-            now = _file_identity(self.path)
-        except FileNotFoundError:
-            now = None
-        if now != self.identity:
-            raise DataError(f"{self.path} was replaced, changed or deleted while this run reads it: restart the run "
-                            "(FFCV maps the file once; it would keep serving the old data or crash its reader thread)")
-        with torch.inference_mode(False):
-            return _Epoch(iter(self.loader), self.path)
-
-
-class _Epoch:
-    """One epoch of an ``ffcv.loader.Loader`` that fails instead of hanging when FFCV's reader thread dies.
-
-    ffcv 1.0.2's ``EpochIterator.__next__`` waits on ``output_queue.get()`` without a timeout, so an exception
-    in its reader thread (a decoding stage that raises, a file that vanished) leaves the training loop waiting
-    forever. Here ``next`` first waits until a batch is queued or the thread has ended, using only the
-    thread's ``is_alive``/``join`` and the queue's ``empty``.
-    """
-
-    def __init__(self, epoch, path: str):
-        self.epoch = epoch
-        self.path = path
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        while self.epoch.output_queue.empty():
-            if not self.epoch.is_alive() and self.epoch.output_queue.empty():
-                raise DataError(f"FFCV's reader thread for {self.path} stopped before the end of the epoch (its "
-                                "exception is printed above): fix the data or pipeline and restart")
-            self.epoch.join(timeout=0.002)
-        return next(self.epoch)
-
-    def __len__(self) -> int:
-        return len(self.epoch)
+from modules.components.errors import ConfigError
 
 
 def _require_ffcv():
@@ -86,34 +20,6 @@ def _require_ffcv():
         raise ConfigError(
             "ffcv is not installed: run scripts/setup.sh, or set data.init_args.loader to datamodules.torchvision_loader.TorchvisionLoader"
         ) from err
-
-
-def index_decoder():
-    """An FFCV decoder for any scalar field that outputs the sample's index in the ``.beton`` instead of its value.
-
-    Use it in an extra pipeline, e.g. ``PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(),
-    Squeeze()])``; the indices are global ``.beton`` indices, also under ``distributed=True`` sharding.
-    """
-    from ffcv.fields.basics import IntDecoder
-
-    class IndexDecoder(IntDecoder):
-        def generate_code(self):
-            def decode(indices, destination, metadata, storage_state):
-                for position, sample_id in enumerate(indices):
-                    destination[position] = sample_id
-                return destination[:len(indices)]
-
-            return decode
-
-    return IndexDecoder()
-
-
-def index_pipeline():
-    """The ``index`` entry of a pipelines dict: each sample's position in the ``.beton`` (``index_decoder``)."""
-    from ffcv.pipeline import PipelineSpec
-    from ffcv.transforms import Squeeze, ToTensor
-
-    return PipelineSpec("label", decoder=index_decoder(), transforms=[ToTensor(), Squeeze()])
 
 
 class FFCVLoader(LoaderBackend):
@@ -148,6 +54,10 @@ class FFCVLoader(LoaderBackend):
         repeated_augmentation: each training image appears this many times per epoch (DeiT's repeated
             augmentation), the copies spread over consecutive ranks; 1 disables. Epoch length is unchanged.
         batches_ahead: batches prepared ahead by the loader.
+        seeded_augmentation: draw each training sample's random-resized crop and flip from a stream seeded by
+            ``data.augment_seed`` (default ``data.seed``), rank, epoch and position in the epoch, so a run repeats
+            crop for crop (``datamodules/ffcv_ops.py``). FFCV's own decoder and flip, the reference behaviour, draw
+            from numba's unseeded per-thread RNG: the same distribution, other crops on every run. False restores them.
     """
 
     def __init__(
@@ -166,6 +76,7 @@ class FFCVLoader(LoaderBackend):
         order: str = "random",
         repeated_augmentation: int = 1,
         batches_ahead: int = 3,
+        seeded_augmentation: bool = True,
     ):
         self.prepared = Path(prepared).expanduser() if prepared else None
         self._manifest = read_manifest(self.prepared) if self.prepared else None
@@ -179,6 +90,7 @@ class FFCVLoader(LoaderBackend):
         self.prepare_data_per_node = not cache_shared
         self.os_cache, self.order, self.batches_ahead = os_cache, order, batches_ahead
         self.repeated_augmentation = repeated_augmentation
+        self.seeded_augmentation = seeded_augmentation
 
     def bind(self, datamodule) -> None:
         super().bind(datamodule)
@@ -311,14 +223,16 @@ class FFCVLoader(LoaderBackend):
         trainer = self.datamodule.trainer
         return bool(trainer is not None and trainer.world_size > 1)
 
-    def pipelines(self, split: str, train: bool) -> dict:
+    def pipelines(self, split: str, train: bool, seed=None) -> dict:
         """FFCV pipelines per output field: train (RRC+flip) or eval (centre crop) images, labels, and the
         sample's ``.beton`` index when ``yields_index``; with ``full_train_images`` the ``train`` split is whole
         images (``SimpleRGBImageDecoder``, or ``CenterCropRGBImageDecoder`` at the transform's ``decode_size``)
-        with their index."""
+        with their index. ``seed`` (an ``AugmentationSeed``) makes the training crops and flips seeded."""
         from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
                                           SimpleRGBImageDecoder)
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+        from datamodules.ffcv_ops import index_pipeline, seeded_random_resized_crop  # numba: with FFCV only
 
         dm = self.datamodule
         hp, size = dm.hparams, (dm.image_size, dm.image_size)
@@ -330,7 +244,10 @@ class FFCVLoader(LoaderBackend):
                 decoder = CenterCropRGBImageDecoder((decode_size, decode_size), ratio=1.0)
             return {"image": [decoder, ToTensor(), ToTorchImage(channels_last=False)],
                     "label": [IntDecoder(), ToTensor(), Squeeze()], "index": index_pipeline()}
-        if train:
+        if train and seed is not None:
+            image_pipeline = [seeded_random_resized_crop(size, tuple(hp.rrc_scale), tuple(hp.rrc_ratio),
+                                                         0.5 if hp.hflip else 0.0, seed)]
+        elif train:
             image_pipeline = [RandomResizedCropRGBImageDecoder(size, scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio))]
             if hp.hflip:
                 image_pipeline.append(RandomHorizontalFlip())
@@ -353,19 +270,23 @@ class FFCVLoader(LoaderBackend):
     def _make_loader(self, split: str, train: bool, indices=None):
         from ffcv.loader import Loader, OrderOption
 
+        from datamodules.ffcv_ops import AugmentationSeed
+
         order = OrderOption.SEQUENTIAL
         distributed = self._distributed()
+        trainer = self.datamodule.trainer
+        seed = AugmentationSeed(self.datamodule.augment.seed, trainer.global_rank if distributed else 0) \
+            if train and self.seeded_augmentation else None
         if train and self.repeated_augmentation > 1:
             from datamodules.repeated import repeated_traversal
 
-            trainer = self.datamodule.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if distributed else (0, 1)
             order, distributed = repeated_traversal(self.repeated_augmentation, rank, world), False  # sharded by the order
         elif train and self.order == "random":
             order = OrderOption.RANDOM
         elif train and self.order == "quasi_random":
             order = OrderOption.RANDOM if self._distributed() else OrderOption.QUASI_RANDOM
-        return _CheckedLoader(Loader(
+        return CheckedLoader(Loader(
             str(self.beton_path(split)),
             batch_size=self.datamodule.batch_size,
             num_workers=loader_threads(self.datamodule.num_workers),
@@ -374,10 +295,10 @@ class FFCVLoader(LoaderBackend):
             distributed=distributed,
             seed=self.datamodule.seed,
             indices=indices,
-            pipelines=self.pipelines(split, train),
+            pipelines=self.pipelines(split, train, seed),
             drop_last=train,
             batches_ahead=self.batches_ahead,
-        ), str(self.beton_path(split)))
+        ), str(self.beton_path(split)), seed, (lambda: trainer.current_epoch) if trainer is not None else None)
 
     def decoded_pixels(self, decode_size: int | None) -> str:
         if self.write_mode == "raw" and self.max_resolution is None and decode_size is None:

@@ -8,9 +8,9 @@ rewrites them: only for an intended change of behaviour).
 
 Integers (labels, indices, tokens, caption ids, uint8 loader images) must match exactly; normalised images too,
 except replayed crops, whose bilinear resampling runs in float: there one uint8 level of difference is allowed
-(rounding of a value at .5 may go either way on another CPU). FFCV's random-resized-crop decoder draws from numba's
-RNG, which its loader does not seed, so FFCV training pixels differ from run to run even today: for them only the
-shape is pinned (their order, labels and every other key are). The batches are now dicts with the pinned keys plus
+(rounding of a value at .5 may go either way on another CPU). The pinned FFCV training pixels came from FFCV's
+unseeded random-resized-crop decoder, so for them only the shape is pinned (their order, labels and every other key
+are); that seeded crops repeat is tests/test_ffcv_ops.py's. The batches are now dicts with the pinned keys plus
 the captions-file loaders' ``index`` (``ADDED``), checked against the loader's own.
 """
 
@@ -122,7 +122,7 @@ def test_batches_equal_those_before_the_refactor(backend, kind, image_folder, wo
     assert sorted(got) == sorted(expected)
     for key, value in expected.items():
         if backend == "ffcv" and kind != "replay" and key.startswith("train") and key.endswith("image"):
-            assert got[key].shape == value.shape and got[key].dtype == value.dtype, key  # unseeded crops: see above
+            assert got[key].shape == value.shape and got[key].dtype == value.dtype, key  # crops pinned unseeded: see above
         elif kind == "replay" and key.startswith("train") and key.endswith("/image"):
             levels = np.abs(got[key] - value) * (FASHION_MNIST_STD[0] * 255)  # normalised -> uint8 levels
             assert levels.max() < 1 + 1e-3 and (levels > 1e-3).mean() < 0.01, key
