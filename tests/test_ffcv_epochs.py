@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from datamodules import ffcv_epochs
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+ONE_BATCH_THEN_EXIT = """
+import atexit, sys
+state = {}
+# registered first, so it runs after visionlab's exit hook (atexit is last in, first out)
+atexit.register(lambda: print("reader alive after the exit hook:", state["reader"].is_alive(), flush=True))
 from tests.conftest import ffcv_data
+dm = ffcv_data(cache_dir=sys.argv[1], image_size=16, batch_size=32, num_workers=1, train_limit=128, val_limit=32)
+dm.prepare_data()
+dm.setup("fit")
+epoch = iter(dm.train_dataloader())
+next(epoch)
+state["reader"] = epoch.epoch
+epoch.epoch.join(timeout=5)  # it decodes the rest of the epoch, then blocks in FFCV's end-of-epoch put (no timeout)
+print("reader alive before exit:", epoch.epoch.is_alive(), flush=True)
+"""
 
 
-def test_reader_threads_are_stopped_at_exit_even_when_blocked_on_a_full_queue(beton_cache):
-    """One batch taken of a 4-batch epoch: the thread fills the queue and then blocks in FFCV's end-of-epoch ``put``
-    (no timeout). The exit hook must end it (drain + terminate), not wait out its 30 s bound."""
-    dm = ffcv_data(cache_dir=beton_cache, image_size=16, batch_size=32, num_workers=1, train_limit=128, val_limit=32)
-    dm.prepare_data()
-    dm.setup("fit")
-    epoch = iter(dm.train_dataloader())
-    next(epoch)
-    reader = epoch.epoch
-    assert reader in ffcv_epochs._LIVE_EPOCHS
-    reader.join(timeout=5)  # it decodes the rest of the epoch, then waits for room in the queue
-    assert reader.is_alive()
-    ffcv_epochs._stop_reader_threads()
-    assert not reader.is_alive()
+def test_reader_thread_blocked_on_a_full_queue_is_stopped_at_exit(beton_cache):
+    """One batch taken of a 4-batch epoch: the exit hook ends the blocked thread (terminate + drain) instead of
+    leaving it to the interpreter's teardown or waiting out its 30 s bound."""
+    done = subprocess.run([sys.executable, "-c", ONE_BATCH_THEN_EXIT, str(beton_cache)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reader alive before exit: True" in done.stdout, done.stdout
+    assert "reader alive after the exit hook: False" in done.stdout, done.stdout
