@@ -5,12 +5,12 @@ FFCV 1.0.2's ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip`` d
 which neither ``seed_everything`` nor the loader's ``seed`` reaches, and whose draws land on whichever decoding
 thread runs a sample: two runs of one config train on different crops. ``SeededRandomResizedCrop`` makes the same
 draws (FFCV's own ``get_random_crop``: 10 tries of a scale/log-ratio box, then the centre fallback; then a flip with
-``flip_prob``) after reseeding numba's RNG for each sample from (seed, rank, epoch, position in the epoch's order).
-The distribution of crops and flips is FFCV's; only where they come from changes.
+``flip_prob``) after reseeding numba's RNG for each sample from the epoch's seed (``step_seed`` of seed, rank and
+epoch, as the device augmentation uses) and the position in the epoch's order. The distribution of crops and flips is FFCV's; only where they come from changes.
 
 The epoch changes without recompiling: numba freezes arrays it sees as globals, so the state lives in a small
-``int64`` array whose address the compiled decoder reads (``AugmentationSeed``), and the loader writes the epoch
-there before each epoch starts.
+``int64`` array whose address the compiled decoder reads (``AugmentationSeed``), and the loader writes the epoch's
+seed there before each epoch starts.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import types
 from numba.extending import intrinsic
+
+from datamodules.augment import step_seed
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -52,13 +54,15 @@ def _flip_in_place(image):
 
 
 class AugmentationSeed:
-    """The (seed, rank, epoch) that ``SeededRandomResizedCrop`` draws from, in memory its compiled code reads.
+    """The epoch's seed that ``SeededRandomResizedCrop`` draws from (the device augmentation's ``step_seed`` of
+    (seed, rank, epoch)), in memory its compiled code reads.
 
     Keep this object alive as long as the loader that uses it (the decoder holds it).
     """
 
     def __init__(self, seed: int, rank: int = 0):
-        self.cell = np.array([seed, rank, 0], dtype=np.int64)
+        self.seed, self.rank, self._epoch = seed, rank, 0
+        self.cell = np.array([step_seed(seed, rank, 0, 0)], dtype=np.int64)
 
     @property
     def address(self) -> int:
@@ -66,11 +70,12 @@ class AugmentationSeed:
 
     @property
     def epoch(self) -> int:
-        return int(self.cell[2])
+        return self._epoch
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        self.cell[2] = value
+        self._epoch = value
+        self.cell[0] = step_seed(self.seed, self.rank, value, 0)
 
 
 def seeded_random_resized_crop(output_size, scale, ratio, flip_prob: float, seed: AugmentationSeed):
@@ -98,12 +103,9 @@ def seeded_random_resized_crop(output_size, scale, ratio, flip_prob: float, seed
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp_storage = my_storage
-                state = mix_c(np.uint64(_load_int64(address)))
-                state = mix_c(state ^ np.uint64(_load_int64(address + 8)))  # rank
-                state = mix_c(state ^ np.uint64(_load_int64(address + 16)))  # epoch
-                # the batch's first sample and the position in it: the k-th sample of the epoch's order, so that
-                # the copies of one image in a batch or epoch (repeated augmentation) draw different crops
-                state = mix_c(state ^ np.uint64(batch_indices[0]))
+                # the epoch's seed, the batch's first sample and the position in it: the k-th sample of the
+                # epoch's order, so that the copies of one image in a batch or epoch (repeated augmentation) differ
+                state = mix_c(np.uint64(_load_int64(address)) ^ np.uint64(batch_indices[0]))
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
                     sample = mix_c(state ^ (np.uint64(dst_ix) * _GOLDEN) ^ np.uint64(source_ix))
