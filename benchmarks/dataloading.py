@@ -2,8 +2,8 @@
 
 Fashion-MNIST images are written once as an ImageFolder of RGB JPEGs upscaled to 160 px (ImageNet-like
 decode + crop work); both DataModules then run random-resized-crop + flip to the same crop size with the
-same worker count (the FFCV variants with visionlab's seeded crops, and with FFCV's own unseeded ones). The first epoch is a warm-up (FFCV compiles its pipeline with numba); the mean of the
-following epochs is reported.
+same worker count (the FFCV variants with visionlab's seeded crops, and with FFCV's own unseeded ones). The
+first epoch is a warm-up (FFCV compiles its pipeline with numba); the mean of the following epochs is reported.
 
 Two rates per variant: ``loader`` counts the uint8 batches as the loader hands them over (the target: in
 training the uint8 -> float normalisation runs on the accelerator in ``on_after_batch_transfer``), and
