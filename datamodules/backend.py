@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
 
 class LoaderBackend:
     """How an ``ImageDataModule``'s splits become loaders: ``datamodules.ffcv_loader.FFCVLoader`` (``.beton`` files,
@@ -12,6 +15,21 @@ class LoaderBackend:
     ``(uint8 (B, 3, H, W) images, labels[, indices])``: the crops of ``rrc_scale``/``rrc_ratio``/``hflip`` for
     training, the ``val_crop_ratio`` centre crop otherwise, the sample's index when ``datamodule.yields_index``
     and whole images in index order for ``datamodule.full_train_images`` transforms.
+
+    Training loaders (``split_loader(split, train=True)``) resume sample for sample. Each epoch starts at its first
+    batch, not at ``iter``: ``iter`` returns an ``EpochStart`` whose first ``next`` calls
+    ``datamodule.train_epoch_start(epochs_started)``, which returns ``(epoch, skip)``, and only then starts the
+    epoch. The loader must then
+    - serve this rank's order for ``epoch`` (the trainer's epoch), a function of the data seed, ``epoch``, rank
+      and world size alone (never of how many epochs this process has run);
+    - leave out the first ``skip`` batches of that order (``skip * datamodule.batch_size`` samples) without
+      reading them: nonzero only in the first epoch after a resume from a checkpoint saved inside it;
+    - draw each sample's random crop and flip from (``datamodule.augment.seed``, rank, epoch) and the sample's
+      place in this rank's order for the epoch (its position, or its batch's samples and its place in the batch),
+      so that leaving out whole batches moves no later draw;
+    - keep ``len(loader)`` the whole epoch's batch count (Lightning counts the skipped batches as done).
+    The DataModule records the position (``TrainPosition``) in its ``state_dict``, which Lightning saves in every
+    checkpoint and gives back to ``load_state_dict`` before the loaders are built.
     """
 
     #: Lightning's ``prepare_data_per_node`` for the DataModule (whether every node prepares its own files)
@@ -48,6 +66,58 @@ class LoaderBackend:
         """``source`` when whole training images are the source's own pixels (lossless, the same through every
         back-end), else a description of the lossy or resizing decode (recorded with stored logits)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TrainPosition:
+    """Where a fit is in its training data: ``batches`` of this rank's batches of ``epoch`` trained on, each of
+    ``batch_size`` samples on each of ``world_size`` ranks; ``complete`` when the epoch's batches are all done.
+    Five integers whatever the dataset's size (``ImageDataModule.state_dict``'s ``train_position``)."""
+
+    epoch: int
+    batches: int
+    batch_size: int
+    world_size: int
+    complete: bool = False
+
+    @property
+    def samples(self) -> int:
+        """Samples of the epoch consumed by all ranks together (the global sample stream's position)."""
+        return self.batches * self.batch_size * self.world_size
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "TrainPosition":
+        return cls(**{name: state[name] for name in ("epoch", "batches", "batch_size", "world_size", "complete")})
+
+
+class EpochStart:
+    """The iterator a resumable training loader's ``iter`` returns: ``start()`` (which asks the DataModule for the
+    epoch and the batches to skip, then starts the back-end's epoch) runs at the first ``next``.
+
+    Lightning calls ``iter`` on the training loader before it has settled the epoch a resumed run is in (it moves a
+    run resumed at an epoch's end on to the next epoch after that call); the first batch is asked for after.
+    Attributes of the started epoch are read through this object.
+    """
+
+    def __init__(self, start: Callable[[], Iterator]):
+        self._start, self._epoch = start, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._epoch is None:
+            self._epoch = self._start()
+        return next(self._epoch)
+
+    def __getattr__(self, name: str):
+        epoch = self.__dict__.get("_epoch")
+        if epoch is None:
+            raise AttributeError(f"{name}: the epoch has not started (no batch taken yet)")
+        return getattr(epoch, name)
 
 
 def default_loader() -> LoaderBackend:
