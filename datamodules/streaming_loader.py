@@ -1,0 +1,372 @@
+"""The streaming loader back-end: WebDataset shards read from a local folder or a remote store through a bounded
+cache, each rank and worker reading its own shards, resumable sample for sample.
+
+Why WebDataset's format rather than LitData's chunks (measured on this machine, see /work/coord/NOTES.md and
+``benchmarks/imagenet_data.py``): both store the source JPEG bytes at the same size, and reading is bound by JPEG
+decoding in either; LitData's ``optimize`` wrote ~40x slower here (its worker and upload machinery on 2 cores),
+its reader hides the order, the cache eviction and the retries inside its own threads, where a missing or corrupt
+chunk waits instead of failing, and it brings boto3 and obstore. Tar shards are a standard any WebDataset pipeline
+(open_clip) reads, and the plan below (which sample each rank and worker reads, in which order) stays ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datamodules import shards
+from datamodules.augment import step_seed
+from datamodules.backend import EpochStart, LoaderBackend
+from datamodules.sources import to_rgb
+from modules.components.errors import ConfigError, DataError
+
+
+# --- which samples a rank and a worker read, in which order ------------------------------------------
+def epoch_order(shard_members: list[np.ndarray], seed: int, epoch: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(shard number, source index)`` of every sample in the epoch's global order: with ``shuffle`` the shards in
+    a permutation seeded by (seed, epoch) and each shard's samples in one seeded by (seed, epoch, shard), so a run
+    repeats its order and consecutive samples come from one shard (read once, as a unit); else as written."""
+    numbers = np.arange(len(shard_members))
+    if shuffle:
+        numbers = np.random.default_rng([seed, epoch]).permutation(numbers)
+    members = [np.random.default_rng([seed, epoch, int(k)]).permutation(shard_members[k]) if shuffle
+               else shard_members[k] for k in numbers]
+    lengths = [len(m) for m in members]
+    return np.repeat(numbers, lengths), (np.concatenate(members) if members else np.zeros(0, np.int64))
+
+
+def rank_range(total: int, rank: int, world: int, equal: bool) -> tuple[int, int]:
+    """This rank's contiguous share of ``total`` samples: ``total // world`` each with ``equal`` (training: every rank
+    takes as many steps; the < world left over are the epoch's last), else shares that differ by at most one."""
+    if equal:
+        share = total // world
+        return rank * share, (rank + 1) * share
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class ShardBatches(IterableDataset):
+    """One rank's batches of one split, read from shards: worker ``w`` of ``W`` serves the rank's batches
+    ``skip + w``, ``skip + w + W``, ... (the order in which ``DataLoader`` takes them, so the batches come out in
+    the rank's order whatever the worker count), decoding only its own samples of each shard it reads.
+
+    Training batches drop the rank's last partial batch, draw each sample's crop and flip from
+    ``step_seed(augment_seed, rank, epoch, position)`` (its position in the rank's epoch order) and start at batch
+    ``skip``; ``epoch`` and ``skip`` are set before each epoch's workers start.
+    """
+
+    def __init__(self, store: shards.ShardStore, split_entry: dict, transform, batch_size: int, train: bool,
+                 rank: int, world: int, seed: int, augment_seed: int, with_index: bool, indices=None):
+        self.store, self.entry, self.transform, self.batch_size, self.train = store, split_entry, transform, batch_size, train
+        self.rank, self.world, self.seed, self.augment_seed, self.with_index = rank, world, seed, augment_seed, with_index
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self.epoch, self.skip = 0, 0
+
+    def rank_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        shard_of, index = epoch_order(shards.shard_indices(self.entry), self.seed, epoch, self.train)
+        if self.indices is not None:
+            keep = np.isin(index, self.indices)
+            shard_of, index = shard_of[keep], index[keep]
+        start, stop = rank_range(len(index), self.rank, self.world, equal=self.train)
+        return shard_of[start:stop], index[start:stop]
+
+    def num_batches(self, samples: int) -> int:
+        return samples // self.batch_size if self.train else -(-samples // self.batch_size)
+
+    def __len__(self) -> int:
+        total = self.entry["samples"] if self.indices is None else len(self.indices)
+        start, stop = rank_range(total, self.rank, self.world, equal=self.train)
+        return self.num_batches(stop - start)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard_of, index = self.rank_order(self.epoch)
+        mine = range(self.skip + worker, self.num_batches(len(index)), workers)
+        spans = [(b * self.batch_size, min((b + 1) * self.batch_size, len(index))) for b in mine]
+        wanted: dict[int, set] = {}
+        last_use: dict[int, int] = {}
+        for number, (start, stop) in enumerate(spans):
+            for shard, source_index in zip(shard_of[start:stop].tolist(), index[start:stop].tolist()):
+                wanted.setdefault(shard, set()).add(source_index)
+                last_use[shard] = number
+        loaded: dict[int, dict] = {}
+        for number, (start, stop) in enumerate(spans):
+            images, labels = [], []
+            for position in range(start, stop):
+                shard, source_index = int(shard_of[position]), int(index[position])
+                if shard not in loaded:
+                    entry = self.entry["shards"][shard]
+                    loaded[shard] = shards.read_shard(self.store.local_path(entry), wanted[shard],
+                                                      self.store.url(entry["file"]))
+                sample = loaded[shard].get(source_index)
+                if sample is None or "cls" not in sample:
+                    raise DataError(f"shard {self.store.url(self.entry['shards'][shard]['file'])} lacks sample "
+                                    f"{source_index} that the manifest puts there: write the shards again")
+                images.append(self.decode(sample, source_index, position))
+                labels.append(int(sample["cls"]))
+            for shard in [s for s, last in last_use.items() if last == number and s in loaded]:
+                del loaded[shard]  # no later batch of this worker needs it
+            if len({tuple(image.shape) for image in images}) > 1:
+                raise ConfigError("training images differ in size: set data.init_args.batches.init_args.decode_size "
+                                  "(e.g. 256) to decode them at one size")
+            batch = (torch.stack(images), torch.tensor(labels, dtype=torch.int64))
+            yield (*batch, torch.as_tensor(index[start:stop], dtype=torch.int64)) if self.with_index else batch
+
+    def decode(self, sample: dict, source_index: int, position: int) -> torch.Tensor:
+        extension = next((e for e in sample if e not in {"cls", "txt"}), None)
+        try:
+            with Image.open(io.BytesIO(sample[extension])) as image:
+                image = to_rgb(image)
+        except Exception as err:
+            raise DataError(f"sample {source_index} ({extension}) of the shard set cannot be decoded ({err}): "
+                            "write the shards again") from err
+        if not self.train:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from the global stream
+            torch.default_generator.manual_seed(step_seed(self.augment_seed, self.rank, self.epoch, position))
+            return self.transform(image)
+
+
+class _OneLineErrors:
+    """A loader epoch whose ``DataError``s raised in a worker reach the caller as their own one line (torch wraps them
+    in the worker's traceback)."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except (DataError, ConfigError) as err:
+            message = str(err).strip().splitlines()[-1]
+            for name in ("DataError: ", "ConfigError: "):
+                message = message.split(name, 1)[-1]
+            raise type(err)(message) from None
+
+
+class ShardLoader:
+    """A ``DataLoader`` over ``ShardBatches``, new workers each epoch (they copy the epoch and the batches to skip).
+    Training loaders start their epoch at its first batch, where the DataModule says which epoch it is and how many
+    batches a resumed run already trained on (``LoaderBackend``'s contract)."""
+
+    def __init__(self, batches: ShardBatches, num_workers: int, datamodule=None):
+        self.batches, self.num_workers, self.datamodule = batches, num_workers, datamodule
+        self.started = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        if self.datamodule is None:
+            return self._epoch()
+        return EpochStart(self._start_epoch)
+
+    def _start_epoch(self):
+        self.batches.epoch, self.batches.skip = self.datamodule.train_epoch_start(self.started)
+        self.started += 1
+        return self._epoch()
+
+    def _epoch(self):
+        workers = min(self.num_workers, max(1, len(self.batches) - self.batches.skip))
+        loader = DataLoader(self.batches, batch_size=None, num_workers=workers,
+                            pin_memory=torch.cuda.is_available(), multiprocessing_context="fork" if workers else None)
+        return _OneLineErrors(loader)
+
+
+class StreamingLoader(LoaderBackend):
+    """The ``ImageDataModule``'s splits as WebDataset shards (``datamodules/shards.py``), decoded and cropped as the
+    torchvision back-end does (PIL, the same random-resized crop and flip, the same centre crop), so the three
+    back-ends train on the same distribution; device-side augmentation and normalisation are the DataModule's.
+
+    Without ``remote`` the shards are written once into ``cache_dir/<name>-<key>/`` (the key covers the source and
+    the selection, as for FFCV's ``.beton`` files) and read in place. With ``remote`` (a set written by ``visionlab
+    prepare-data --format webdataset``: an ``http(s)://`` or ``file://`` URL, or a folder standing in for one) the
+    source is not read: shards are copied into ``cache_dir/remote-<key>/`` as they are needed, at most
+    ``cache_limit`` bytes at a time, least recently used first out.
+
+    Each rank takes a contiguous share of the epoch's order (shards permuted per epoch, samples permuted within a
+    shard), every sample once per epoch across ranks (training drops the fewer-than-``world_size`` left over and
+    each rank's last partial batch, as the other back-ends drop theirs); each worker reads only the shards its
+    batches come from. A resumed run skips the batches its checkpoint trained on without reading them.
+
+    Args:
+        cache_dir: folder of written shard sets and of remote shards' cache.
+        remote: a prepared shard set to read instead of the source.
+        cache_limit: most bytes of remote shards kept on local disk (``"2GB"``, ``500000000``); ``None``: no limit.
+        shard_bytes: target size of a written shard.
+        write_workers: writer processes (default: the cores available).
+        cache_shared: ``cache_dir`` is on a file system every node sees (one writer for all); false: one per node.
+        retries: tries after a failed transfer before the run stops with the file's name.
+        retry_wait: seconds before the first retry (then 2x, 3x...).
+        timeout: seconds one remote transfer may stall.
+    """
+
+    def __init__(self, cache_dir: str = "~/.cache/visionlab/shards", remote: str | None = None,
+                 cache_limit: int | str | None = None, shard_bytes: int | str = "64MB", write_workers: int | None = None,
+                 cache_shared: bool = True, retries: int = 3, retry_wait: float = 1.0, timeout: float = 30.0):
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.remote = remote
+        self.cache_limit, self.shard_bytes = shards.parse_bytes(cache_limit), shards.parse_bytes(shard_bytes)
+        if self.cache_limit is not None and self.cache_limit <= 0:
+            raise ConfigError(f"data.loader.cache_limit {cache_limit} must be positive")
+        self.write_workers, self.retries, self.retry_wait, self.timeout = write_workers, retries, retry_wait, timeout
+        self.prepare_data_per_node = not cache_shared
+        self._manifest: dict | None = None
+
+    def bind(self, datamodule) -> None:
+        if datamodule.extra_eval:
+            raise ConfigError("the streaming back-end serves train and val only: drop data.extra_eval or use the "
+                              "FFCV or torchvision back-end for extra evaluation sets")
+        super().bind(datamodule)
+
+    # --- where the shards are ----------------------------------------------------------------------
+    def selection(self) -> dict:
+        dm = self.datamodule
+        hp = dm.hparams
+        return {"source": str(dm.source if dm.is_embedded else Path(dm.source).expanduser().resolve()),
+                "classes": dm.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
+                "val_fraction": hp.val_fraction, "seed": dm.seed, "class_index": hp.class_index,
+                "val_labels": hp.val_labels, "captions_file": self._captions_file()}
+
+    def _captions_file(self) -> str | None:
+        captions = getattr(self.datamodule.batches, "captions_file", None)
+        return str(Path(captions).expanduser().resolve()) if captions else None
+
+    def folder(self) -> Path:
+        """The local folder of this data's shards: the written set, or the remote set's cache."""
+        if self.remote is not None:
+            return self.cache_dir / f"remote-{hashlib.sha1(str(self.remote).encode()).hexdigest()[:12]}"
+        key = json.dumps([self.selection(), self.shard_bytes], sort_keys=True)
+        name = "embedded" if self.datamodule.is_embedded else Path(self.datamodule.source).name
+        return self.cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def store(self) -> shards.ShardStore:
+        if self.remote is None:
+            return shards.ShardStore(str(self.folder()))
+        return shards.ShardStore(self.remote, remote=True, cache=str(self.folder()), cache_limit=self.cache_limit,
+                                 retries=self.retries, retry_wait=self.retry_wait, timeout=self.timeout)
+
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            if self.remote is not None:
+                self._manifest = self.store().read_manifest()
+            else:
+                path = self.folder() / shards.MANIFEST
+                if not path.is_file():
+                    raise ConfigError(f"{path} is missing: call prepare_data() first (the Trainer does); with a "
+                                      "cache_dir local to each node set data.loader.cache_shared false")
+                try:
+                    self._manifest = shards.check_manifest(json.loads(path.read_text()), str(path))
+                except ValueError as err:
+                    raise DataError(f"{path} is not a readable manifest ({err}): delete {path.parent} and run again") from err
+        return self._manifest
+
+    def class_names(self) -> list[str] | None:
+        if self.remote is None:
+            return None
+        manifest, dm = self.manifest(), self.datamodule
+        recorded = manifest["selection"]
+        if dm.classes and list(dm.classes) != list(recorded["classes"] or []):
+            raise ConfigError(f"data.classes is {dm.classes} but {self.remote} was written with {recorded['classes']}: "
+                              "write the shards again with this setting or drop it from the config")
+        return list(manifest["class_names"])
+
+    def num_train_samples(self) -> int | None:
+        return self.manifest()["splits"]["train"]["samples"] if self.remote is not None else None
+
+    # --- writing -----------------------------------------------------------------------------------
+    def _captions(self) -> dict | None:
+        """Per split, each sample's captions (``datamodules.captions.CaptionsFile``'s file), for the ``.txt`` members."""
+        dm = self.datamodule
+        if self._captions_file() is None:
+            return None
+        from datamodules.captions import read_captions
+
+        captions, root, out = read_captions(self._captions_file()), Path(dm.source).expanduser(), {}
+        for split in shards.SPLITS:
+            files = dm.get_source(split).files
+            keys = [[f.relative_to(root).as_posix()] + [f.relative_to(root / s).as_posix() for s in shards.SPLITS
+                                                        if f.is_relative_to(root / s)] for f in files]
+            out[split] = [next((captions[k] for k in ks if k in captions), []) for ks in keys]
+        return out
+
+    def write_shards(self, folder: Path | None = None) -> dict:
+        """Write both splits' shards and the manifest into ``folder`` (default: the cache folder) from the source."""
+        if self.remote is not None:
+            raise ConfigError(f"data.loader.remote is set ({self.remote}): the shards are read from there, not written")
+        from datamodules.beton import default_writers
+
+        dm = self.datamodule
+        folder = Path(folder).expanduser() if folder is not None else self.folder()
+        sources = {split: dm.get_source(split) for split in shards.SPLITS}
+        description = {"selection": self.selection(), "source_fingerprint": {s: src.fingerprint for s, src in sources.items()}}
+        self._manifest = shards.write_shards(folder, sources, [str(n) for n in dm.class_names], description,
+                                             self.shard_bytes, self.write_workers or default_writers(), dm.seed,
+                                             self._captions())
+        return self._manifest
+
+    def prepare_data(self) -> None:
+        if self.remote is not None:
+            self.manifest()  # the store answers (bounded retries), before any process starts reading it
+            return
+        path = self.folder() / shards.MANIFEST
+        if not path.is_file():
+            self.write_shards()
+
+    def setup(self, stage: str) -> None:
+        self._manifest = None
+        manifest = self.manifest()
+        if self.remote is None:
+            for split in shards.SPLITS:
+                for shard in manifest["splits"][split]["shards"]:
+                    path = self.folder() / shard["file"]
+                    if not path.is_file():
+                        raise DataError(f"shard {path} listed in {self.folder() / shards.MANIFEST} is missing: "
+                                        f"delete {self.folder()} and run again to write the shards")
+                    if path.stat().st_size != shard["bytes"]:
+                        raise DataError(f"shard {path} is truncated or corrupt ({path.stat().st_size:,} bytes, the "
+                                        f"manifest says {shard['bytes']:,}): delete {self.folder()} and run again")
+
+    # --- loaders -----------------------------------------------------------------------------------
+    def transform(self, split: str, train: bool):
+        """The torchvision back-end's transforms: the same crops and flips, the same centre crop."""
+        from torchvision.transforms import v2
+
+        from datamodules.torchvision_loader import CenterCropRatio, TorchvisionLoader
+
+        dm = self.datamodule
+        if split == "train" and dm.full_train_images:
+            size = dm.batches.decode_size
+            return v2.Compose([*([] if size is None else [CenterCropRatio(size, 1.0)]), v2.PILToTensor()])
+        reference = TorchvisionLoader()
+        reference.bind(dm)
+        return reference.transform(train)
+
+    def split_loader(self, split: str, train: bool, indices=None) -> ShardLoader:
+        dm = self.datamodule
+        if split not in shards.SPLITS:
+            raise ConfigError(f"the streaming back-end has no split {split!r} (train and val only)")
+        trainer = dm.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and trainer.world_size > 1 else (0, 1)
+        full = split == "train" and dm.full_train_images
+        batches = ShardBatches(self.store(), self.manifest()["splits"][split], self.transform(split, train),
+                               dm.batch_size, train, rank, world, dm.seed, dm.augment.seed,
+                               dm.yields_index or full, indices)
+        return ShardLoader(batches, dm.num_workers, dm if train else None)
+
+    def decoded_pixels(self, decode_size: int | None) -> str:
+        # The shards hold the source's own bytes (arrays as lossless PNG) decoded by PIL, as the torchvision back-end
+        # decodes them: the same pixels, so logits stored through either replay through both.
+        return "source" if decode_size is None else f"torchvision centre{decode_size}"
