@@ -4,7 +4,7 @@ Walks the training split once; for every batch and each of the K epochs it draws
 sample from ``(seed, sample index, epoch)``, crops on the device with ``datamodules.replay.apply_crops``
 (the function the student's replay calls), runs the frozen teacher and keeps the top-k logits and the
 log-normaliser of its softmax at ``--temperature`` (what rebuilds the teacher's true tail mass). Writes one
-file (``modules.components.sparse_logits`` format) atomically::
+file (``modules.components.kd.sparse_logits`` format) atomically::
 
     visionlab store-logits --config configs/data/fashion_mnist.yaml --teacher runs/teacher/checkpoints/last.ckpt \\
         --epochs 10 --topk 10 --output runs/teacher/train_logits.vlsl
@@ -32,9 +32,9 @@ from app.ranks import prepare_once, rank_batches, tool_processes
 from datamodules.base import loader_batch
 from datamodules.replay import apply_crops, with_stored_crops
 from modules.components.checkpoints import load_checkpoint
-from modules.components.distill import build_teacher
+from modules.components.kd.distill import build_teacher
 from modules.components.errors import ConfigError, DataError
-from modules.components.sparse_logits import ARRAY_NAMES, SparseLogits, load_sparse_logits, save_sparse_logits
+from modules.components.kd.sparse_logits import ARRAY_NAMES, SparseLogits, load_sparse_logits, save_sparse_logits
 
 
 def default_device() -> torch.device:

@@ -20,8 +20,16 @@ Every model and datamodule is built by visionlab's own CLI from ``trainer/cpu.ya
 clip/fashion_mnist.yaml``; set here: the small towers, the variant's token masking, the lr and warm-up, the
 subset, batch and epochs (see ``overrides``).
 
-    python benchmarks/clip.py --quick   # ~2-3 min on 2 cores (a smoke run, barely past chance)
-    python benchmarks/clip.py           # ~10-15 min on 2 cores
+The transfer suite (``--suite transfer``) trains on Fashion-MNIST classes 0-4 with their captions and measures
+zero-shot top-1 on held-out test images of those classes (seen, chance 0.20) and of classes 5-9 by their names
+alone (unseen, chance 0.20; prompt ensembles as for seen), for: both towers from scratch (a MobileNetV2 image
+tower and visionlab's text transformer over CLIP's BPE); LiT (the ImageNet MobileNetV2 locked, MiniLM-L6 text
+tower trained; configs/clip/lit.yaml) with the softmax loss and with SigLIP's sigmoid loss; both pretrained towers
+unlocked (configs/clip/pretrained_towers.yaml). Every row uses 64 px and ImageNet normalisation; step time is a
+full training step measured in interleaved rounds, trainable parameters what the optimizer owns.
+
+    python benchmarks/clip.py --quick   # ~2-3 min on 2 cores per suite (a smoke run, barely past chance)
+    python benchmarks/clip.py           # ~10-15 min on 2 cores for the masking suite
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from harness import QUIET, cli_run, print_ratio
 
 LAYERS = ["trainer/cpu.yaml", "data/fashion_mnist.yaml", "clip/fashion_mnist.yaml"]
 VIT = {"patch_size": 4, "depth": 3, "embed_dim": 96, "num_heads": 3}
-RANDOM, ATTENTIVE = (f"modules.components.token_masking.{name}" for name in ("RandomMasking", "AttentiveMasking"))
+RANDOM, ATTENTIVE = (f"modules.components.clip.token_masking.{name}" for name in ("RandomMasking", "AttentiveMasking"))
 EARLIER_SCORER = dict(attention_layers=1, online_crop_scale=(1.0, 1.0), ema_warmup=True)
 VARIANTS = {  # name: (token masking class_path or None, its ratio, extra masking arguments)
     "mask0": (None, 0.0, {}),
@@ -106,6 +114,102 @@ def step_times(args, batch: dict, root: Path) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+# --- the transfer suite: seen vs unseen classes, pretrained vs scratch towers, softmax vs sigmoid loss ---
+SEEN, UNSEEN = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+SIGLIP = "modules.components.clip.loss.SigLipLoss"
+TRANSFER = {  # name: (config layer, extra overrides)
+    "scratch": ("clip/pretrained_towers.yaml", [
+        "--model.init_args.backbone_kwargs", "{}", "--model.init_args.text_tower", "null",
+        "--model.init_args.text_max_length", "16", "--data.init_args.batches.init_args.tokenizer", "null"]),
+    "lit_softmax": ("clip/lit.yaml", []),
+    "lit_siglip": ("clip/lit.yaml", ["--model.init_args.loss", SIGLIP]),
+    "pretrained_unlocked": ("clip/pretrained_towers.yaml", []),
+}
+
+
+def transfer_overrides(args, name: str, classes: list[int], root: Path) -> list[str]:
+    layer, extra = TRANSFER[name]
+    lr = args.transfer_lr * (10 if name == "scratch" else 1)  # towers from scratch take a CLIP-like lr
+    return [*extra, "--model.init_args.optim.lr", str(lr), "--model.init_args.optim.warmup_epochs", "0.1",
+            "--data.init_args.classes", json.dumps(classes),
+            "--data.init_args.train_limit", str(args.transfer_train_images),
+            "--data.init_args.val_limit", str(args.transfer_val_images),
+            "--data.init_args.batch_size", str(args.transfer_batch_size),
+            "--trainer.max_epochs", str(args.transfer_epochs), "--trainer.limit_val_batches", "0",
+            "--trainer.inference_mode", "false", "--trainer.default_root_dir", str(root), *IN_PROCESS]
+
+
+def transfer_row(args, name: str, root: Path) -> tuple[dict[str, float], object, dict]:
+    """Fit on the seen classes; zero-shot on seen and unseen; the module and a training batch for step times."""
+    layers = ["trainer/cpu.yaml", "data/fashion_mnist.yaml", TRANSFER[name][0]]
+    clip, data, trainer = cli_run(layers, transfer_overrides(args, name, SEEN, root))
+    started = time.perf_counter()
+    trainer.fit(clip, datamodule=data)
+    row = {"train_s": time.perf_counter() - started,
+           "trainable_M": sum(p.numel() for p in clip.trainable_parameters()) / 1e6}
+    trainer.limit_val_batches = 1.0
+    for split, classes in (("seen", SEEN), ("unseen", UNSEEN)):
+        eval_data = cli_run(layers, transfer_overrides(args, name, classes, root))[1]
+        metrics = trainer.validate(clip, datamodule=eval_data, verbose=False)[0]
+        row[f"{split}_top1"] = float(metrics["val/zeroshot_acc1"])
+        row[f"{split}_i2t_R@1"] = float(metrics["val/i2t_recall@1"])
+    loader = data.train_dataloader()
+    batch = data.on_after_batch_transfer(next(iter(loader)), 0)
+    return row, clip, batch
+
+
+def transfer_step_times(modules: dict, batches: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of one full training step (forward, loss, backward, AdamW) per row, interleaved."""
+    optimizers = {name: torch.optim.AdamW(clip.trainable_parameters(), lr=1e-5) for name, clip in modules.items()}
+    for clip in modules.values():
+        clip.train()
+        clip.log = lambda *a, **k: None  # the trainer is done
+    times = {name: [] for name in modules}
+    for round_ in range(rounds + 1):  # round 0 is warm-up
+        for name, clip in modules.items():
+            started = time.perf_counter()
+            loss = clip.model.loss(clip.model.encode_image(batches[name]["image"]),
+                                   clip.model.encode_text(batches[name]["tokens"]))
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def transfer_suite(args, out: Path) -> None:
+    print(f"Transfer: fit on Fashion-MNIST classes {SEEN} ({args.transfer_train_images} captioned images, "
+          f"{args.transfer_epochs} epoch(s), batch {args.transfer_batch_size}, 64 px); zero-shot on "
+          f"{args.transfer_val_images} held-out test images of the seen classes and of the unseen classes {UNSEEN} "
+          f"(by names alone); chance top-1 = {1 / len(UNSEEN):.2f}", flush=True)
+    rows, modules, batches = {}, {}, {}
+    for name in args.transfer_variants.split(","):
+        rows[name], modules[name], batches[name] = transfer_row(args, name, out / name)
+        print(f"  {name} done: {rows[name]}", flush=True)
+    timed = transfer_step_times(modules, batches, args.timing_rounds)
+    print()
+    print(f"{'row':<20} {'seen_top1':>9} {'unseen_top1':>11} {'seen_i2t@1':>10} {'unseen_i2t@1':>12} "
+          f"{'trainable_M':>11} {'step_ms':>8} {'train_s':>8}")
+    for name, row in rows.items():
+        print(f"{name:<20} {row['seen_top1']:>9.4f} {row['unseen_top1']:>11.4f} {row['seen_i2t_R@1']:>10.4f} "
+              f"{row['unseen_i2t_R@1']:>12.4f} {row['trainable_M']:>11.2f} {1000 * timed[name]:>8.0f} "
+              f"{row['train_s']:>8.0f}")
+    print(f"{'chance':<20} {1 / len(SEEN):>9.2f} {1 / len(UNSEEN):>11.2f}")
+    print()
+    scratch, lit = rows.get("scratch"), rows.get("lit_softmax")
+    if scratch and lit:
+        holds = lit["unseen_top1"] >= scratch["unseen_top1"] + 0.1
+        print(f"direction pretrained text >> scratch on unseen classes (LiT softmax {lit['unseen_top1']:.4f} vs "
+              f"scratch {scratch['unseen_top1']:.4f}, >= +0.10): {'holds' if holds else 'DOES NOT hold'}")
+    if lit and rows.get("lit_siglip"):
+        siglip = rows["lit_siglip"]
+        for split in ("seen", "unseen"):
+            holds = siglip[f"{split}_top1"] >= lit[f"{split}_top1"]
+            print(f"direction SigLIP >= softmax at batch {args.transfer_batch_size} ({split}: {siglip[f'{split}_top1']:.4f} "
+                  f"vs {lit[f'{split}_top1']:.4f}): {'holds' if holds else 'DOES NOT hold'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke version")
@@ -123,12 +227,25 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants trained for accuracy")
     parser.add_argument("--out", default="runs/benchmarks/clip")
+    parser.add_argument("--suite", choices=("all", "masking", "transfer"), default="all",
+                        help="masking: token-masking rows; transfer: seen/unseen zero-shot of pretrained vs scratch towers")
+    parser.add_argument("--transfer-variants", default=",".join(TRANSFER))
+    parser.add_argument("--transfer-train-images", type=int, default=10000)
+    parser.add_argument("--transfer-val-images", type=int, default=1000)
+    parser.add_argument("--transfer-epochs", type=int, default=1)
+    parser.add_argument("--transfer-batch-size", type=int, default=32)
+    parser.add_argument("--transfer-lr", type=float, default=2e-4, help="pretrained rows (scratch: 10x)")
     args = parser.parse_args()
     if args.quick:
         args.train_images, args.val_images, args.timing_rounds = 2048, 500, 2
         args.variants = "mask0,random75,attentive75,attentive75_warmup"
+        args.transfer_train_images, args.transfer_val_images = 2048, 500
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.suite in ("all", "transfer"):
+        transfer_suite(args, out / "transfer")
+    if args.suite == "transfer":
+        return
     _, dm, _ = cli_run(LAYERS, overrides(args, "mask0", out / "timing"))  # the data of every run, for the step times
     print(f"Fashion-MNIST 32 px, ViT patch 4 depth {VIT['depth']} dim {VIT['embed_dim']} + text transformer 2x64: "
           f"{args.epochs} epoch(s) x {args.train_images} captioned train images, batch {args.batch_size}; "

@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 
 from app.store_logits import store_logits
-from modules.components.distill import build_teacher
+from modules.components.kd.distill import build_teacher
 
 from harness import print_ratio, quiet_run
 
@@ -144,7 +144,7 @@ def run_variants(root: Path, teachers: list[Path], args) -> list[dict]:
             rows[-1]["note"] = f"top-{TOPK} of 10 + true remainder, {args.epochs} stored epochs written once in {store_s:.0f} s"
             rows[-1]["store_s"] = store_s
         variant("stored", stored[0], stored[1] + ["--model.init_args.targets",
-                                                  "modules.components.kd_targets.StoredLogitsRenormalised"],
+                                                  "modules.components.kd.targets.StoredLogitsRenormalised"],
                 name="stored_renorm")
         if rows and rows[-1]["name"] == "stored_renorm":
             rows[-1]["note"] = f"same file, renormalised over the top-{TOPK} (FKD marginal_renorm; the former default)"

@@ -33,9 +33,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from modules.components.masking import mae_shuffle
+from modules.components.mim.masking import mae_shuffle
 from modules.components.masked_vit import encode
-from modules.components.mim_parts import frozen_encoder
+from modules.components.mim.encoders import frozen_encoder
 
 from harness import QUIET, cli_run, print_ratio
 

@@ -2,9 +2,10 @@
 
 Pretrain a ViT (dim 192, depth 6, 8-px patches) with ``ClassificationModule`` on classes 0-4, then
 transfer the checkpoint to classes 5-9 (a few thousand labelled images) with ``PEFTModule``: linear
-probe, full fine-tune, SSF, AdaptFormer adapter, 1-bit adapter and hierarchical side-tuning. Prints top-1
-on the classes-5-9 test images, trainable parameters (% of the model), the task-specific storage at the
-stated bits, the exported task-file size and the median training-step time.
+probe, full fine-tune, SSF, AdaptFormer adapter, 1-bit adapter, hierarchical side-tuning, LoRA and DoRA. Prints
+top-1 on the classes-5-9 test images, trainable parameters (% of the model), the task-specific storage at the
+stated bits, the exported task-file size, the median training-step time and, for the methods that merge, the
+inference time of the wrapped model vs the plain timm model it merges into.
 
     python benchmarks/peft.py --quick   # ~2 min on 2 cores
     python benchmarks/peft.py           # ~10-15 min on 2 cores
@@ -24,10 +25,11 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.base import loader_batch
-from modules.components.low_bit import NormalQuantile, UniformGrid, relative_error
+from modules.components.errors import ConfigError
+from modules.components.peft.low_bit import NormalQuantile, UniformGrid, relative_error
 from modules.peft import load_task_file
 
-from harness import print_ratios, quiet_run
+from harness import interleaved_forward_ms, print_ratios, quiet_run
 
 BACKBONE = "vit_tiny_patch16_224"
 VIT = '{"patch_size": 8, "depth": 6}'  # dim 192, 3 heads: 2.7M parameters, 16 tokens at 32 px
@@ -44,6 +46,8 @@ VARIANTS = {
     "ssf": [],
     "adapter": [],
     "adapter_1bit": [],
+    "lora": [],  # rank 8 on qkv, attn.proj, fc1, fc2 (configs/peft/lora.yaml)
+    "dora": [],  # the same sites and rank, plus DoRA's magnitudes
     "side": ["--model.init_args.method.init_args.taps", "3"],  # 3 taps on the 6-block ViT (the overlay has 4)
 }
 
@@ -119,8 +123,17 @@ def transfer(root: Path, name: str, checkpoint: Path, args) -> dict:
         round_trip = torch.allclose(reloaded(images), model.eval()(images), atol=1e-5)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    wrapped_ms = merged_ms = float("nan")
+    try:
+        merged = model.merged_backbone()
+    except ConfigError:  # adapters, side networks: no plain model to compare with
+        merged = None
+    if merged is not None:  # inference of the trained (wrapped) model vs the plain model it merges into
+        batch = images.repeat(4, 1, 1, 1)  # (64, 3, H, W)
+        wrapped_ms, merged_ms = interleaved_forward_ms(model.eval(), merged, batch)
     return dict(name=name, acc=acc, trainable=trainable, pct=100 * trainable / total, task_bytes=model.task_bytes(),
-                file_bytes=file_bytes, step_ms=timer.median_ms, round_trip=round_trip)
+                file_bytes=file_bytes, step_ms=timer.median_ms, round_trip=round_trip, wrapped_ms=wrapped_ms,
+                merged_ms=merged_ms)
 
 
 def main() -> None:
@@ -148,10 +161,14 @@ def main() -> None:
 
     print(f"\ntransfer to classes {TRANSFER_CLASSES}: {args.images} train images x {args.epochs} epochs, "
           f"top-1 on {'all' if args.val_images is None else args.val_images} test images of those classes")
-    print(f"{'variant':<14}{'top-1':>8}{'trainable':>11}{'params %':>10}{'task bytes':>12}{'file bytes':>12}{'step ms':>9}  reload")
+    print(f"{'variant':<14}{'top-1':>8}{'trainable':>11}{'params %':>10}{'task bytes':>12}{'file bytes':>12}{'step ms':>9}"
+          f"{'infer ms':>10}{'merged ms':>10}  reload")
     for r in rows:
         print(f"{r['name']:<14}{r['acc']:>8.4f}{r['trainable']:>11,}{r['pct']:>9.2f}%{r['task_bytes']:>12,}"
-              f"{r['file_bytes']:>12,}{r['step_ms']:>9.1f}  {'identical' if r['round_trip'] else 'DIFFERS'}")
+              f"{r['file_bytes']:>12,}{r['step_ms']:>9.1f}{r['wrapped_ms']:>10.1f}{r['merged_ms']:>10.1f}  "
+              f"{'identical' if r['round_trip'] else 'DIFFERS'}")
+    print("(infer / merged ms: no-grad forward of 64 images, the trained model as wrapped vs merged into plain timm, "
+          "A/B interleaved; blank where the method does not merge)")
     by = {r["name"]: r for r in rows}
     if "full" in by:
         print()
@@ -162,12 +179,15 @@ def main() -> None:
     if {"linear_probe", "full"} <= by.keys():
         lo, hi = by["linear_probe"]["acc"], by["full"]["acc"]
         print(f"\ndirection (SSF / adapters >= linear probe {lo:.4f}, toward full FT {hi:.4f}, < 2% params):")
-        for name in ("ssf", "adapter", "adapter_1bit"):
+        for name in ("ssf", "adapter", "adapter_1bit", "lora", "dora"):
             if name in by:
                 r = by[name]
                 ok = r["acc"] >= lo and r["pct"] < 2
                 where = "below linear probe" if r["acc"] < lo else "at/above full FT" if r["acc"] >= hi else "between"
                 print(f"  {name}: {r['acc']:.4f} ({where}), {r['pct']:.2f}% params -> {'holds' if ok else 'FAILS'}")
+    if {"lora", "dora"} <= by.keys():
+        lora, dora = by["lora"]["acc"], by["dora"]["acc"]
+        print(f"  DoRA {dora:.4f} >= LoRA {lora:.4f} at equal rank: {'holds' if dora >= lora else 'FAILS'}")
     if args.quick:
         print("(--quick is a smoke run: a few dozen steps on a weak backbone; judge the direction on the full run)")
     print(f"\ntotal {time.time() - start:.0f} s")

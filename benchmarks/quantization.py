@@ -23,7 +23,8 @@ from contextlib import contextmanager
 import torch
 
 from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
-from modules.components import hawq, quant
+from modules.components.quant import hawq
+from modules.components.quant import int8 as quant
 
 from harness import print_ratio, quiet_run
 

@@ -21,7 +21,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from modules.components import hawq, quant, ternary
+from modules.components.quant import hawq
+
+from modules.components.quant import int8 as quant
+
+from modules.components.quant import ternary
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.files import write_atomic

@@ -23,7 +23,7 @@ import torch
 
 from datamodules.base import BatchTransform
 from modules.components.errors import ConfigError, DataError
-from modules.components.text import ClipTokenizer
+from modules.components.clip.text import ClipTokenizer, HFTokenizer, make_tokenizer
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -39,7 +39,7 @@ def readable(class_name: str) -> str:
     return class_name.replace("/", " or ").replace("_", " ").lower()
 
 
-def prompt_tokens(tokenizer: ClipTokenizer, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def prompt_tokens(tokenizer: ClipTokenizer | HFTokenizer, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """Token ids of every class in every template.  # (C, T, L)"""
     if not templates or any("{}" not in t for t in templates):
         raise ConfigError(f"data.templates {list(templates)} must be a non-empty list of strings containing '{{}}'")
@@ -53,11 +53,14 @@ class ClassPrompts(BatchTransform):
     Args:
         templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
         context_length: token ids per caption.
+        tokenizer: None = CLIP's BPE (visionlab's own text tower); a local Hugging Face model directory or
+            ``package:<pip package>`` = that model's tokenizer, for its ``HFTextEncoder`` text tower.
     """
 
-    def __init__(self, templates: list[str] | None = None, context_length: int = 32):
+    def __init__(self, templates: list[str] | None = None, context_length: int = 32, tokenizer: str | None = None):
         self.templates = list(templates or DEFAULT_TEMPLATES)
-        self.tokenizer = ClipTokenizer(context_length)
+        self.tokenizer_source = tokenizer
+        self.tokenizer = make_tokenizer(tokenizer, context_length)
 
     def bind(self, datamodule) -> None:
         self._class_tokens = prompt_tokens(self.tokenizer, datamodule.class_names, self.templates)
@@ -132,12 +135,14 @@ class CaptionsFile(ClassPrompts):
         captions_file: the TSV of captions.
         templates: prompt templates for the zero-shot head.
         context_length: token ids per caption.
+        tokenizer: as ``ClassPrompts``.
     """
 
     yields_index = True
 
-    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32):
-        super().__init__(templates, context_length)
+    def __init__(self, captions_file: str, templates: list[str] | None = None, context_length: int = 32,
+                 tokenizer: str | None = None):
+        super().__init__(templates, context_length, tokenizer)
         self.captions_file = captions_file
         self._tables: dict[str, _CaptionTable] = {}
 

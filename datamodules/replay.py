@@ -30,7 +30,7 @@ import torch
 
 from datamodules.base import BatchTransform, ImageDataModule
 from modules.components.errors import ConfigError
-from modules.components.sparse_logits import SparseLogits, load_sparse_logits
+from modules.components.kd.sparse_logits import SparseLogits, load_sparse_logits
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 RRC_ATTEMPTS = 10

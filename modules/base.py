@@ -13,7 +13,7 @@ from torchvision.utils import make_grid
 
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError, NonFiniteLossError
-from modules.components.masking import fixed_generator
+from modules.components.mim.masking import fixed_generator
 from modules.components.optim import OptimConfig, build_optimizer, build_scheduler, global_batch_size, peak_lr
 
 
@@ -101,7 +101,7 @@ class VisionModule(pl.LightningModule):
     def configure_optimizers(self):
         total_steps = self.trainer.estimated_stepping_batches  # also loads the train dataloader
         lr = peak_lr(self.optim, self.global_batch_size() if self.optim.lr_base_batch is not None else None)
-        optimizer = build_optimizer(self.optimizer_root(), self.optim, lr=lr)
+        optimizer = build_optimizer(self.optimizer_root(), self.optim, lr=lr, default_rule=getattr(self, "weight_decay_rule", None))
         steps_per_epoch = max(1, math.ceil(total_steps / max(1, self.trainer.max_epochs or 1)))
         scheduler = build_scheduler(optimizer, self.optim, total_steps, steps_per_epoch, lr=lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

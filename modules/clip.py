@@ -1,7 +1,8 @@
 """CLIP dual encoder with FLIP / Attentive Mask CLIP token dropping, zero-shot and retrieval evaluation.
 
 Implements CLIP (Radford et al., 2021) with FLIP random image-token dropping (Li et al., 2023) and
-Attentive Mask CLIP token keeping (Yang et al., 2023), open_clip's ``local_loss`` and ``accum_freq``.
+Attentive Mask CLIP token keeping (Yang et al., 2023), open_clip's ``local_loss`` and ``accum_freq``; the
+sigmoid loss of SigLIP (Zhai et al., 2023) and pretrained, locked or partly unlocked towers (LiT, Zhai et al., 2022).
 
 Attentive Mask CLIP here is the paper's token selection only: its optional self-supervised losses (SimCLR
 and BYOL heads on two online views, an EMA text tower) are not implemented, and the online view is a crop
@@ -11,6 +12,7 @@ photo; A-CLIP also keeps tokens in 2x2 blocks (the score map pooled to 7x7), her
 
 from __future__ import annotations
 
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +24,16 @@ from torchmetrics.utilities import dim_zero_cat
 from modules.base import VisionModule
 from modules.components.backbones import create_backbone
 from modules.components.batches import named_batch
-from modules.components.clip_loss import accumulated_contrastive_backward, distributed_clip_loss, split_micro_batches
-from modules.components.contrastive import LogitScale, clip_loss, recall_at_k, zero_shot_head, zero_shot_logits
+from modules.components.clip.loss import ClipLoss, ContrastiveLoss, accumulated_contrastive_backward, split_micro_batches
+from modules.components.clip.towers import HFTextEncoder, lock_tower, unwrapped
+from modules.components.contrastive import recall_at_k, zero_shot_head, zero_shot_logits
 from modules.components.errors import ConfigError
 from modules.components.masked_vit import encode_pooled
+from modules.components.transfer import build_from_checkpoint
 from modules.components.optim import OptimConfig
-from modules.components.specs import module_spec
-from modules.components.text import CLIP_VOCAB_SIZE, TextTransformer
-from modules.components.token_masking import TokenMasking
+from modules.components.parts import module_spec
+from modules.components.clip.text import CLIP_VOCAB_SIZE, TextTransformer, local_model_dir
+from modules.components.clip.token_masking import TokenMasking
 
 
 
@@ -62,19 +66,36 @@ class RetrievalRecall(Metric):
         return result
 
 
-class DualEncoder(nn.Module):
-    """Image tower + text tower, linear projections to a shared space, L2 norm and the logit scale."""
+def _part(part):
+    """An injected part, or the part rebuilt from its ``{class_path, init_args}`` record (a checkpoint's)."""
+    if not isinstance(part, dict):
+        return part
+    module_name, _, name = part["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module_name), name)(**part.get("init_args", {}))
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int,
-                 init_logit_scale: float, max_logit_scale: float):
+
+class DualEncoder(nn.Module):
+    """Image tower + text tower (each possibly ``Frozen``), linear projections to a shared space, L2 norm, and the
+    loss with its learnable temperature (``logit_scale``; SigLIP's bias too)."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int, loss: ContrastiveLoss):
         super().__init__()
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        self.image_projection = nn.Linear(image_encoder.num_features, embed_dim, bias=False)
-        self.text_projection = nn.Linear(text_encoder.num_features, embed_dim, bias=False)
-        self.logit_scale = LogitScale(init_logit_scale, max_logit_scale)
+        self.image_projection = nn.Linear(unwrapped(image_encoder).num_features, embed_dim, bias=False)
+        self.text_projection = nn.Linear(unwrapped(text_encoder).num_features, embed_dim, bias=False)
+        self.loss = loss
+
+    @property
+    def logit_scale(self) -> nn.Module:
+        return self.loss.logit_scale
+
+    @property
+    def image_trunk(self) -> nn.Module:
+        """The image network itself (inside its ``Frozen`` wrapper when locked): what token masking drives."""
+        return unwrapped(self.image_encoder)
 
     def encode_image(self, images: torch.Tensor, keep_index: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = self.image_encoder(images) if keep_index is None else encode_pooled(self.image_encoder, images, keep_index)
+        pooled = self.image_encoder(images) if keep_index is None else encode_pooled(self.image_trunk, images, keep_index)
         return F.normalize(self.image_projection(pooled), dim=-1)  # (B, E)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -99,13 +120,27 @@ class CLIPModule(VisionModule):
         text_heads: text transformer heads.
         text_max_length: longest caption in tokens.
         vocab_size: token vocabulary (CLIP BPE).
-        init_logit_scale: initial inverse temperature (CLIP: 1/0.07).
-        max_logit_scale: the inverse temperature never exceeds this (CLIP: 100).
+        init_logit_scale: initial inverse temperature of the default loss (CLIP: 1/0.07).
+        max_logit_scale: the default loss's inverse temperature never exceeds this (CLIP: 100).
         masking: the image-token dropping in training, by ``class_path``
-            (`modules.components.token_masking`): ``RandomMasking`` (FLIP) or ``AttentiveMasking`` (A-CLIP:
+            (`modules.components.clip.token_masking`): ``RandomMasking`` (FLIP) or ``AttentiveMasking`` (A-CLIP:
             keep the tokens an EMA image encoder attends to most), each with its ``ratio``; None = every token.
-        local_loss: under DDP, each rank scores only its own rows against the gathered features (open_clip):
-            (B, world*B) logits instead of (world*B)^2, the same gradients.
+        local_loss: the default loss's ``local_loss``: under DDP, each rank scores only its own rows against the
+            gathered features (open_clip): (B, world*B) logits instead of (world*B)^2, the same gradients.
+        loss: the loss by ``class_path`` (`modules.components.clip.loss`): ``ClipLoss`` (softmax, the default,
+            built from the three arguments above) or ``SigLipLoss`` (sigmoid; learnable temperature and bias).
+            Give the temperature and ``local_loss`` to the loss object then, not to the module.
+        image_checkpoint: a visionlab checkpoint whose backbone (headless) becomes the image tower instead of
+            ``backbone`` (e.g. a ViT a classification or MAE run trained; ``backbone_kwargs`` merge over its own).
+        text_tower: a pretrained text tower by ``class_path``: ``HFTextEncoder`` (a local Hugging Face encoder,
+            its pooling named; the data must use the same model's tokenizer, ``ClassPrompts(tokenizer=...)``).
+            None = visionlab's own text transformer from the ``text_*`` arguments, trained from scratch.
+        lock_image: freeze the image tower (LiT): whole (``Frozen``: eval mode, outside the optimizer and the
+            checkpoint, rebuilt from ``backbone_kwargs.pretrained_file`` / ``image_checkpoint`` on load) or all but
+            its last ``lock_image_unlocked_groups`` timm layer groups (then kept in the checkpoint).
+        lock_image_unlocked_groups: layer groups, from the top, that stay trainable in a locked image tower.
+        lock_text: freeze the text tower, the same way (a pretrained one is rebuilt from its ``source``).
+        lock_text_unlocked_groups: text layer groups (transformer layers) that stay trainable when locked.
         accum_freq: split each training batch into this many micro-batches and accumulate their gradients
             with feature caching (open_clip): the loss sees the negatives of the whole batch while only one
             micro-batch's activations are kept. Uses manual optimization; dropout/drop-path draws are not
@@ -115,6 +150,8 @@ class CLIPModule(VisionModule):
             attentive masking because the dropped tokens are always the same kind (background).
         optim: optimizer and schedule.
     """
+
+    weight_decay_rule = "open_clip"  # open_clip main.py: < 2-d, norms, biases, logit_scale exempt; pos. embeddings decay
 
     def __init__(
         self,
@@ -135,20 +172,40 @@ class CLIPModule(VisionModule):
         accum_freq: int = 1,
         unmasked_tuning: float = 0.0,
         optim: OptimConfig | None = None,
+        loss: ContrastiveLoss | None = None,
+        image_checkpoint: str | None = None,
+        text_tower: HFTextEncoder | None = None,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_groups: int = 0,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
-        self.save_hyperparameters(ignore=["masking"])
-        self.hparams["masking"] = None if masking is None else module_spec(masking)  # primitives: weights_only reads
-        image_encoder = create_backbone(backbone, num_classes=0, image_size=image_size, **(backbone_kwargs or {}))
-        text_encoder = TextTransformer(vocab_size, text_max_length, text_width, text_depth, text_heads)
-        self.model = DualEncoder(image_encoder, text_encoder, embed_dim, init_logit_scale, max_logit_scale)
+        masking, loss, text_tower = _part(masking), _part(loss), _part(text_tower)
+        self.save_hyperparameters(ignore=["masking", "loss", "text_tower"])
+        for name, part in (("masking", masking), ("loss", loss), ("text_tower", text_tower)):
+            self.hparams[name] = None if part is None else module_spec(part)  # primitives: weights_only reads
+        if loss is None:
+            loss = ClipLoss(init_logit_scale, max_logit_scale, local_loss)
+        elif (init_logit_scale, max_logit_scale, local_loss) != (1 / 0.07, 100.0, False):
+            raise ConfigError("model.init_logit_scale / max_logit_scale / local_loss configure the default loss: "
+                              "with model.loss set, give them to the loss's init_args")
+        if image_checkpoint is not None:
+            image_encoder, _ = build_from_checkpoint(image_checkpoint, head="drop", image_size=image_size,
+                                                     backbone_kwargs=backbone_kwargs, what="model.image_checkpoint")
+        else:
+            image_encoder = create_backbone(backbone, num_classes=0, image_size=image_size, **(backbone_kwargs or {}))
+        text_encoder = text_tower or TextTransformer(vocab_size, text_max_length, text_width, text_depth, text_heads)
+        image_encoder = lock_tower(image_encoder, lock_image, lock_image_unlocked_groups, "model.lock_image")
+        text_encoder = lock_tower(text_encoder, lock_text, lock_text_unlocked_groups, "model.lock_text")
+        self.model = DualEncoder(image_encoder, text_encoder, embed_dim, loss)
         if not 0.0 <= unmasked_tuning <= 1.0:
             raise ConfigError(f"model.unmasked_tuning {unmasked_tuning} must be a share of the steps in [0, 1]")
         if accum_freq < 1:
             raise ConfigError(f"model.accum_freq {accum_freq} must be at least 1")
         self.masking = masking
         if masking is not None:
-            masking.bind(image_encoder)
+            masking.bind(self.model.image_trunk)
         self.local_loss, self.accum_freq = local_loss, accum_freq
         self.automatic_optimization = accum_freq == 1
         self.unmasked_tuning = unmasked_tuning
@@ -164,7 +221,7 @@ class CLIPModule(VisionModule):
         """The images the online tower sees this step and their kept patch tokens (None = all).  # (B, K)"""
         if self.masking is None or self.masking.ratio <= 0 or self.in_unmasked_tuning():
             return images, None
-        return self.masking.view(images, self.model.image_encoder)
+        return self.masking.view(images, self.model.image_trunk)
 
     def keep_index(self, images: torch.Tensor) -> torch.Tensor | None:
         """Patch tokens kept this step (None = all), for the view ``masked_view`` returns.  # (B, K)"""
@@ -182,9 +239,6 @@ class CLIPModule(VisionModule):
         total = self.trainer.estimated_stepping_batches
         return self.global_step >= (1.0 - self.unmasked_tuning) * total
 
-    def _loss(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return distributed_clip_loss(image_features, text_features, scale, local_loss=self.local_loss)
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         if self.accum_freq > 1:
             return self._accumulated_training_step(batch)
@@ -193,11 +247,15 @@ class CLIPModule(VisionModule):
         view, keep_index = self.masked_view(images)
         image_features = self.model.encode_image(view, keep_index)
         text_features = self.model.encode_text(tokens)
-        scale = self.model.logit_scale()
-        loss = self._loss(image_features, text_features, scale)
+        loss = self.model.loss(image_features, text_features)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", scale.detach())
+        self.log_temperature()
         return loss
+
+    def log_temperature(self) -> None:
+        self.log("train/logit_scale", self.model.logit_scale().detach())
+        if hasattr(self.model.loss, "logit_bias"):
+            self.log("train/logit_bias", self.model.loss.logit_bias.detach())
 
     def _accumulated_training_step(self, batch) -> torch.Tensor:
         """One optimizer step over ``accum_freq`` micro-batches with feature caching (manual optimization)."""
@@ -214,18 +272,18 @@ class CLIPModule(VisionModule):
 
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        loss = accumulated_contrastive_backward(encode, self.accum_freq, self.model.logit_scale, self._loss,
+        loss = accumulated_contrastive_backward(encode, self.accum_freq, self.model.loss.inputs, self.model.loss.compute,
                                                 self.manual_backward)
         optimizer.step()
         self.lr_scheduler_step(self.lr_schedulers(), None)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", self.model.logit_scale().detach())
+        self.log_temperature()
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.model.logit_scale.clamp_()
+        self.model.loss.clamp_()
         if self.masking is not None:
-            self.masking.update(self.model.image_encoder, self.global_step, self.total_steps())
+            self.masking.update(self.model.image_trunk, self.global_step, self.total_steps())
 
     # --- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -239,7 +297,26 @@ class CLIPModule(VisionModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "class_prompt_tokens"):
             raise ConfigError("CLIPModule needs an image-text DataModule with class_prompt_tokens(): use datamodules.captions")
+        self.check_tokenizer(datamodule)
         self._zero_shot_head = self.build_zero_shot_head(datamodule.class_prompt_tokens())
+        classes = self._zero_shot_head.shape[0]
+        if classes != self.zeroshot_acc1.num_classes:  # zero-shot on other classes than trained (unseen-class transfer)
+            self.zeroshot_acc1 = MulticlassAccuracy(classes, top_k=1, average="micro").to(self.device)
+
+    def check_tokenizer(self, datamodule) -> None:
+        """The captions must be tokenised for this text tower: CLIP's BPE for visionlab's own, the model's own
+        tokenizer for a Hugging Face one."""
+        text_tower = unwrapped(self.model.text_encoder)
+        wanted = getattr(text_tower, "source", None)
+        given = getattr(getattr(datamodule, "batches", None), "tokenizer_source", None)
+        if (wanted is None) != (given is None) or (wanted is not None and local_model_dir(wanted) != local_model_dir(given)):
+            raise ConfigError(f"the data tokenises captions with {given or 'CLIP BPE'} but the text tower needs "
+                              f"{wanted or 'CLIP BPE'}: set data.init_args.batches.init_args.tokenizer to {wanted}")
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self.check_tokenizer(datamodule)
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
@@ -252,7 +329,7 @@ class CLIPModule(VisionModule):
         images, tokens = batch["image"], batch["tokens"]
         labels, caption_ids = batch["label"], batch["caption_id"]
         image_features, text_features = self.model.encode_image(images), self.model.encode_text(tokens)
-        loss = clip_loss(image_features, text_features, self.model.logit_scale())
+        loss = self.model.loss.batch_loss(image_features, text_features)
         self.zeroshot_acc1.update(zero_shot_logits(image_features, self._zero_shot_head), labels)
         self.retrieval.update(image_features, text_features, caption_ids)
         self.log(f"{stage}/loss", loss, sync_dist=True)

@@ -19,15 +19,15 @@ from modules.base import VisionModule
 from modules.components.backbones import load_state_dict_strict
 from modules.components.batches import named_batch
 from modules.components.checkpoints import read_state_dict
-from modules.components.difffit import DiffFit
-from modules.components.diffusion import (IdentityAutoencoder, NoiseSchedule, ddim_sample, ddpm_sample, guided_eps,
+from modules.components.diffusion.difffit import DiffFit
+from modules.components.diffusion.gaussian import (IdentityAutoencoder, NoiseSchedule, ddim_sample, ddpm_sample, guided_eps,
                                           q_sample, split_output, vlb_terms)
-from modules.components.dimr import multiresolution_loss
-from modules.components.dit import DiT, trainable_fraction
+from modules.components.diffusion.dimr import multiresolution_loss
+from modules.components.diffusion.dit import DiT, trainable_fraction
 from modules.components.errors import ConfigError
-from modules.components.frechet import load_feature_classifier
+from modules.components.diffusion.frechet import load_feature_classifier
 from modules.components.frozen import Frozen
-from modules.components.masking import fixed_generator
+from modules.components.mim.masking import fixed_generator
 from modules.components.optim import OptimConfig
 
 DenoiserFactory = Callable[[int, int, int], nn.Module]
@@ -69,6 +69,8 @@ class DiffusionModule(VisionModule):
         latent_scale: factor applied to the autoencoder's latents (1/scale before decoding).
         optim: optimizer and schedule.
     """
+
+    weight_decay_rule = "all"  # DiT train.py: AdamW(model.parameters(), weight_decay=0), one group
 
     def __init__(
         self,

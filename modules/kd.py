@@ -11,11 +11,11 @@ from modules.base import VisionModule
 from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.batches import named_batch
 from modules.components.checkpoints import backbone_state_dict
-from modules.components.distill import kd_loss, student_tokens_and_logits
+from modules.components.kd.distill import kd_loss, student_tokens_and_logits
 from modules.components.errors import ConfigError
-from modules.components.kd_mixing import Mixing
-from modules.components.kd_targets import FerKD, OnlineTeachers, TargetSource
-from modules.components.kd_terms import KDStep, LossTerm
+from modules.components.kd.mixing import Mixing
+from modules.components.kd.targets import FerKD, OnlineTeachers, TargetSource
+from modules.components.kd.terms import KDStep, LossTerm
 from modules.components.optim import OptimConfig
 
 

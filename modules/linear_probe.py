@@ -11,7 +11,7 @@ from modules.base import VisionModule
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
-from modules.components.mim_parts import frozen_encoder
+from modules.components.mim.encoders import frozen_encoder
 from modules.components.optim import OptimConfig
 
 

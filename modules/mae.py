@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from modules.base import MaskedPretrainingModule
-from modules.components.masking import reconstruction_rows
-from modules.components.mim_parts import (
+from modules.components.mim.masking import reconstruction_rows
+from modules.components.mim.encoders import (
     mae_encoder_decoder,
     mae_reconstruct,
 )
@@ -37,6 +37,8 @@ class MAEModule(MaskedPretrainingModule):
         log_images_every_n_steps: period of the input / masked / reconstruction grid (``mim/recon``); 0 disables.
         optim: optimizer and schedule.
     """
+
+    weight_decay_rule = "bias_norm"  # MAE main_pretrain.py: timm add_weight_decay, no skip list (tokens decay)
 
     def __init__(
         self,

@@ -11,15 +11,15 @@ from torch import nn
 from modules.base import MaskedPretrainingModule
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
-from modules.components.masking import gather_tokens, reconstruction_rows
-from modules.components.mim_parts import (
-    feature_mimic_loss,
+from modules.components.mim.masking import gather_tokens, reconstruction_rows
+from modules.components.mim.encoders import (
     frozen_encoder,
     mae_encoder_decoder,
     mae_reconstruct,
     teacher_tokens,
 )
 from modules.components.optim import OptimConfig
+from modules.components.tokens import feature_mimic_loss
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Parameter-efficient transfer of a frozen backbone with an injected method object.
 
-Methods (``modules.components.peft_methods``, chosen by ``class_path``): linear probe, full fine-tune, SSF,
-(low-bit) adapters, side-tuning. Task files: ``modules.components.task_file``; the command line that
+Methods (``modules.components.peft.methods``, chosen by ``class_path``): linear probe, full fine-tune, SSF,
+(low-bit) adapters, side-tuning. Task files: ``modules.components.peft.task_file``; the command line that
 exports and loads them: ``app/peft_tool.py``.
 """
 
@@ -21,8 +21,8 @@ from modules.components.backbones import create_backbone
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
-from modules.components.peft_methods import PEFTMethod, SSFTuning, build_method
-from modules.components.task_file import read_task_file, write_task_file
+from modules.components.peft.methods import PEFTMethod, SSFTuning, build_method
+from modules.components.peft.task_file import read_task_file, write_task_file
 from modules.components.transfer import build_from_checkpoint
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import torch
+from timm.models import VisionTransformer
 from torch import nn
 
 from modules.base import MaskedPretrainingModule
 from modules.components.errors import ConfigError
-from modules.components.masking import (
+from modules.components.mim.masking import (
     masked_l1_loss,
     reconstruction_rows,
     simmim_mask,
     token_mask_to_pixels,
 )
-from modules.components.mim_parts import (
+from modules.components.mim.encoders import (
     embed_dim_of,
     masked_feature_map,
     patch_embed_grid,
@@ -43,6 +44,8 @@ class SimMIMModule(MaskedPretrainingModule):
         log_images_every_n_steps: period of the input / masked / reconstruction grid (``mim/recon``); 0 disables.
         optim: optimizer and schedule.
     """
+
+    weight_decay_rule = "bias_norm_listed"  # SimMIM optimizer.py: 1-d, biases and the model's no_weight_decay()
 
     def __init__(
         self,
@@ -75,6 +78,10 @@ class SimMIMModule(MaskedPretrainingModule):
             nn.Conv2d(self.backbone.num_features, stride * stride * 3, kernel_size=1),
             nn.PixelShuffle(stride),
         )
+
+    def no_weight_decay(self) -> set[str]:
+        """SimMIM's Swin lists its mask token here (``SwinTransformerForSimMIM``); its ViT does not, so it decays."""
+        return set() if isinstance(self.backbone, VisionTransformer) else {"mask_token"}
 
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         mask = simmim_mask(images.shape[0], self.grid_size, self.mask_patch_cells, self.mask_ratio, images.device, generator)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.components.clip_loss import distributed_clip_loss  # noqa: E402
+from modules.components.clip.loss import distributed_clip_loss  # noqa: E402
 
 WORLD_SIZE, BATCH = 2, 8
 

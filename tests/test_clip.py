@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from datamodules.captions import CaptionsFile, ClassPrompts
-from modules.components.clip_loss import accumulated_contrastive_backward, split_micro_batches
+from modules.components.clip.loss import accumulated_contrastive_backward, split_micro_batches
 from modules.components.contrastive import (
     LogitScale, attentive_keep_index, clip_loss, contrastive_loss_from_logits, cosine_momentum, crop_to_boxes,
     crop_token_scores, gather_features, num_kept, random_keep_index, recall_at_k, sample_crop_boxes,
@@ -322,13 +322,13 @@ def _tiny_clip(**kwargs):
 
 
 def _attentive(ratio=0.75, **kwargs):
-    from modules.components.token_masking import AttentiveMasking
+    from modules.components.clip.token_masking import AttentiveMasking
 
     return AttentiveMasking(ratio, **kwargs)
 
 
 def _random(ratio=0.5):
-    from modules.components.token_masking import RandomMasking
+    from modules.components.clip.token_masking import RandomMasking
 
     return RandomMasking(ratio)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modules.components.backbones import create_backbone
-from modules.components.diffusion import (
+from modules.components.diffusion.gaussian import (
     NoiseSchedule,
     ddim_sample,
     ddim_timesteps,
@@ -22,11 +22,11 @@ from modules.components.diffusion import (
     q_sample,
     vlb_terms,
 )
-from modules.components.difffit import DiffFit
-from modules.components.dimr import DiMR, TDLayerNorm
-from modules.components.dit import DiT, DiTBlock, modulate
+from modules.components.diffusion.difffit import DiffFit
+from modules.components.diffusion.dimr import DiMR, TDLayerNorm
+from modules.components.diffusion.dit import DiT, DiTBlock, modulate
 from modules.components.errors import ConfigError
-from modules.components.frechet import FeatureClassifier, load_feature_classifier
+from modules.components.diffusion.frechet import FeatureClassifier, load_feature_classifier
 from modules.components.optim import OptimConfig, build_optimizer
 from modules.diffusion import DiffusionModule
 from tests.conftest import CONFIGS, cli_args
@@ -616,7 +616,7 @@ def test_dimr_predicts_at_every_resolution_and_samples_from_the_highest():
 
 
 def test_multiscale_targets_and_the_weighted_loss_per_resolution():
-    from modules.components.dimr import multiresolution_loss, multiscale_targets
+    from modules.components.diffusion.dimr import multiresolution_loss, multiscale_targets
 
     noise = torch.arange(16.0).view(1, 1, 4, 4)
     coarse, fine = multiscale_targets(noise, [2, 4])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from modules.components.distill import (
+from modules.components.kd.distill import (
     CrossAttention,
     CrossAttentionProjector,
     LinearProjector,
@@ -28,9 +28,9 @@ from modules.components.distill import (
 )
 from modules.components.checkpoints import load_checkpoint
 from modules.components.errors import ConfigError
-from modules.components.kd_mixing import SelfMix, SoftTargetMix, cutmix, mixup, same_image_partners
-from modules.components.kd_targets import FerKD, KDTargets, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
-from modules.components.kd_terms import FeatureKD, HardLabels, LogitDiscriminator, ProbabilityDiscriminator
+from modules.components.kd.mixing import SelfMix, SoftTargetMix, cutmix, mixup, same_image_partners
+from modules.components.kd.targets import FerKD, KDTargets, OnlineTeachers, StoredLogits, StoredLogitsRenormalised
+from modules.components.kd.terms import FeatureKD, HardLabels, LogitDiscriminator, ProbabilityDiscriminator
 from modules.components.optim import OptimConfig
 from modules.kd import DistillationModule
 from tests.conftest import CONFIGS, NamedTensors, cli_args
@@ -160,7 +160,7 @@ def test_feature_kd_builds_the_injected_projection_for_the_probed_shapes(teacher
     assert term.projector(tokens).shape == target.shape  # (B, N_t, D_t)
     recorded = term.config()["init_args"]["projector"]
     assert recorded == (None if projection is None else
-                        {"class_path": f"modules.components.distill.{type(projection).__name__}",
+                        {"class_path": f"modules.components.kd.distill.{type(projection).__name__}",
                          "init_args": {"num_heads": 2} if isinstance(projection, CrossAttention) else {}})
     if isinstance(projection, CrossAttention):
         assert term.projector.attention.num_heads == 2
@@ -285,7 +285,7 @@ def test_teachers_frozen_in_eval_out_of_optimizer_and_checkpoint(tmp_path, optio
     trainer.save_checkpoint(tmp_path / "kd.ckpt")
     saved = load_checkpoint(tmp_path / "kd.ckpt")  # weights_only: the hyper-parameters are primitives
     assert saved["state_dict"] and not any(k.startswith("targets.teachers.") for k in saved["state_dict"])
-    assert saved["hyper_parameters"]["targets"]["class_path"] == "modules.components.kd_targets.OnlineTeachers"
+    assert saved["hyper_parameters"]["targets"]["class_path"] == "modules.components.kd.targets.OnlineTeachers"
     reloaded = DistillationModule.load_from_checkpoint(tmp_path / "kd.ckpt", weights_only=False)
     assert type(reloaded.calibration) is type(model.calibration) and len(reloaded.terms) == len(model.terms)
     assert torch.equal(reloaded.backbone.conv1[0].weight, model.backbone.conv1[0].weight)
@@ -453,7 +453,7 @@ def test_stored_logits_with_selfmix_trains_and_reloads(tmp_path):
 
 # --- the hard-label term with an injected criterion (BCE, as the classifier takes) ------------------
 def _hard_step(logits, labels) -> "KDStep":
-    from modules.components.kd_terms import KDStep
+    from modules.components.kd.terms import KDStep
 
     probs = torch.full_like(logits, 1.0 / logits.shape[-1])
     return KDStep({"image": torch.zeros(len(logits), 3, 8, 8), "label": labels}, logits, KDTargets(probs), 1.0, [])

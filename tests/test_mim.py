@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from modules.classification import ClassificationModule
 from modules.components.errors import ConfigError
-from modules.components.masking import (
+from modules.components.mim.masking import (
     fixed_generator,
     gather_tokens,
     mae_num_kept,
@@ -28,7 +28,7 @@ from modules.components.masking import (
 from modules.components.checkpoints import load_checkpoint
 from modules.components.optim import build_optimizer
 from modules.components.masked_vit import encode
-from modules.components.mim_parts import frozen_encoder, masked_feature_map, teacher_tokens
+from modules.components.mim.encoders import frozen_encoder, masked_feature_map, teacher_tokens
 from modules.linear_probe import LinearProbeModule
 from modules.mae import MAEModule
 from modules.mr_mae import MimicTeacher, MRMAEModule

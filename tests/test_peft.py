@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from app.cli import VisionlabCLI
 from app.peft_tool import main as peft_main
 from modules.components.errors import ConfigError
-from modules.components.low_bit import (
+from modules.components.peft.low_bit import (
     NormalQuantile,
     QuantLinear,
     UniformGrid,
@@ -27,8 +27,8 @@ from modules.components.low_bit import (
     unpack_bits,
 )
 from modules.components.optim import OptimConfig
-from modules.components.peft import SSF, Adapter, AdapterConfig, AdaptFormerBlock, insert_ssf, merge_ssf
-from modules.components.peft_methods import (AdapterTuning, FullFineTune, LinearProbe, ParallelPlacement, SequentialPlacement,
+from modules.components.peft.layers import SSF, Adapter, AdapterConfig, AdaptFormerBlock, insert_ssf, merge_ssf
+from modules.components.peft.methods import (AdapterTuning, FullFineTune, LinearProbe, ParallelPlacement, SequentialPlacement,
                                              SideTuning, SSFTuning, build_method)
 from modules.peft import PEFTModule, load_task_file
 from tests.conftest import CONFIGS, NamedTensors, cli_args
@@ -109,9 +109,9 @@ def test_methods_rebuild_from_their_spec_and_unknown_ones_are_refused():
     assert type(again.quantizer) is UniformGrid and again.quantizer.learned_step
     assert type(again.placement) is SequentialPlacement and type(AdapterTuning().placement) is ParallelPlacement
     with pytest.raises(ConfigError, match="unknown AdapterPlacement"):  # a nested part must be of its own kind
-        build_method({**method.spec(), "init_args": {"placement": {"class_path": "modules.components.low_bit.UniformGrid"}}})
+        build_method({**method.spec(), "init_args": {"placement": {"class_path": "modules.components.peft.low_bit.UniformGrid"}}})
     with pytest.raises(ConfigError, match="only quantizer, placement"):
-        build_method({**method.spec(), "init_args": {"dim": {"class_path": "modules.components.peft_methods.SequentialPlacement"}}})
+        build_method({**method.spec(), "init_args": {"dim": {"class_path": "modules.components.peft.methods.SequentialPlacement"}}})
     model = build(VIT, method.spec())  # a checkpoint's hyper-parameters hold the spec, never the object
     assert model.hparams["method"] == method.spec()
     with pytest.raises(ConfigError, match="SSFTuning"):

@@ -143,7 +143,7 @@ def test_peft_on_imagenet_mobilenet_v2_starts_from_the_pretrained_network(method
     """
     import warnings
 
-    from modules.components.peft_methods import AdapterTuning, LinearProbe, SequentialPlacement, SSFTuning
+    from modules.components.peft.methods import AdapterTuning, LinearProbe, SequentialPlacement, SSFTuning
     from modules.peft import PEFTModule
 
     path = _torchvision_mobilenet_file()

@@ -13,7 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks.quantization import BitNet, MixedPrecision, PostTrainingQuantization, QuantizationAwareTraining
-from modules.components import hawq, quant, ternary
+from modules.components.quant import hawq
+from modules.components.quant import int8 as quant
+from modules.components.quant import ternary
 from modules.components.errors import ConfigError
 from tests.test_callbacks import fashion_tensors, tiny_module
 

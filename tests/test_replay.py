@@ -15,10 +15,10 @@ from app.store_logits import store_logits
 from datamodules.base import loader_batch
 from datamodules.replay import StoredCrops, apply_crops, sample_crop_params, with_stored_crops
 from datamodules.sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from modules.components import sparse_logits
-from modules.components.distill import renormalised_sparse_targets, sparse_soft_targets, topk_probabilities
+from modules.components.kd import sparse_logits
+from modules.components.kd.distill import renormalised_sparse_targets, sparse_soft_targets, topk_probabilities
 from modules.components.errors import ConfigError, DataError
-from modules.components.sparse_logits import SparseLogits, load_sparse_logits, save_sparse_logits
+from modules.components.kd.sparse_logits import SparseLogits, load_sparse_logits, save_sparse_logits
 
 from .conftest import CONFIGS, ffcv_data, torchvision_data
 

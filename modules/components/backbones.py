@@ -37,7 +37,7 @@ def create_backbone(
         image_size: passed as ``img_size`` to architectures that take it (ViT, Swin, ...).
         in_chans: input channels.
         pretrained_file: a local weights file (safetensors, ``.pth``/``.bin``, or ``.npz`` for the models
-            whose timm loader reads it) loaded the timm way (``pretrained_cfg_overlay=dict(file=...)``):
+            whose timm loader reads it; ``package:<pip package>`` = the ``.pth`` file that package ships) loaded the timm way (``pretrained_cfg_overlay=dict(file=...)``):
             timm's own checkpoint filter adapts it (a head of another class count is re-initialised, position
             embeddings are resampled to ``image_size``, ``in_chans`` is adapted).
         pretrained_layout: ``timm`` (the file uses the timm model's key names) or ``torchvision``: a state dict
@@ -53,16 +53,21 @@ def create_backbone(
         if pretrained_file is None:
             raise ConfigError(f"pretrained: true for {name} needs pretrained_file (a local safetensors/.pth/.npz file): "
                               "weights are never downloaded at run time")
+        if pretrained_file.startswith("package:"):  # the weights file a pip package ships (configs stay portable)
+            pretrained_file = packaged_weights(pretrained_file[len("package:"):], Path(pretrained_file).suffix or ".pth")
         if not Path(pretrained_file).expanduser().is_file():
             raise ConfigError(f"pretrained_file {pretrained_file} does not exist")
         if pretrained_layout not in ("timm", "torchvision"):
             raise ConfigError(f"pretrained_layout {pretrained_layout!r}: use 'timm' or 'torchvision'")
         if pretrained_layout == "torchvision":
-            model = create_backbone(name, num_classes, image_size, in_chans, **kwargs)
+            # headless: load with a classifier (the file has one, pairing is by order), then drop it
+            model = create_backbone(name, num_classes or 1, image_size, in_chans, **kwargs)
             from modules.components.checkpoints import read_state_dict
 
             state = rename_by_order(read_state_dict(pretrained_file), model, f"pretrained_file {pretrained_file}")
             load_state_dict_strict(model, state, f"pretrained_file {pretrained_file}", replace_head=True)
+            if not num_classes:
+                model.reset_classifier(0)
             return model
         kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(pretrained_file).expanduser()))
     args = dict(pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -20,9 +20,11 @@ from modules.components.errors import ConfigError
 def _safe_types() -> list[type]:
     """The project's hyper-parameter types that checkpoints written from the Python API may hold."""
     from modules.components.optim import OptimConfig
-    from modules.components.peft import AdapterConfig, SideConfig
+    from modules.components.peft.layers import AdapterConfig, SideConfig  # legacy: hyper-parameters before the part contract
 
-    return [OptimConfig, AdapterConfig, SideConfig, Path, type(Path())]
+    # Checkpoints written before components were grouped by family name these types by their old modules.
+    legacy = [(AdapterConfig, "modules.components.peft.AdapterConfig"), (SideConfig, "modules.components.peft.SideConfig")]
+    return [OptimConfig, AdapterConfig, SideConfig, Path, type(Path()), *legacy]
 
 
 def allowlisted():

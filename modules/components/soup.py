@@ -64,7 +64,10 @@ def greedy_soup(states: Sequence[StateDict], evaluate: Callable[[StateDict], flo
                 scores: Sequence[float] | None = None) -> tuple[StateDict, list[int], float]:
     """Greedy soup. ``evaluate(state) -> held-out score`` (higher is better).
 
-    Ingredients are tried in decreasing order of their own score; each is kept only if the soup's score
+    Ingredients are tried in decreasing order of their own score; among equal scores the later ingredient
+    (higher index) comes first, as the paper's code (mlfoundations/model-soups ``main.py`` sorts ascending,
+    stably, then reverses the list): ties are common with small held-out sets, whose accuracy moves in
+    steps of 1/N, and they decide which ingredient starts the soup. Each is kept only if the soup's score
     rises strictly (``>``, as the paper's code: a tie adds nothing and keeps the smaller soup), so the
     result never scores below the best ingredient on the held-out set. ``evaluate`` must score a split
     held out from training and distinct from the reported one (the paper: 2% of ImageNet train).
@@ -74,7 +77,7 @@ def greedy_soup(states: Sequence[StateDict], evaluate: Callable[[StateDict], flo
     """
     check_compatible(states)
     scores = list(scores) if scores is not None else [evaluate(s) for s in states]
-    order = sorted(range(len(states)), key=lambda i: -scores[i])
+    order = sorted(range(len(states)), key=lambda i: scores[i])[::-1]  # stable ascending, reversed
     kept, best = [order[0]], scores[order[0]]
     soup = states[order[0]]
     for i in order[1:]:

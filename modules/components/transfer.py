@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.checkpoints import backbone_state_dict, load_checkpoint
 from modules.components.errors import ConfigError
-from modules.components.peft import unwrap_state_dict
 
 Head = Literal["keep", "replace", "drop"]
 HEADS = ("keep", "replace", "drop")
@@ -32,6 +32,21 @@ class Architecture:
     kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int | None = None
     num_classes: int | None = None
+
+
+def unwrap_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The frozen backbone inside a PEFT state dict, under the plain timm names (SSF/adapter/LoRA tensors dropped).
+
+    Lets a PEFT run's checkpoint serve as ``init_checkpoint``: its wrapped ops keep the original weights (LoRA and
+    DoRA updates are not merged in: the frozen backbone is what another task starts from).
+    """
+    plain = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        if "adapter" in parts or "lora" in parts or parts[-1] in ("ssf_scale", "ssf_shift", "lora_magnitude"):
+            continue
+        plain[".".join(p for p in parts if p != "inner")] = value
+    return plain
 
 
 def checkpoint_architecture(path: str | Path, what: str = "checkpoint", name: str | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from modules.components.distill import (build_teacher, check_ferkd_thresholds, ensemble_soft_targets, ferkd_calibrate,
+from modules.components.kd.distill import (build_teacher, check_ferkd_thresholds, ensemble_soft_targets, ferkd_calibrate,
                                         renormalised_sparse_targets, sparse_soft_targets, topk_probabilities)
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
@@ -112,7 +112,7 @@ class OnlineTeachers(TargetSource):
     def forward(self, batch: dict, temperature: float) -> KDTargets:
         if not self.teachers:
             raise ConfigError("no teachers: pass targets.init_args.teachers, or use "
-                              "modules.components.kd_targets.StoredLogits with data.init_args.batches: "
+                              "modules.components.kd.targets.StoredLogits with data.init_args.batches: "
                               "datamodules.replay.StoredCrops")
         logits = [teacher(batch["image"]).float() for teacher in self.teachers]  # each (B, C)
         return KDTargets(ensemble_soft_targets(logits, temperature), torch.stack(logits).mean(0))

@@ -18,8 +18,7 @@ from torch import nn
 
 from modules.components.backbones import create_backbone
 from modules.components.errors import ConfigError
-from modules.components.masking import resize_tokens
-from modules.components.mim_parts import feature_mimic_loss
+from modules.components.tokens import feature_mimic_loss, resize_tokens
 from modules.components.transfer import build_from_checkpoint
 
 # Feature KD loss: MSE between projected student tokens and layer-normalised teacher tokens (B, N_t, D_t).

@@ -2,7 +2,7 @@
 
 With ``learn_sigma`` (the reference's default) the final layer predicts 2C channels: the noise and improved DDPM's
 variance interpolation values. Blocks carry optional residual-branch scale factors (``gamma_attn``, ``gamma_mlp``,
-None by default) that :class:`modules.components.difffit.DiffFit` adds for fine-tuning.
+None by default) that :class:`modules.components.diffusion.difffit.DiffFit` adds for fine-tuning.
 """
 
 from __future__ import annotations

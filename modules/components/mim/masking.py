@@ -176,16 +176,6 @@ def fixed_generator(device, seed: int) -> torch.Generator:
     return generator
 
 
-def resize_tokens(tokens: torch.Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Resample (B, h*w, D) tokens on a grid to another grid (bilinear).  # (B, h'*w', D)"""
-    if tuple(grid_size) == tuple(new_grid):
-        return tokens
-    b, _, d = tokens.shape
-    x = tokens.transpose(1, 2).reshape(b, d, *grid_size)
-    x = F.interpolate(x, size=new_grid, mode="bilinear", align_corners=False)
-    return x.flatten(2).transpose(1, 2)
-
-
 def reconstruction_rows(images: torch.Tensor, pixel_mask: torch.Tensor, reconstruction: torch.Tensor,
                         count: int = 8) -> torch.Tensor:
     """Input / masked input / reconstruction of the first ``count`` samples, stacked row by row.  # (3n, C, H, W)"""

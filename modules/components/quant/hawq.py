@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from modules.components.errors import ConfigError
-from modules.components.quant import fake_quantize_weight, quantizable_layers
+from modules.components.quant.int8 import fake_quantize_weight, quantizable_layers
 
 
 # --- Hessian traces ------------------------------------------------------------------------------

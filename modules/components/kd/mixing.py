@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from modules.components.errors import ConfigError
-from modules.components.kd_targets import KDPart, KDTargets
+from modules.components.kd.targets import KDPart, KDTargets
 
 
 def mix_targets(targets: KDTargets, partners: torch.Tensor, lam: float) -> KDTargets:

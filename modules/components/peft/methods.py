@@ -5,7 +5,7 @@ trains (those it leaves with ``requires_grad``), its task state (:meth:`PEFTMeth
 file stores) and, where it can, how to merge into a plain timm model (:meth:`PEFTMethod.merge`)::
 
     method:
-      class_path: modules.components.peft_methods.SSFTuning
+      class_path: modules.components.peft.methods.SSFTuning
       init_args: {init_std: 0.02}
 """
 
@@ -20,12 +20,13 @@ from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
 from modules.components.errors import ConfigError
-from modules.components.low_bit import QuantLinear, WeightQuantizer, task_storage_bytes
-from modules.components.peft import (Adapter, AdapterConfig, AdaptFormerBlock, ParallelAdapter, SequentialAdapter, insert_ssf,
+from modules.components.peft.low_bit import QuantLinear, WeightQuantizer, task_storage_bytes
+from modules.components.peft.layers import (Adapter, AdapterConfig, AdaptFormerBlock, ParallelAdapter, SequentialAdapter, insert_ssf,
                                      merge_ssf, mlp_sites, probe_forward, replace_submodule, residual_block_sites, vit_blocks,
                                      wrap_sites)
-from modules.components.side_network import SideNetwork, backbone_intermediates
-from modules.components.specs import module_spec
+from modules.components.peft.lora import LoRALayer, lora_sites, merge_lora
+from modules.components.peft.side_network import SideNetwork, backbone_intermediates
+from modules.components.parts import module_spec
 
 
 def classifier_name(backbone: nn.Module) -> str:
@@ -146,6 +147,49 @@ class SSFTuning(PEFTMethod):
         return merge_ssf(copy.deepcopy(backbone)).eval()
 
 
+class LoRATuning(PEFTMethod):
+    """LoRA (Hu et al. 2021) on the backbone's linears and convs (LoCon's conv form); merges into the weights.
+
+    Args:
+        rank: rank of each update ``B A``.
+        alpha: updates are scaled by ``alpha / rank``.
+        dropout: dropout on the low-rank branch's input.
+        targets: module-name patterns to wrap (fnmatch; a bare name matches as a suffix: ``[qkv, attn.proj,
+            fc1, fc2]`` for a timm ViT); ``None``: every linear and ungrouped conv but the classifier (see
+            :func:`modules.components.peft.lora.lora_sites`).
+    """
+
+    dora = False
+
+    def __init__(self, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0, targets: list[str] | None = None):
+        if rank < 1:
+            raise ConfigError(f"{type(self).__name__} rank {rank} must be at least 1")
+        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.targets = None if targets is None else list(targets)
+
+    def wrap(self, backbone: nn.Module, image_size: int) -> None:
+        self.site_names = lora_sites(backbone, self.targets, exclude=(classifier_name(backbone),))
+        if not self.site_names:
+            eligible = lora_sites(backbone, None, exclude=(classifier_name(backbone),))
+            raise ConfigError(f"{type(self).__name__} targets {self.targets} match no linear/conv of "
+                              f"{type(backbone).__name__}; its layers are named like {eligible[:4]}")
+        for name in self.site_names:
+            replace_submodule(backbone, name, LoRALayer(backbone.get_submodule(name), self.rank, self.alpha, self.dropout,
+                                                        dora=self.dora))
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        return merge_lora(copy.deepcopy(backbone)).eval()
+
+
+class DoRATuning(LoRATuning):
+    """DoRA (Liu et al. 2024): LoRA on the direction plus a trained magnitude per output channel; merges.
+
+    Same arguments as :class:`LoRATuning`; see :mod:`modules.components.peft.lora` for the decomposition.
+    """
+
+    dora = True
+
+
 class AdapterPlacement:
     """Where ``AdapterTuning`` puts its adapters in a backbone, chosen by ``class_path``."""
 
@@ -174,7 +218,7 @@ class ParallelPlacement(AdapterPlacement):
         sites = mlp_sites(model)
         if not sites and (mobile_blocks(model) or residual_block_sites(model)):
             raise ConfigError(f"parallel adapters need blocks with an MLP (ViT, ConvNeXt): {type(model).__name__}'s blocks "
-                              "have none; use placement modules.components.peft_methods.SequentialPlacement")
+                              "have none; use placement modules.components.peft.methods.SequentialPlacement")
         return wrap_sites(model, sites, ParallelAdapter, cfg)
 
 
@@ -199,7 +243,7 @@ class AdapterTuning(PEFTMethod):
         bias: biases in the projections (the low-bit adapters' code has none).
         dropout: dropout after the activation.
         activation: timm activation name.
-        quantizer: low-bit weights, e.g. ``modules.components.low_bit.NormalQuantile`` (the paper's);
+        quantizer: low-bit weights, e.g. ``modules.components.peft.low_bit.NormalQuantile`` (the paper's);
             ``None`` keeps fp32.
     """
 
@@ -217,7 +261,7 @@ class SideTuning(PEFTMethod):
     """Side-tuning: a light side network reads the frozen backbone's intermediate maps and holds the head.
 
     Simplified Hierarchical Side-Tuning (no meta tokens, no side stem): see
-    :class:`modules.components.side_network.SideNetwork`.
+    :class:`modules.components.peft.side_network.SideNetwork`.
 
     Args:
         dim: side-stream channels.

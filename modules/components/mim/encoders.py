@@ -19,17 +19,17 @@ from torch import nn
 from modules.components.backbones import create_backbone
 from modules.components.errors import ConfigError
 from modules.components.masked_vit import encode, require_vit, vit_geometry, with_mask_token
-from modules.components.masking import (
+from modules.components.mim.masking import (
     gather_tokens,
     mae_shuffle,
     masked_mse_loss,
     normalized_patch_targets,
     patchify,
-    resize_tokens,
     token_mask_to_pixels,
     unpatchify,
 )
 from modules.components.pos_embed import sincos_2d
+from modules.components.tokens import resize_tokens
 from modules.components.transfer import build_from_checkpoint
 
 
@@ -254,10 +254,3 @@ def teacher_tokens(teacher: nn.Module, images: torch.Tensor, grid_size: tuple[in
     if (h, w) != tuple(grid_size):
         feats = F.interpolate(feats, size=grid_size, mode="bilinear", align_corners=False)
     return feats.flatten(2).transpose(1, 2)
-
-
-def feature_mimic_loss(prediction: torch.Tensor, target: torch.Tensor, normalize_target: bool = True) -> torch.Tensor:
-    """MSE between projected student tokens and (layer-normalised) teacher tokens, both (B, K, D_t)."""
-    if normalize_target:
-        target = F.layer_norm(target, target.shape[-1:])
-    return F.mse_loss(prediction, target)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from modules.components.quant import default_skip, quantizable_layers, replace_submodule, round_ste
+from modules.components.quant.int8 import default_skip, quantizable_layers, replace_submodule, round_ste
 
 
 # --- weight scales -------------------------------------------------------------------------------

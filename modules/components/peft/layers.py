@@ -6,7 +6,7 @@
   bias-free linear/conv had none).
 * Bottleneck adapters: AdaptFormer's parallel adapter beside a ViT block's MLP branch, fed the block's
   residual stream, or sequential (Houlsby/Pfeiffer) after an MLP or residual block; weights optionally
-  low-bit (:mod:`modules.components.low_bit`).
+  low-bit (:mod:`modules.components.peft.low_bit`).
 * A hierarchical side network (after Hierarchical Side-Tuning, Lin et al. 2023) fed by intermediate
   activations of the frozen backbone via timm's ``forward_intermediates``.
 """
@@ -22,8 +22,8 @@ from timm.models.vision_transformer import Block as ViTBlock
 from torch import nn
 
 from modules.components.errors import ConfigError
-from modules.components.low_bit import QuantLinear, WeightQuantizer
-from modules.components.side_network import SideConfig  # noqa: F401  (re-exported: checkpoints._safe_types)
+from modules.components.peft.low_bit import QuantLinear, WeightQuantizer
+from modules.components.peft.side_network import SideConfig  # noqa: F401  (re-exported: checkpoints._safe_types)
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -202,20 +202,6 @@ def probe_forward(model: nn.Module, example: torch.Tensor, handles: list) -> Non
         model.train(was_training)
         for handle in handles:
             handle.remove()
-
-
-def unwrap_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The frozen backbone inside a PEFT state dict, under the plain timm names (SSF/adapter tensors dropped).
-
-    Lets a PEFT run's checkpoint serve as ``init_checkpoint``: its wrapped ops keep the original weights.
-    """
-    plain = {}
-    for name, value in state.items():
-        parts = name.split(".")
-        if "adapter" in parts or parts[-1] in ("ssf_scale", "ssf_shift"):
-            continue
-        plain[".".join(p for p in parts if p != "inner")] = value
-    return plain
 
 
 # --------------------------------------------------------------------------------------------------

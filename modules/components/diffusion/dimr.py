@@ -17,7 +17,7 @@ import torch
 from timm.layers import Attention, SwiGLU
 from torch import nn
 
-from modules.components.diffusion import NoiseSchedule
+from modules.components.diffusion.gaussian import NoiseSchedule
 from modules.components.errors import ConfigError
 
 
@@ -25,7 +25,8 @@ class TDLayerNorm(nn.LayerNorm):
     """TD-LN: LayerNorm whose scale and shift are time-dependent parameters, as the reference's.
 
     Each of scale and shift is ``p(c) = p_1 + sigmoid((1 + w) c + b) * (p_0 - p_1)`` with per-channel endpoints
-    p_0, p_1 and per-channel mixing parameters w, b of its own; the time condition c is log-SNR(t) / 4. At
+    p_0, p_1 and per-channel mixing parameters w, b of its own; the time condition c comes from
+    :func:`time_condition` (default the reference's linear map of the time step onto (-1, 1]). At
     initialisation p_0 = p_1 (1 for the scale, 0 for the shift), so the norm starts time-independent.
 
     Args:
@@ -48,7 +49,7 @@ class TDLayerNorm(nn.LayerNorm):
         return end + mix * (getattr(self, f"{name}_0") - end)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """x (B, ..., D), condition (B,) time condition (log-SNR / 4)."""
+        """x (B, ..., D), condition (B,) time condition (:func:`time_condition`)."""
         shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
         scale, shift = self._value("scale", condition).view(shape), self._value("shift", condition).view(shape)
         return super().forward(x) * scale + shift
@@ -143,6 +144,28 @@ class Stage(nn.Module):
         return prediction, torch.cat(outputs, dim=-1)
 
 
+TIME_INPUTS = ("timestep", "log_snr")
+
+
+def time_condition(t: torch.Tensor, timesteps: int, time_input: str = "timestep",
+                   log_snr: torch.Tensor | None = None) -> torch.Tensor:
+    """TD-LN's time condition c for 0-based steps ``t`` (B,) of a ``timesteps``-step discrete schedule.
+
+    ``timestep`` (default): the reference's ``train.py`` (qihao067/DiMR), both its training loss (``LSimple``)
+    and its DPM-Solver sampling path, computes ``(n / 1000) * 8 - 4`` from the 1-based step n = t + 1 of its
+    1000-step schedule and TD-LN divides by 4: c = 2 (t + 1) / T - 1, linear in t, from 2/T - 1 (least noise)
+    to 1 (pure noise), whatever the schedule. ``log_snr``: log-SNR(t) / 4 of the schedule (``log_snr``, the
+    schedule's buffer), what the reference's continuous-time ``sde.py`` path feeds and what visionlab fed
+    before; it is not linear in t and runs the other way (+2.3 to -2.5 on the linear schedule), so checkpoints
+    trained with one do not condition correctly with the other.
+    """
+    if time_input == "timestep":
+        return (t.float() + 1) / timesteps * 2 - 1
+    if time_input == "log_snr":
+        return log_snr[t] / 4
+    raise ConfigError(f"DiMR time_input must be one of {TIME_INPUTS}, not {time_input!r}")
+
+
 def odd(count: int) -> int:
     """The reference's block count for a stage of ``count`` blocks: count // 2 * 2 + 1."""
     return count // 2 * 2 + 1
@@ -161,8 +184,12 @@ class DiMR(nn.Module):
         heads: attention heads.
         conv_depth: conv blocks per finer-resolution stage (rounded to odd the same way).
         mlp_ratio: gated-MLP hidden width / dim (the reference's 2).
-        schedule: the noise schedule of the diffusion (TD-LN reads its log-SNR); must match the module's.
-        timesteps: diffusion steps T of that schedule.
+        schedule: the noise schedule of the diffusion (TD-LN reads its log-SNR with ``time_input="log_snr"``);
+            must match the module's.
+        timesteps: diffusion steps T of that schedule (TD-LN's time scale).
+        time_input: what TD-LN is conditioned on (:func:`time_condition`): ``timestep`` (default, the
+            reference's ``train.py``: the step mapped linearly onto (-1, 1]) or ``log_snr`` (log-SNR / 4, the
+            reference's continuous-time ``sde.py`` and visionlab's earlier input; for its checkpoints).
         resolution_weights: loss weight of each resolution, lowest first; default the reference's [1/4, 1] for
             two resolutions, extended by a factor 1/4 per halving for more.
     """
@@ -171,8 +198,11 @@ class DiMR(nn.Module):
 
     def __init__(self, input_size: int = 32, in_channels: int = 3, num_classes: int = 10, patch_size: int = 4,
                  dim: int = 128, depth: int = 4, heads: int = 4, conv_depth: int = 1, mlp_ratio: float = 2.0,
-                 schedule: str = "linear", timesteps: int = 1000, resolution_weights: list[float] | None = None):
+                 schedule: str = "linear", timesteps: int = 1000, resolution_weights: list[float] | None = None,
+                 time_input: str = "timestep"):
         super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ConfigError(f"DiMR time_input must be one of {TIME_INPUTS}, not {time_input!r}")
         levels = int(math.log2(patch_size))
         if 2**levels != patch_size or input_size % patch_size:
             raise ConfigError(f"DiMR patch_size {patch_size} must be a power of 2 dividing input_size {input_size}")
@@ -181,7 +211,7 @@ class DiMR(nn.Module):
             raise ConfigError(f"DiMR with patch_size {patch_size} predicts at {levels + 1} resolutions: give "
                               f"{levels + 1} resolution_weights, not {len(weights)}")
         self.in_channels, self.out_channels, self.loss_weights = in_channels, in_channels, list(weights)
-        self.schedule_kind, self.timesteps = schedule, timesteps
+        self.schedule_kind, self.timesteps, self.time_input = schedule, timesteps, time_input
         self.register_buffer("log_snr", NoiseSchedule(schedule, timesteps).log_snr, persistent=False)
         self.y_embedder = nn.Embedding(num_classes + 1, dim)
         dims = [dim] + [max(16, dim // 2 ** (i + 1)) for i in range(levels)]
@@ -202,7 +232,7 @@ class DiMR(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-        condition = self.log_snr[t] / 4  # (B,) the reference's time condition
+        condition = time_condition(t, self.timesteps, self.time_input, self.log_snr)  # (B,)
         class_token = self.y_embedder(labels)  # (B, D)
         predictions, lowres = [], None
         for index, stage in enumerate(self.stages):

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.components.contrastive import scale_gradient
-from modules.components.distill import (CrossAttention, PerTokenLinear, Projection, feature_kd_loss,
+from modules.components.kd.distill import (CrossAttention, PerTokenLinear, Projection, feature_kd_loss,
                                         student_tokens_and_logits, teacher_tokens)
 from modules.components.errors import ConfigError
-from modules.components.specs import module_spec
-from modules.components.kd_targets import KDPart, KDTargets
+from modules.components.parts import module_spec
+from modules.components.kd.targets import KDPart, KDTargets
 
 
 @dataclass
@@ -116,7 +116,7 @@ class FeatureKD(LossTerm):
         feature_layer: ``None`` for the final feature map, or an index into ``forward_intermediates`` (the
             same index for student and teacher).
         projector: the student -> teacher token map, by ``class_path``:
-            ``modules.components.distill.CrossAttention`` (ScaleKD: one learnable query per teacher token) or
+            ``modules.components.kd.distill.CrossAttention`` (ScaleKD: one learnable query per teacher token) or
             ``PerTokenLinear`` (per-token linear map + resampling onto the teacher's grid); ``None``:
             cross-attention for token teachers (ViT), per-token linear for CNN teachers.
     """
