@@ -1,0 +1,220 @@
+"""The streaming back-end: shards written atomically with a checksummed manifest, the torchvision back-end's pixels,
+every sample once per epoch across ranks, resume by skipping batches, a bounded remote cache, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import shards
+from datamodules.base import BatchTransform, ImageDataModule
+from datamodules.streaming_loader import ShardBatches, StreamingLoader, epoch_order, rank_range
+from datamodules.torchvision_loader import TorchvisionLoader
+from modules.components.errors import DataError
+from tests.conftest import CONFIGS, ROOT, cli_args, one_line_error
+
+SETTINGS = dict(image_size=16, batch_size=4, num_workers=2, rrc_scale=(0.5, 1.0), val_crop_ratio=0.9, val_fraction=0.25)
+
+
+class WithIndex(BatchTransform):
+    """Batches that keep each sample's ``index`` (what the caption and replay transforms ask the loaders for)."""
+
+    yields_index = True
+
+    def __call__(self, datamodule, batch, training):
+        return datamodule.prepare_batch(batch)
+
+
+def streaming(source, **loader) -> ImageDataModule:
+    return ImageDataModule(source=str(source), loader=StreamingLoader(**loader), batches=WithIndex(), **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def shard_set(image_folder, tmp_path_factory):
+    """The 3-class folder written by ``visionlab prepare-data --format webdataset`` in ~1.5 KB shards (many per split)."""
+    from app.prepare_data import main
+
+    out = tmp_path_factory.mktemp("shards") / "set"
+    main(["--config", str(CONFIGS / "data/imagefolder_streaming.yaml"), "--data.init_args.source", str(image_folder),
+          "--data.init_args.val_fraction", "0.25", "--data.init_args.loader.init_args.shard_bytes", "1500",
+          "--format", "webdataset", "--output", str(out), "--workers", "2"])
+    return out
+
+
+def test_prepare_data_writes_checksummed_shards_any_webdataset_reader_reads(shard_set, image_folder):
+    import webdataset as wds
+
+    manifest = json.loads((shard_set / shards.MANIFEST).read_text())
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert (train["samples"], val["samples"]) == (36, 12) and len(train["shards"]) > 2
+    for entry in (*train["shards"], *val["shards"]):
+        assert shards.file_sha256(shard_set / entry["file"]) == entry["sha256"]
+    # training shards hold a seeded permutation (class folders are listed class by class), validation the source order
+    members = shards.shard_indices(train)
+    assert sorted(np.concatenate(members).tolist()) == list(range(36))
+    assert np.concatenate(members).tolist() != list(range(36))
+    assert np.concatenate(shards.shard_indices(val)).tolist() == list(range(12))
+    source = ImageDataModule(source=str(image_folder), loader=TorchvisionLoader(), **SETTINGS).get_source("train")
+    samples = list(wds.WebDataset([str(shard_set / e["file"]) for e in train["shards"]], shardshuffle=False,
+                                  empty_check=False))
+    assert len(samples) == 36
+    for sample in samples:  # the source file's own bytes and label, under the sample's index
+        index = int(sample["__key__"])
+        image = next(value for key, value in sample.items() if key in {"jpg", "png"})
+        assert image == Path(source.files[index]).read_bytes()
+        assert int(sample["cls"]) == source.labels[index]
+
+
+def test_a_failed_write_leaves_nothing(image_folder, tmp_path):
+    broken = tmp_path / "broken"
+    for folder in image_folder.iterdir():
+        (broken / folder.name).mkdir(parents=True)
+        for file in sorted(folder.iterdir())[:4]:
+            (broken / folder.name / file.name).write_bytes(file.read_bytes())
+    bad = next((broken / next(iter(sorted(p.name for p in image_folder.iterdir())))).iterdir())
+    bad.write_bytes(b"not an image")
+    dm = streaming(broken, cache_dir=str(tmp_path / "cache"), shard_bytes=1500)
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        dm.loader.write_shards(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_eval_batches_are_the_torchvision_back_ends(shard_set, image_folder):
+    """Same decoder, same centre crop: the validation pixels equal the torchvision back-end's, in the same order."""
+    ours = streaming(image_folder, remote=str(shard_set), cache_dir=str(shard_set.parent / "cache"))
+    theirs = ImageDataModule(source=str(image_folder), loader=TorchvisionLoader(), batches=WithIndex(), **SETTINGS)
+    ours.setup("fit"), theirs.setup("fit")
+    pairs = list(zip(ours.val_dataloader(), theirs.val_dataloader(), strict=True))
+    assert len(pairs) == 3
+    for mine, reference in pairs:
+        assert all(torch.equal(a, b) for a, b in zip(mine, reference, strict=True))
+
+
+def test_epoch_order_is_every_sample_once_and_rank_shares_cover_it():
+    members = [np.arange(0, 5), np.arange(5, 7), np.arange(7, 12)]
+    shard_of, index = epoch_order(members, seed=3, epoch=1, shuffle=True)
+    assert sorted(index.tolist()) == list(range(12))
+    assert all(index[i] in members[shard_of[i]] for i in range(12))
+    # a shard's samples are consecutive (read once, as a unit), and the epoch changes the order
+    assert len(np.flatnonzero(np.diff(shard_of))) == 2
+    assert not np.array_equal(index, epoch_order(members, seed=3, epoch=2, shuffle=True)[1])
+    assert [rank_range(11, r, 3, equal=True) for r in range(3)] == [(0, 3), (3, 6), (6, 9)]
+    assert [rank_range(11, r, 3, equal=False) for r in range(3)] == [(0, 4), (4, 8), (8, 11)]
+
+
+def _epoch(batches: ShardBatches, epoch: int, skip: int = 0, workers: int = 2) -> list:
+    batches.epoch, batches.skip = epoch, skip
+    return list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                            multiprocessing_context="fork"))
+
+
+def test_ranks_read_every_sample_once_and_a_resumed_epoch_skips_whole_batches(shard_set, image_folder):
+    dm = streaming(image_folder, remote=str(shard_set), cache_dir=str(shard_set.parent / "cache"))
+    dm.setup("fit")
+    entry, transform = dm.loader.manifest()["splits"]["train"], dm.loader.transform("train", True)
+    ranks = [ShardBatches(dm.loader.store(), entry, transform, 4, True, rank, 2, dm.seed, dm.augment.seed, True)
+             for rank in range(2)]
+    epochs = [[_epoch(rank, epoch) for rank in ranks] for epoch in (0, 1)]
+    for per_rank in epochs:  # 36 samples, 2 ranks of 18, batches of 4: 4 batches (16 samples) per rank
+        seen = [torch.cat([batch[2] for batch in batches]).tolist() for batches in per_rank]
+        assert [len(s) for s in seen] == [16, 16] and not set(seen[0]) & set(seen[1])
+        assert set(seen[0]) | set(seen[1]) <= set(range(36))
+    assert not torch.equal(epochs[0][0][0][2], epochs[1][0][0][2])  # each epoch its own order
+    # resumed 3 batches into epoch 1 on rank 1, with another worker count: the remaining batches, pixel for pixel
+    resumed = _epoch(ranks[1], 1, skip=3, workers=1)
+    assert len(resumed) == 1 and all(torch.equal(a, b) for a, b in zip(resumed[0], epochs[1][1][3], strict=True))
+    # the loader keeps its whole epoch's length for Lightning, and the source labels come with each index
+    assert len(ranks[0]) == 4
+    labels = dm.get_source("train").labels
+    assert all((batch[1].numpy() == labels[batch[2].numpy()]).all() for batch in epochs[0][0])
+
+
+def test_remote_cache_stays_under_its_limit_while_a_larger_set_trains(shard_set, image_folder, tmp_path):
+    manifest = json.loads((shard_set / shards.MANIFEST).read_text())
+    sizes = [entry["bytes"] for entry in manifest["splits"]["train"]["shards"]]
+    limit = 3 * max(sizes)
+    assert sum(sizes) > 2 * limit  # the training shards do not fit
+    dm = streaming(image_folder, remote=f"file://{shard_set}", cache_dir=str(tmp_path / "cache"), cache_limit=limit)
+    dm.setup("fit")
+    store, seen = dm.loader.store(), []
+    for epoch in range(2):
+        for batch in dm.train_dataloader():
+            assert store.cache_bytes() <= limit
+            seen += batch[2].tolist()
+    assert len(seen) == 2 * 36 // 4 * 4 and len(set(seen[:36])) == 36
+    assert 0 < store.cache_bytes() <= limit
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_shard_fails_naming_it(shard_set, image_folder, tmp_path, damage):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for file in shard_set.iterdir():
+        (remote / file.name).write_bytes(file.read_bytes())
+    victim = remote / json.loads((remote / shards.MANIFEST).read_text())["splits"]["train"]["shards"][1]["file"]
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "truncate":
+        victim.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        victim.unlink()
+    dm = streaming(image_folder, remote=str(remote), cache_dir=str(tmp_path / "cache"), retries=1, retry_wait=0)
+    dm.setup("fit")
+    expected = {"flip": "is corrupt", "truncate": "truncated or corrupt", "delete": "is missing"}[damage]
+    with pytest.raises(DataError, match=f"{victim.name}.*{expected}|{expected}.*{victim.name}"):
+        for _ in dm.train_dataloader():
+            pass
+    assert not list((tmp_path / "cache").rglob(victim.name))  # never kept in the cache
+
+
+def test_unreachable_store_is_one_line_exit_2(run_cli, tmp_path, capsys):
+    code = run_cli(cli_args(tmp_path, tmp_path / "cache", "--data.init_args.loader.init_args.remote",
+                            "http://127.0.0.1:9/shards", "--data.init_args.loader.init_args.retries", "1",
+                            "--data.init_args.loader.init_args.retry_wait", "0", data="data/fashion_mnist_streaming.yaml"))
+    assert code == 2
+    one_line_error(capsys, "http://127.0.0.1:9/shards/manifest.json", "after 2 tries", "reachable")
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_stops_fit_with_one_line(run_cli, tmp_path, capsys):
+    """Written on first use into the cache, then damaged in place: the run names the shard (a worker found it)."""
+    cache = tmp_path / "cache"
+    extra = ("--data.init_args.train_limit", "64", "--data.init_args.val_limit", "16",
+             "--data.init_args.loader.init_args.shard_bytes", "20000", "--trainer.fast_dev_run", "true")
+    assert run_cli(cli_args(tmp_path / "ok", cache, *extra, data="data/fashion_mnist_streaming.yaml")) == 0
+    victim = sorted(cache.rglob("train-*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    code = run_cli(cli_args(tmp_path / "bad", cache, *extra, data="data/fashion_mnist_streaming.yaml"))
+    assert code == 2
+    one_line_error(capsys, str(victim), "corrupt")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_see_every_sample_once_and_resume_with_the_unseen(tmp_path, image_folder):
+    """Lightning DDP on 2 CPU processes: the ranks' epochs are disjoint and together the whole epoch; a run resumed
+    from a checkpoint saved 2 batches in trains on exactly the batches the first run had not reached."""
+    script = ROOT / "tests/streaming_ddp_script.py"
+    common = [sys.executable, str(script), "--source", str(image_folder), "--cache", str(tmp_path / "cache")]
+    subprocess.run([*common, "--out", str(tmp_path / "full"), "--devices", "2"], check=True, timeout=300, cwd=ROOT)
+    ranks = [json.loads((tmp_path / "full" / f"rank{r}.json").read_text()) for r in range(2)]
+    first = [rank["ids"][0] for rank in ranks]
+    assert len(first[0]) == len(first[1]) == 16 and not set(first[0]) & set(first[1])
+    assert len(set(first[0]) | set(first[1])) == 32  # 36 training samples: 2 left over, 2 in each rank's last partial batch
+    subprocess.run([*common, "--out", str(tmp_path / "part"), "--devices", "2", "--max-steps", "2"], check=True,
+                   timeout=300, cwd=ROOT)
+    subprocess.run([*common, "--out", str(tmp_path / "resumed"), "--devices", "2", "--resume",
+                    str(tmp_path / "part" / "last.ckpt")], check=True, timeout=300, cwd=ROOT)
+    for rank in range(2):
+        resumed = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())["ids"][0]
+        assert resumed == first[rank][2 * 4:]  # the batches after the first two, same order
