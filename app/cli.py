@@ -93,6 +93,8 @@ class VisionlabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_ckpt_path()
+        if hasattr(self.trainer.strategy, "layout"):  # sharded: an impossible device layout is one line, before launch
+            self.trainer.strategy.layout()
         # Pre-emption under SLURM: checkpoint + requeue at a synchronised point (see callbacks/slurm.py).
         if SLURMEnvironment.detect() and not any(isinstance(cb, SLURMRequeue) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(SLURMRequeue())
@@ -185,6 +187,7 @@ TOOLS = {
     "sample": ("app.sample", "write N class-conditional samples per class of a diffusion checkpoint to PNG"),
     "prepare-data": ("app.prepare_data", "write a data config's train/val .beton files and manifest before training"),
     "peft": ("app.peft_tool", "export a PEFT run's task file, or rebuild a model from backbone + task file"),
+    "export": ("app.export", "write a trained network as a plain timm safetensors file or an ONNX graph (+ JSON sidecar)"),
 }
 
 
