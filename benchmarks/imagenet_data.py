@@ -9,6 +9,11 @@ worker count, and again with ``datamodules.augment.RandAugment`` run on each uin
 does after transfer (here on this CPU's main thread; on a GPU it runs on the device). The write rate is
 extrapolated to ImageNet-1k (1,281,167 train + 50,000 val images) on this machine's cores.
 
+The streaming back-end (``datamodules.streaming_loader.StreamingLoader``) gets two rows: its WebDataset shards
+written from the same tree (the source JPEG bytes, ~64 MB shards) and read in place, and the same shards read as a
+remote store (a folder standing in for one) through a cache limited to half their size, from an empty cache, so
+every shard is copied, checked (SHA-256) and evicted again as the epochs sweep over it.
+
     python benchmarks/imagenet_data.py --quick   # 1,000 files, 1 timed epoch (a few minutes on 2 shared cores)
     python benchmarks/imagenet_data.py           # 20,000 files, 2 timed epochs
 """
@@ -30,6 +35,7 @@ from datamodules.base import loader_batch
 from datamodules.beton import default_writers
 from datamodules.base import ImageDataModule
 from datamodules.ffcv_loader import FFCVLoader
+from datamodules.streaming_loader import StreamingLoader
 from datamodules.torchvision_loader import TorchvisionLoader
 
 IMAGENET_IMAGES = 1_281_167 + 50_000
@@ -96,6 +102,21 @@ def loader_rates(dm, epochs: int) -> tuple[float, float, float]:
     return warmup, rate, seen / (time.perf_counter() - start)
 
 
+def cold_rates(dm, epochs: int) -> tuple[float, float, float]:
+    """``loader_rates`` from an empty remote-shard cache each time (no warm-up: its copying is what is timed)."""
+    rates = []
+    for augment in (None, RandAugment()):
+        shutil.rmtree(dm.loader.folder(), ignore_errors=True)
+        loader, seen, start = dm.train_dataloader(), 0, time.perf_counter()
+        for _ in range(epochs):
+            for images in (loader_batch(batch)["image"] for batch in loader):
+                if augment is not None:
+                    augment(images.float() / 255)
+                seen += images.shape[0]
+        rates.append(seen / (time.perf_counter() - start))
+    return 0.0, *rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1,000 files, 1 timed epoch")
@@ -135,6 +156,22 @@ def main() -> None:
         dm.setup("fit")
         per_image = sum(s["bytes"] for s in manifest["splits"].values()) / sum(s["samples"] for s in manifest["splits"].values())
         rows.append((f"ffcv {name}", write_rate, per_image, *loader_rates(dm, epochs)))
+    dm = ImageDataModule(loader=StreamingLoader(str(args.workdir / "shards"), write_workers=default_writers()), **common)
+    shutil.rmtree(dm.loader.folder(), ignore_errors=True)
+    start = time.perf_counter()
+    manifest = dm.loader.write_shards()
+    written = sum(s["samples"] for s in manifest["splits"].values())
+    write_rate = written / (time.perf_counter() - start)
+    per_image = sum(s["bytes"] for s in manifest["splits"].values()) / written
+    dm.setup("fit")
+    rows.append(("streaming", write_rate, per_image, *loader_rates(dm, epochs)))
+    train_bytes = manifest["splits"]["train"]["bytes"]
+    remote = ImageDataModule(loader=StreamingLoader(str(args.workdir / "shards-cache"), remote=str(dm.loader.folder()),
+                                                    cache_limit=max(train_bytes // 2, max(
+                                                        s["bytes"] for s in manifest["splits"]["train"]["shards"]) * 2)),
+                             **common)
+    remote.setup("fit")
+    rows.append(("stream cold 50%", None, per_image, *cold_rates(remote, epochs)))
 
     print(f"\nimagenet_data: {len(files)} photo JPEGs (300-500 px) -> RRC {args.crop} px + flip, batch {args.batch_size}, "
           f"{args.workers} loader workers, {default_writers()} writer processes, mean of {epochs} epoch(s) after 1 warm-up")
@@ -146,7 +183,9 @@ def main() -> None:
         print(f"{name:<16} {write_rate or 0:>11.0f} {per_image / 1024:>10.0f} {warmup:>9.1f} {rate:>12.0f} "
               f"{rate_aug:>14.0f} {rate / base:>5.2f}x {hours:>15} {per_image * IMAGENET_IMAGES / 2**30:>9.0f}")
     print("(KiB/image of the beton files include FFCV's 8 MiB page padding per file; torchvision's is the source "
-          "JPEGs'; +RandAug runs kornia on this CPU's main thread, where a GPU run would do it on the device)")
+          "JPEGs'; the shards' are the source JPEGs plus 1.5 KiB of tar headers; 'stream cold 50%' reads the shards as a "
+          "remote store from an empty cache limited to half the training shards (no warm-up); +RandAug runs kornia on "
+          "this CPU's main thread, where a GPU run would do it on the device)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 from modules.components.errors import ConfigError, DataError
@@ -80,19 +81,13 @@ def _write_shard(task: tuple[str, str, int, np.ndarray]) -> dict:
     """Write one shard (``task`` = split, file path, shard number, source indices) and describe it."""
     split, path, _, indices = task
     source, captions = _JOB["sources"][split], _JOB["captions"].get(split)
-    with open(path, "wb") as stream:
-        tar = tarfile.TarFile(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT)
+    with open(path, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as writer:  # mtime 0: same bytes
         for index in indices:
             extension, image = encoded_image(source, int(index))
-            key = f"{int(index):09d}"
-            members = {extension: image, "cls": str(int(source.labels[index])).encode()}  # the key is the index
+            sample = {"__key__": f"{int(index):09d}", extension: image, "cls": str(int(source.labels[index])).encode()}
             if captions is not None:
-                members["txt"] = "\n".join(captions[int(index)]).encode()
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o444  # mtime 0: the same bytes on every write
-                tar.addfile(info, io.BytesIO(data))
-        tar.close()
+                sample["txt"] = "\n".join(captions[int(index)]).encode()
+            writer.write(sample)
     return {"file": Path(path).name, "samples": len(indices), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
 
 

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from datamodules.base import BatchTransform, ImageDataModule
 from datamodules.streaming_loader import StreamingLoader
 from modules.classification import ClassificationModule
+from modules.components.checkpoints import allowlisted
 from modules.components.optim import OptimConfig
 
 
@@ -57,7 +58,8 @@ def main() -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp", max_epochs=1, max_steps=args.max_steps,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, callbacks=[seen], default_root_dir=args.out)
-    trainer.fit(model, data, ckpt_path=args.resume)
+    with allowlisted():  # the checkpoint's hyper-parameters hold an OptimConfig (weights_only=True)
+        trainer.fit(model, data, ckpt_path=args.resume)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"ids": seen.ids}))
