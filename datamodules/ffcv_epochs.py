@@ -66,11 +66,14 @@ def _stop_reader_threads() -> None:
 
     A process that exits while a reader thread is inside numba's parallel decode (e.g. right after taking one
     batch) aborted with "terminate called without an active exception" (exit code 134) in 4 of 50 runs on a loaded
-    2-core machine (0 of 30 with this hook). With ``terminate_event`` set the thread returns at its next full queue;
-    draining the queue frees the puts it may wait in (its end-of-epoch ``put`` has no timeout).
+    2-core machine (0 of 30 with this hook). ffcv 1.0.2's ``EpochIterator.run`` reads ``terminate_event`` only when a
+    ``put`` on a full queue times out, so draining alone fed it and it decoded the rest of the epoch first (6-12 s of
+    a run that stopped early); with its batch order emptied it ends after the batch in hand, and draining the queue
+    frees the puts it may wait in (its end-of-epoch ``put`` has no timeout).
     """
     for epoch in list(_LIVE_EPOCHS):
         epoch.terminate_event.set()
+        epoch.iter_ixes = iter(())  # the thread takes `next(self.iter_ixes)` per batch: no batch after this one
         deadline = time.monotonic() + 30
         while epoch.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
