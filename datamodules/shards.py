@@ -258,6 +258,19 @@ class ShardStore:
             return path
         return self._fetch(shard)
 
+    def read(self, shard: dict, wanted: set[int] | None) -> dict[int, dict]:
+        """``read_shard`` of ``shard`` (a manifest entry) through ``local_path``. A remote shard that another reader
+        evicted between its copy and its opening (a cache that holds few shards) is copied again."""
+        for _ in range(3):
+            try:
+                return read_shard(self.local_path(shard), wanted, self.url(shard["file"]))
+            except FileNotFoundError:
+                if not self.remote:
+                    raise DataError(f"shard {self.url(shard['file'])} disappeared while this run reads it: "
+                                    "write the shards again and restart") from None
+        raise DataError(f"shard {shard['file']} was evicted from the cache {self.cache} three times before it could be "
+                        "read: raise data.loader.cache_limit to hold at least one shard per loader worker and rank")
+
     def _fetch(self, shard: dict) -> Path:
         if self.cache_limit is not None and shard["bytes"] > self.cache_limit:
             raise ConfigError(f"shard {shard['file']} ({shard['bytes']:,} bytes) is larger than data.loader.cache_limit "
@@ -313,10 +326,12 @@ def _check_file(path: Path, shard: dict, name: str) -> None:
 
 
 def read_shard(path: Path, wanted: set[int] | None, name: str) -> dict[int, dict]:
-    """``{source index: {extension: bytes}}`` of the samples in shard file ``path`` (only ``wanted`` ones)."""
+    """``{source index: {extension: bytes}}`` of the samples in shard file ``path`` (only ``wanted`` ones); ``name``
+    is the shard's name in errors."""
     samples: dict[int, dict] = {}
+    stream = open(path, "rb")  # FileNotFoundError passes: the caller copies an evicted shard again
     try:
-        with tarfile.open(path, "r:") as tar:
+        with stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for member in tar:
                 key, _, extension = member.name.partition(".")
                 index = int(key)

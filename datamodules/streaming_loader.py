@@ -105,8 +105,7 @@ class ShardBatches(IterableDataset):
                 shard, source_index = int(shard_of[position]), int(index[position])
                 if shard not in loaded:
                     entry = self.entry["shards"][shard]
-                    loaded[shard] = shards.read_shard(self.store.local_path(entry), wanted[shard],
-                                                      self.store.url(entry["file"]))
+                    loaded[shard] = self.store.read(entry, wanted[shard])
                 sample = loaded[shard].get(source_index)
                 if sample is None or "cls" not in sample:
                     raise DataError(f"shard {self.store.url(self.entry['shards'][shard]['file'])} lacks sample "
@@ -205,6 +204,7 @@ class StreamingLoader(LoaderBackend):
         cache_dir: folder of written shard sets and of remote shards' cache.
         remote: a prepared shard set to read instead of the source.
         cache_limit: most bytes of remote shards kept on local disk (``"2GB"``, ``500000000``); ``None``: no limit.
+            Give it room for a shard per loader worker of every rank on the node, plus one.
         shard_bytes: target size of a written shard.
         write_workers: writer processes (default: the cores available).
         cache_shared: ``cache_dir`` is on a file system every node sees (one writer for all); false: one per node.
@@ -217,6 +217,9 @@ class StreamingLoader(LoaderBackend):
                  cache_limit: int | str | None = None, shard_bytes: int | str = "64MB", write_workers: int | None = None,
                  cache_shared: bool = True, retries: int = 3, retry_wait: float = 1.0, timeout: float = 30.0):
         self.cache_dir = Path(cache_dir).expanduser()
+        if remote is not None and "://" in remote and not remote.startswith(("http://", "https://", "file://")):
+            raise ConfigError(f"data.loader.remote {remote!r}: the streaming back-end reads http(s):// and file:// URLs "
+                              "and folders; mount other stores (s3fs, gcsfuse) or serve them over https")
         self.remote = remote
         self.cache_limit, self.shard_bytes = shards.parse_bytes(cache_limit), shards.parse_bytes(shard_bytes)
         if self.cache_limit is not None and self.cache_limit <= 0:
