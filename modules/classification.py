@@ -50,6 +50,8 @@ class ClassificationModule(VisionModule):
             cross-entropy.
     """
 
+    weight_decay_rule = "bias_norm_listed"  # MAE main_finetune.py / DeiT: 1-d and the model's no_weight_decay()
+
     def __init__(
         self,
         backbone: str | None = None,

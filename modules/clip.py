@@ -7,7 +7,7 @@ sigmoid loss of SigLIP (Zhai et al., 2023) and pretrained, locked or partly unlo
 Attentive Mask CLIP here is the paper's token selection only: its optional self-supervised losses (SimCLR
 and BYOL heads on two online views, an EMA text tower) are not implemented, and the online view is a crop
 taken on the batch from the loader's image (the scorer's full view), not a second crop of the original
-photo; A-CLIP also keeps tokens in 2x2 blocks (the score map pooled to 7x7), here they are kept one by one.
+photo. Tokens are kept in 2x2 blocks as A-CLIP's (``AttentiveMasking(selection="blocks")``).
 """
 
 from __future__ import annotations

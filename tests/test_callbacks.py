@@ -209,17 +209,32 @@ def test_greedy_soup_never_below_best_ingredient():
     scores = [evaluate(s) for s in states]
     soup, kept, score = greedy_soup(states, evaluate)
     assert score >= max(scores)
-    assert kept[0] == max(range(3), key=lambda i: scores[i])
+    assert kept[0] == max(range(3), key=lambda i: (scores[i], i))  # among equal scores the later one (reference)
     assert evaluate(soup) == pytest.approx(score)
 
 
 def test_greedy_soup_adds_an_ingredient_only_when_the_score_rises():
     states = [{"w": torch.tensor([float(i)])} for i in range(4)]
     soup, kept, score = greedy_soup(states, lambda s: 0.5, [0.5, 0.5, 0.5, 0.5])  # ties everywhere
-    assert kept == [0] and score == 0.5 and torch.equal(soup["w"], states[0]["w"])  # the paper's `>`
+    assert kept == [3] and score == 0.5 and torch.equal(soup["w"], states[3]["w"])  # the paper's `>`, last of the ties
     rises = {0.0: 0.7, 1.0: 0.5, 0.5: 0.8}  # w = 0 alone, w = 1 alone, their mean
     soup, kept, score = greedy_soup(states[:2], lambda s: rises[float(s["w"])], [0.7, 0.5])
     assert kept == [0, 1] and score == 0.8 and float(soup["w"]) == 0.5
+
+
+def test_greedy_soup_tries_tied_ingredients_in_the_reference_order():
+    # model-soups main.py: sort by held-out score ascending (stable), then reverse. Scores [0.5, 0.7, 0.5, 0.7]:
+    # ascending [0, 2, 1, 3] -> reversed [3, 1, 2, 0]: 3 starts the soup, then 1, 2 and 0 are tried in that order.
+    states = [{"w": torch.tensor([float(i)])} for i in range(4)]
+    tried = []
+
+    def evaluate(state):
+        tried.append(float(state["w"]))  # the mean of the kept ingredients' w plus the candidate's
+        return 0.0
+
+    soup, kept, _ = greedy_soup(states, evaluate, [0.5, 0.7, 0.5, 0.7])
+    assert kept == [3] and float(soup["w"]) == 3.0
+    assert tried == [(3 + 1) / 2, (3 + 2) / 2, (3 + 0) / 2]
 
 
 class SplitData(pl.LightningDataModule):

@@ -224,6 +224,41 @@ def test_attentive_keeps_highest_scored_tokens():
         num_kept(10, 1.0)
 
 
+def _reference_block_mask(attention: torch.Tensor, keep_ratio: float = 0.5) -> torch.Tensor:
+    """A-CLIP's get_att_mask, restated: 14x14 scores -> bilinear 7x7, top int(49 * ratio) + 1 blocks unmasked,
+    each block's 2x2 tokens take its mask. True = dropped.  # (B, 196)"""
+    batch = attention.shape[0]
+    pooled = F.interpolate(attention.view(batch, 1, 14, 14), (7, 7), mode="bilinear").view(batch, 49)
+    top = pooled.argsort(dim=1, descending=True)[:, : int(49 * keep_ratio) + 1]
+    blocks = torch.ones(batch, 49, dtype=torch.bool).scatter_(1, top, False).view(batch, 7, 7)
+    return blocks.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(batch, 196)
+
+
+def test_attentive_block_selection_matches_the_reference_and_extends_to_other_grids():
+    from modules.components.clip.token_masking import attentive_block_keep_index, kept_blocks
+
+    scores = torch.rand(3, 196, generator=torch.Generator().manual_seed(0))  # distinct scores: no ties
+    index = attentive_block_keep_index(scores, (14, 14), 0.5)
+    assert index.shape == (3, 100)  # 25 blocks of 4 tokens, not the 98 single tokens
+    dropped = torch.ones(3, 196, dtype=torch.bool).scatter_(1, index, False)
+    assert torch.equal(dropped, _reference_block_mask(scores))
+    assert [kept_blocks(16, 0.5), kept_blocks(16, 0.25), kept_blocks(49, 0.5), kept_blocks(4, 1.0)] == [9, 5, 25, 4]
+    # 8x8 (the benchmark): 16 blocks; block (r, c) holds tokens 16r + 2c + {0, 1, 8, 9}
+    block_scores = torch.arange(16.0)  # block 15 best, then 14, ...
+    grid_scores = block_scores.view(4, 4).repeat_interleave(2, 0).repeat_interleave(2, 1).reshape(1, 64)
+    kept = attentive_block_keep_index(grid_scores, (8, 8), 0.25)  # 5 blocks: 15, 14, 13, 12, 11
+    expected = sorted(16 * (b // 4) + 2 * (b % 4) + d for b in (11, 12, 13, 14, 15) for d in (0, 1, 8, 9))
+    assert kept.tolist() == [expected]
+    # 7x7 (odd): 4x4 blocks, the last row and column partial; 9 of 16 blocks at keep 0.5 -> K = 49 * 9 // 16 = 27
+    # tokens, taken block by block. Token value = its index: block means (3,3) 48, (3,2) 46.5, (3,1) 44.5, (3,0) 42.5,
+    # (2,3) 37.5, (2,2) 36, (2,1) 34, (2,0) 32 hold tokens 28-48 (21), then (1,3) 23.5 adds 20, 27 and (1,2) 22
+    # adds 18, 19, 25, 26.
+    odd = attentive_block_keep_index(torch.arange(49.0).view(1, 49), (7, 7), 0.5)
+    assert odd.tolist() == [sorted([*range(28, 49), 20, 27, 18, 19, 25, 26])]
+    with pytest.raises(Exception, match="selection"):
+        _attentive(0.5, selection="token")
+
+
 @pytest.fixture(scope="module")
 def vit():
     from modules.components.backbones import create_backbone
@@ -334,6 +369,8 @@ def _random(ratio=0.5):
 
 
 def test_attentive_module_scores_the_full_view_and_keeps_top_tokens_of_the_crop():
+    from modules.components.clip.token_masking import attentive_block_keep_index
+
     module = _tiny_clip(masking=_attentive(0.75))
     images = torch.randn(2, 3, 32, 32)
     torch.manual_seed(5)
@@ -341,14 +378,18 @@ def test_attentive_module_scores_the_full_view_and_keeps_top_tokens_of_the_crop(
     torch.manual_seed(5)
     boxes = sample_crop_boxes(2, (0.5, 1.0))
     scores = cls_attention(module.masking.ema.module, images)  # all layers, on the full view
-    expected = crop_token_scores(scores, (8, 8), boxes).topk(16, dim=1).indices.sort(1).values
-    assert torch.equal(index, expected)
+    expected = attentive_block_keep_index(crop_token_scores(scores, (8, 8), boxes), (8, 8), 0.25)
+    assert torch.equal(index, expected) and index.shape == (2, 20)  # 5 of 16 blocks (A-CLIP's int(16 x 0.25) + 1)
     torch.testing.assert_close(view, crop_to_boxes(images, boxes, (32, 32)))
     assert not torch.allclose(view, images)
     same_view = _tiny_clip(masking=_attentive(0.75, online_crop_scale=(1.0, 1.0), attention_layers=1))
     view, index = same_view.masked_view(images)
     assert view is images  # this project's earlier scorer: same view, last block
     last_block = cls_attention(same_view.masking.ema.module, images, num_layers=1)
+    assert torch.equal(index, attentive_block_keep_index(last_block, (8, 8), 0.25))
+    single = _tiny_clip(masking=_attentive(0.75, online_crop_scale=(1.0, 1.0), attention_layers=1, selection="tokens"))
+    single.masking.ema.module.load_state_dict(same_view.masking.ema.module.state_dict())
+    _, index = single.masked_view(images)  # the named option: the top int(64 x 0.25) = 16 single tokens
     assert torch.equal(index, last_block.topk(16, dim=1).indices.sort(1).values)
     optimised = {id(p) for p in module.trainable_parameters()}
     assert not any(id(p) in optimised for p in module.masking.parameters())

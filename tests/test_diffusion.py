@@ -23,7 +23,7 @@ from modules.components.diffusion.gaussian import (
     vlb_terms,
 )
 from modules.components.diffusion.difffit import DiffFit
-from modules.components.diffusion.dimr import DiMR, TDLayerNorm
+from modules.components.diffusion.dimr import DiMR, TDLayerNorm, time_condition
 from modules.components.diffusion.dit import DiT, DiTBlock, modulate
 from modules.components.errors import ConfigError
 from modules.components.diffusion.frechet import FeatureClassifier, load_feature_classifier
@@ -188,7 +188,7 @@ def test_bad_options_raise_config_errors():
         build(classifier_classes=[5, 6])
     with pytest.raises(ConfigError, match="does not exist"):
         build(feature_classifier="missing.ckpt")
-    with pytest.raises(ConfigError, match="schedule"):  # DiMR's TD-LN reads the schedule's log-SNR
+    with pytest.raises(ConfigError, match="schedule"):  # DiMR's TD-LN reads t / T (or the schedule's log-SNR)
         DiffusionModule(partial(DiMR, **TINY, timesteps=1000), num_classes=3, image_size=32, timesteps=100)
     with pytest.raises(ConfigError, match="DiT denoiser"):
         build("dimr", finetune=DiffFit())
@@ -516,14 +516,16 @@ def test_difffit_per_channel_scales_in_the_first_half_and_the_trainable_set(tmp_
     torch.save({"state_dict": pretrained.state_dict()}, path)
     model = build(denoiser_kwargs=kwargs, finetune=DiffFit(), init_checkpoint=str(path))
     blocks = model.denoiser.blocks
-    for index in (0, 1):  # the first half of 4 blocks
+    for index in (0, 1):  # the first half of 4 blocks: residual branches, qkv output (3 x dim) and output projection
         assert blocks[index].gamma_attn.shape == (32,) and blocks[index].gamma_mlp.shape == (32,)
+        assert blocks[index].attn.qkv.gamma_out.shape == (96,) and blocks[index].attn.proj.gamma_out.shape == (32,)
         assert torch.equal(blocks[index].gamma_mlp, torch.ones(32))
-    assert blocks[2].gamma_attn is None and blocks[3].gamma_mlp is None
-    expected = {n for n, _ in model.denoiser.named_parameters()
-                if n.endswith(".bias") or n.split(".")[-1] in ("gamma_attn", "gamma_mlp") or n == "y_embedder.weight"}
+        assert torch.equal(blocks[index].attn.qkv.gamma_out, torch.ones(96))
+    assert blocks[2].gamma_attn is None and blocks[3].gamma_mlp is None and not hasattr(blocks[2].attn.qkv, "gamma_out")
+    expected = {n for n, _ in model.denoiser.named_parameters()  # thuml/Diffusion-Tuning: bias, norm, gamma, y_embed
+                if n.endswith(".bias") or "gamma" in n.split(".")[-1] or n == "y_embedder.weight"}
     trainable = {n for n, p in model.denoiser.named_parameters() if p.requires_grad}
-    assert trainable == expected and len(expected) == 3 + 1 + 4 * 5 + 2 * 2 + 2  # embedders, y, biases, gammas, final
+    assert trainable == expected and len(expected) == 3 + 1 + 4 * 5 + 2 * 4 + 2  # embedders, y, biases, gammas, final
     assert set(DiffFit().parameter_names(model.denoiser)) == expected
     optimizer = build_optimizer(model.optimizer_root(), OptimConfig())
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
@@ -544,6 +546,26 @@ def test_difffit_per_channel_scales_in_the_first_half_and_the_trainable_set(tmp_
         out = block(x, cond)
         assert torch.allclose(out[..., :16], x[..., :16], atol=1e-6)
         assert torch.allclose(out[..., 16:], (x + 2 * attn)[..., 16:], atol=1e-5)
+        # inside the attention: qkv's output (bias included) and the output projection's, channel by channel
+        block.gamma_attn.fill_(1)
+        attention = block.attn
+        tokens = torch.randn(2, 5, 32)
+        attention.qkv.gamma_out.copy_(torch.linspace(0.5, 1.5, 96))
+        attention.proj.gamma_out.copy_(torch.linspace(2.0, 0.0, 32))
+        qkv = (tokens @ attention.qkv.weight.T + attention.qkv.bias) * torch.linspace(0.5, 1.5, 96)
+        q, k, v = qkv.view(2, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)  # (B, heads, N, 16) each
+        mixed = (torch.softmax(q @ k.transpose(-1, -2) / 4, dim=-1) @ v).transpose(1, 2).reshape(2, 5, 32)
+        expected = (mixed @ attention.proj.weight.T + attention.proj.bias) * torch.linspace(2.0, 0.0, 32)
+        assert torch.allclose(attention(tokens), expected, atol=1e-5)
+
+
+def test_difffit_residual_only_layout_is_the_named_option():
+    kwargs = {**TINY, "depth": 4}
+    model = build(denoiser_kwargs=kwargs, finetune=DiffFit(scale_linears=False))
+    blocks = model.denoiser.blocks
+    assert blocks[0].gamma_attn.shape == (32,) and type(blocks[0].attn.qkv) is nn.Linear
+    gammas = [n for n, _ in model.denoiser.named_parameters() if "gamma" in n]
+    assert gammas == ["blocks.0.gamma_attn", "blocks.0.gamma_mlp", "blocks.1.gamma_attn", "blocks.1.gamma_mlp"]
 
 
 def test_init_checkpoint_of_another_denoiser_is_refused(tmp_path):
@@ -570,18 +592,45 @@ def test_difffit_trainable_fraction_of_the_dit_xl2_shape():
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     dim = 1152
     biases = 28 * (3 + 1 + 4 + 1 + 6) * dim + dim + 2 * dim + 2 * dim + 2 * 2 * 8  # blocks, patch, t-MLP, final
-    assert trainable == biases + 14 * 2 * dim + 1001 * dim  # + gammas of blocks 1-14 + the class embedding
-    fraction = 100 * trainable / (total + 14 * 2 * dim)
+    gammas = 14 * (dim + dim + 3 * dim + dim)  # blocks 1-14: attention and MLP branches, qkv (3 x dim), proj
+    assert trainable == biases + gammas + 1001 * dim  # + the class embedding
+    fraction = 100 * trainable / (total + gammas)
     print(f"DiffFit on DiT-XL/2 (1000 classes): {trainable:,} trainable = {fraction:.3f}% "
           f"(without the class embedding {100 * (trainable - 1001 * dim) / total:.3f}%; paper: 0.12%)")
     assert fraction < 0.3
 
 
 # --- DiMR ---------------------------------------------------------------------------------------------
+def test_dimr_time_condition_is_the_reference_linear_map_of_the_step():
+    # qihao067/DiMR train.py (LSimple and the DPM-Solver model_fn): log_snr = (n / 1000) * 8 - 4 for the 1-based
+    # step n, and TD-LN divides by 4. visionlab's 0-based t is n - 1.
+    t = torch.tensor([0, 249, 499, 999])
+    reference = ((t + 1).float() / 1000 * 8 - 4) / 4
+    assert torch.allclose(time_condition(t, 1000), reference)
+    assert time_condition(t, 1000).tolist() == pytest.approx([-0.998, -0.5, 0.0, 1.0])
+    schedule = NoiseSchedule("linear", 100)
+    steps = torch.tensor([0, 99])
+    assert torch.equal(time_condition(steps, 100, "log_snr", schedule.log_snr), schedule.log_snr[steps] / 4)
+    # the denoiser feeds exactly that to every TD-LN
+    net = DiMR(input_size=32, patch_size=4, dim=32, depth=1, heads=2, conv_depth=1, timesteps=100)
+    seen = []
+    net.stages[0].out_norm.register_forward_hook(lambda module, args, out: seen.append(args[1]))
+    net(torch.randn(2, 3, 32, 32), torch.tensor([0, 99]), torch.tensor([0, 1]))
+    assert seen[0].tolist() == pytest.approx([2 * 1 / 100 - 1, 1.0])
+    earlier = DiMR(input_size=32, patch_size=4, dim=32, depth=1, heads=2, conv_depth=1, timesteps=100,
+                   time_input="log_snr")
+    seen.clear()
+    earlier.stages[0].out_norm.register_forward_hook(lambda module, args, out: seen.append(args[1]))
+    earlier(torch.randn(2, 3, 32, 32), torch.tensor([0, 99]), torch.tensor([0, 1]))
+    assert torch.allclose(seen[0], schedule.log_snr[[0, 99]] / 4)
+    with pytest.raises(ConfigError, match="time_input"):
+        DiMR(time_input="t")
+
+
 def test_td_layernorm_starts_time_independent_with_separate_per_channel_mixing():
     norm = TDLayerNorm(16)
     x = torch.randn(3, 5, 16)
-    condition = torch.tensor([2.0, 0.0, -2.5])  # log-SNR / 4
+    condition = torch.tensor([-0.998, 0.0, 1.0])  # the time condition, 2 (t + 1) / T - 1
     plain = nn.functional.layer_norm(x, (16,), eps=1e-5)
     assert torch.allclose(norm(x, condition), plain, atol=1e-6)  # both endpoints equal at init
     for name in ("scale", "shift"):

@@ -1,18 +1,21 @@
-"""The shared optimizer wiring: no weight decay on tokens, optimizer settings, base-lr scaling by the global batch."""
+"""The shared optimizer wiring: weight-decay rules per reference, layer decay, optimizer settings, base-lr scaling."""
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 from torch.utils.data import DataLoader
 
 from modules.classification import ClassificationModule
-from modules.components.optim import OptimConfig, build_optimizer, global_batch_size, peak_lr
+from modules.components.errors import ConfigError
+from modules.components.optim import OptimConfig, build_optimizer, global_batch_size, parameter_groups, peak_lr
 from modules.simmim import SimMIMModule
 from tests.conftest import NamedTensors
 
@@ -51,12 +54,90 @@ def test_tokens_and_model_listed_parameters_get_no_weight_decay_under_a_prefix()
         assert decay["proj.weight"] == 0.05 and decay["backbone.blocks.0.mlp.fc1.weight"] == 0.05
 
 
-def test_simmim_module_mask_token_and_vit_tokens_not_decayed():
+def test_simmim_follows_its_reference_vit_tokens_exempt_mask_token_decayed():
+    # SimMIM optimizer.py: no decay for 1-d, biases and model.no_weight_decay(); its ViT lists pos_embed and
+    # cls_token but not the mask token (its Swin does).
     model = SimMIMModule("test_vit", num_classes=10, image_size=32, backbone_kwargs={"patch_size": 4, "depth": 1},
                          mask_patch_size=8)
-    decay = _decay_by_name(model, build_optimizer(model.optimizer_root(), model.optim))
-    assert decay["mask_token"] == decay["backbone.cls_token"] == decay["backbone.pos_embed"] == 0.0
-    assert decay["backbone.blocks.0.attn.qkv.weight"] == model.optim.weight_decay > 0
+    decay = _configured_decay(model)
+    assert decay["backbone.cls_token"] == decay["backbone.pos_embed"] == 0.0
+    assert decay["mask_token"] == decay["backbone.blocks.0.attn.qkv.weight"] == model.optim.weight_decay > 0
+    tokens_rule = SimMIMModule("test_vit", num_classes=10, image_size=32, mask_patch_size=8,
+                               backbone_kwargs={"patch_size": 4, "depth": 1},
+                               optim=OptimConfig(weight_decay_rule="tokens"))
+    assert _configured_decay(tokens_rule)["mask_token"] == 0.0  # the named option: visionlab's earlier rule
+
+
+def _configured_decay(module, root: nn.Module | None = None) -> dict[str, float]:
+    """Weight decay per parameter name of the optimizer the module's own configure_optimizers builds."""
+    module.trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=1, datamodule=None, train_dataloader=None,
+                                     estimated_stepping_batches=10, max_epochs=1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    return _decay_by_name(root or module.optimizer_root(), optimizer)
+
+
+def _reference_no_decay(root: nn.Module, rule: str) -> set[str]:
+    """Each reference's rule, written from its source (names relative to ``root``)."""
+    listed = set()
+    for prefix, module in root.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            listed |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    out = set()
+    for name, p in root.named_parameters():
+        if not p.requires_grad:
+            continue
+        if rule == "bias_norm":  # MAE pretraining: timm add_weight_decay(model, wd), skip_list=()
+            exempt = len(p.shape) == 1 or name.endswith(".bias")
+        elif rule == "bias_norm_listed":  # MAE fine-tuning param_groups_lrd / SimMIM set_weight_decay
+            exempt = p.ndim <= 1 or name.endswith(".bias") or name in listed
+        elif rule == "open_clip":  # open_clip: p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name; timm's
+            # (1, 1, D) class token is open_clip's (D,) class_embedding, its (1, N, D) pos_embed open_clip's (N, D)
+            ndim = {"cls_token": 1, "pos_embed": 2}.get(name.rsplit(".", 1)[-1], p.ndim)
+            exempt = ndim < 2 or any(key in name for key in ("bn", "ln", "bias", "logit_scale"))
+        else:  # DiT: AdamW(model.parameters(), weight_decay=...)
+            exempt = False
+        if exempt:
+            out.add(name)
+    return out
+
+
+def test_each_technique_default_follows_its_reference_weight_decay_rule():
+    from modules.clip import CLIPModule
+    from modules.components.diffusion.dit import DiT
+    from modules.diffusion import DiffusionModule
+    from modules.mae import MAEModule
+
+    vit = {"patch_size": 4, "depth": 1}
+    optim = OptimConfig(weight_decay=0.05)
+    mae = MAEModule("test_vit", num_classes=10, image_size=32, backbone_kwargs=vit, optim=optim)
+    clip = CLIPModule("test_vit", 3, 32, vit, embed_dim=16, text_width=16, text_depth=1, text_heads=2,
+                      vocab_size=100, optim=optim)
+    diffusion = DiffusionModule(partial(DiT, patch_size=8, dim=16, depth=1, heads=2), num_classes=3, image_size=32,
+                                timesteps=100, ema_decay=0, optim=optim)
+    classifier = ClassificationModule("test_vit", num_classes=3, image_size=32, backbone_kwargs=vit, optim=optim)
+    cases = {"bias_norm": mae, "open_clip": clip, "all": diffusion, "bias_norm_listed": classifier}
+    for rule, module in cases.items():
+        assert module.weight_decay_rule == rule
+        decay = _configured_decay(module)
+        expected = _reference_no_decay(module.optimizer_root(), rule)
+        assert {n for n, wd in decay.items() if wd == 0.0} == expected, rule
+        assert all(wd == 0.05 for n, wd in decay.items() if n not in expected), rule
+    # the differences that matter, spelled out
+    mae_decay = _configured_decay(mae)
+    assert mae_decay["backbone.cls_token"] == mae_decay["decoder.mask_token"] == 0.05  # MAE pretraining decays them
+    clip_decay = _configured_decay(clip)
+    assert clip_decay["image_encoder.pos_embed"] == clip_decay["text_encoder.positional_embedding"] == 0.05
+    assert clip_decay["image_encoder.cls_token"] == clip_decay["loss.logit_scale.log_scale"] == 0.0
+    assert clip_decay["image_encoder.blocks.0.norm1.weight"] == clip_decay["text_encoder.ln_final.weight"] == 0.0
+    assert set(_configured_decay(diffusion).values()) == {0.05}  # biases too: DiT's one group
+    assert _configured_decay(classifier)["cls_token"] == 0.0  # MAE fine-tuning: model.no_weight_decay()
+    # the named option gives visionlab's earlier rule back: every token and position embedding exempt
+    earlier = MAEModule("test_vit", num_classes=10, image_size=32, backbone_kwargs=vit,
+                        optim=OptimConfig(weight_decay=0.05, weight_decay_rule="tokens"))
+    earlier_decay = _configured_decay(earlier)
+    assert earlier_decay["backbone.cls_token"] == earlier_decay["decoder.mask_token"] == 0.0
+    with pytest.raises(ConfigError, match="weight_decay_rule"):
+        build_optimizer(nn.Linear(2, 2), OptimConfig(weight_decay_rule="timm"))
 
 
 def test_layer_decay_groups_also_exempt_tokens():
@@ -66,6 +147,29 @@ def test_layer_decay_groups_also_exempt_tokens():
     decay = _decay_by_name(model.backbone, optimizer)
     assert decay["cls_token"] == decay["pos_embed"] == 0.0 and decay["blocks.1.mlp.fc1.weight"] == 0.05
     assert sorted({g["lr_scale"] for g in optimizer.param_groups}) == [0.125, 0.25, 0.5, 1.0]
+    # MAE util/lr_decay.py get_layer_id_for_vit: cls_token/pos_embed/patch_embed 0, blocks.i i + 1, everything
+    # else (the final norm included) num_layers = depth + 1; scale = decay ** (num_layers - layer)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.backbone.named_parameters():
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = 3
+        assert scale[id(param)] == 0.5 ** (3 - layer), name
+    assert scale[id(model.backbone.norm.weight)] == 1.0  # timm's matcher merges it into the last block (0.5)
+
+
+def test_layer_decay_keeps_timm_grouping_for_other_families():
+    convnext = timm.create_model("test_convnext", num_classes=3)
+    groups = parameter_groups(convnext, 0.05, layer_decay=0.5, rule="bias_norm_listed")
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    layers = group_parameters(convnext, convnext.group_matcher(coarse=False), reverse=True)  # timm's own map
+    last = max(layers.values())
+    for name, param in convnext.named_parameters():
+        assert scale[id(param)] == 0.5 ** (last - layers[name]), name
+    assert scale[id(convnext.head.fc.weight)] == 1.0 and scale[id(convnext.stem[0].weight)] < 0.5
 
 
 @pytest.mark.parametrize("name", ["lars", "sgdw", "rmsprop", "sgd", "momentum", "sgdp"])
