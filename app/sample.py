@@ -32,7 +32,7 @@ def load_diffusion(path: str, device: str = "cpu"):
     hparams = checkpoint_hparams(path)
     if "schedule" not in hparams or "guidance_scale" not in hparams:
         raise ConfigError(f"{path} is not a diffusion checkpoint: pass one written with configs/diffusion/*.yaml")
-    if "denoiser" not in hparams:
+    if "denoiser" not in hparams or "unrecorded" in (hparams["denoiser"] or {}):
         raise ConfigError(f"{path} was written from Python with a denoiser object, which a checkpoint cannot record: "
                           "load it with DiffusionModule.load_from_checkpoint(path, denoiser=<the same factory>)")
     with warnings.catch_warnings(), allowlisted():

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
+from modules.components.parts import Part
 
-class LoaderBackend:
+
+class LoaderBackend(Part):
     """How an ``ImageDataModule``'s splits become loaders: ``datamodules.ffcv_loader.FFCVLoader`` (``.beton`` files,
     the default) or ``datamodules.torchvision_loader.TorchvisionLoader``, chosen by ``class_path``.
 

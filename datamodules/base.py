@@ -3,6 +3,7 @@ turns splits into loaders and an optional batch transform (captions, replayed cr
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -14,8 +15,9 @@ from torch import nn
 
 from datamodules import sources
 from datamodules.augment import DeviceAugment
-from datamodules.backend import LoaderBackend, default_loader
+from datamodules.backend import LoaderBackend, TrainPosition, default_loader
 from modules.components.errors import ConfigError
+from modules.components.parts import Part, record
 
 EMBEDDED = "fashion_mnist"
 
@@ -34,7 +36,7 @@ def loader_batch(batch) -> dict:
     return dict(zip(LOADER_FIELDS, batch))
 
 
-class BatchTransform:
+class BatchTransform(Part):
     """What a DataModule's ``batches`` makes of each transferred batch: captions (``datamodules/captions.py``),
     replayed stored crops and logits (``datamodules/replay.py``).
 
@@ -157,8 +159,14 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment = DeviceAugment(batch_augment or [], normalized_augment or [],
                                      seed if augment_seed is None else augment_seed)
         self.batches = batches
+        # The injected parts, recorded by the part contract (the CLI has recorded its class_path dicts already).
+        for name, value in (("loader", self.loader), ("batches", batches), ("batch_augment", batch_augment),
+                            ("normalized_augment", normalized_augment)):
+            if not isinstance(self.hparams.get(name), (dict, list)) or name not in self.hparams:
+                self.hparams[name] = record(value)
         if batches is not None:
             batches.bind(self)
+        self._resume: TrainPosition | None = None  # from a checkpoint, until the training epoch it is in starts
 
     # --- sources ---------------------------------------------------------------------------------
     @property
@@ -262,6 +270,65 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         return self.split_loader("train", train=True, indices=self.holdout_split()[0])
+
+    # --- the position in the training data (sample-exact resume) ---------------------------------
+    def train_position(self) -> TrainPosition | None:
+        """Where the running fit is in its training data, or ``None`` outside ``fit``.
+
+        ``batches`` is the count of this epoch's batches whose training step has run, which is where Lightning
+        resumes a checkpoint saved now (at a batch end, an epoch end or after a validation).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        batches = progress.current.processed
+        complete = bool(progress.is_last_batch) or batches >= trainer.num_training_batches
+        return TrainPosition(trainer.current_epoch, batches, self.batch_size, trainer.world_size, complete)
+
+    def state_dict(self) -> dict:
+        """``{"train_position": TrainPosition.as_dict()}`` during ``fit`` (Lightning saves it in checkpoints)."""
+        position = self.train_position()
+        return {} if position is None else {"train_position": position.as_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from a checkpoint's ``train_position``: the first training epoch that starts is checked against
+        it (``train_epoch_start``). A position inside an epoch needs the batch size and world size it was saved
+        with (the rest of the epoch's order is dealt to ranks in batches of that size); a ConfigError otherwise."""
+        saved = state_dict.get("train_position")
+        if not saved:
+            return
+        position = TrainPosition.from_dict(saved)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if not position.complete and position.batches and (world, self.batch_size) != (position.world_size,
+                                                                                          position.batch_size):
+            raise ConfigError(
+                f"the checkpoint was saved {position.batches} batches into epoch {position.epoch} by "
+                f"{position.world_size} process(es) of data.batch_size {position.batch_size}, and this run has {world} "
+                f"of {self.batch_size}: the rest of that epoch cannot be dealt out the same way. Resume with "
+                f"{position.world_size} process(es) (trainer.num_nodes x trainer.devices) and data.batch_size "
+                f"{position.batch_size}, or from a checkpoint saved at an epoch's end "
+                "(<default_root_dir>/checkpoints/epoch*.ckpt)")
+        self._resume = position
+        # The training loaders are resumable through this state, which Lightning's check (the loader object's own
+        # state_dict) does not look at: its "dataloader is not resumable" warning would be wrong here.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+    def train_epoch_start(self, epochs_started: int) -> tuple[int, int]:
+        """``(epoch, skip)`` for a training loader's epoch that starts now (at its first batch): the trainer's
+        epoch (``epochs_started``, the loader's own count, without a trainer) and how many of this rank's batches
+        of it to leave out: those a resumed checkpoint had trained on, in the epoch it was saved in, else 0."""
+        trainer = self.trainer
+        if trainer is None or not getattr(trainer, "training", False):
+            return epochs_started, 0
+        epoch, position, skip = trainer.current_epoch, self._resume, 0
+        if position is not None:
+            self._resume = None
+            if position.epoch == epoch:  # a complete epoch is skipped whole, whatever its batch count is now
+                skip = max(position.batches, int(min(trainer.num_training_batches, 2**31))) if position.complete \
+                    else position.batches
+        return epoch, skip
 
     # --- batches ---------------------------------------------------------------------------------
     def set_normalization(self, mean, std) -> None:

@@ -244,4 +244,6 @@ def with_stored_crops(datamodule: ImageDataModule, logits_path: str | None = Non
     if datamodule.batches is not None:
         raise ConfigError(f"data.init_args.batches is {type(datamodule.batches).__name__}: stored crops need "
                           "datamodules.replay.StoredCrops there instead")
-    return type(datamodule)(**dict(datamodule.hparams), batches=StoredCrops(logits_path), loader=datamodule.loader)
+    parts = ("batches", "loader", "batch_augment", "normalized_augment")  # recorded parts, not arguments to pass on
+    settings = {k: v for k, v in datamodule.hparams.items() if k not in parts}
+    return type(datamodule)(**settings, batches=StoredCrops(logits_path), loader=datamodule.loader)

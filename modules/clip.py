@@ -12,7 +12,6 @@ photo. Tokens are kept in 2x2 blocks as A-CLIP's (``AttentiveMasking(selection="
 
 from __future__ import annotations
 
-import importlib
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from modules.components.errors import ConfigError
 from modules.components.masked_vit import encode_pooled
 from modules.components.transfer import build_from_checkpoint
 from modules.components.optim import OptimConfig
-from modules.components.parts import module_spec
+from modules.components.parts import as_part, record
 from modules.components.clip.text import CLIP_VOCAB_SIZE, TextTransformer, local_model_dir
 from modules.components.clip.token_masking import TokenMasking
 
@@ -64,14 +63,6 @@ class RetrievalRecall(Metric):
         result = {f"i2t_recall@{k}": v for k, v in recall_at_k(similarity, ids, ids, self.ks).items()}
         result.update({f"t2i_recall@{k}": v for k, v in recall_at_k(similarity.t(), ids, ids, self.ks).items()})
         return result
-
-
-def _part(part):
-    """An injected part, or the part rebuilt from its ``{class_path, init_args}`` record (a checkpoint's)."""
-    if not isinstance(part, dict):
-        return part
-    module_name, _, name = part["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module_name), name)(**part.get("init_args", {}))
 
 
 class DualEncoder(nn.Module):
@@ -181,10 +172,12 @@ class CLIPModule(VisionModule):
         lock_text_unlocked_groups: int = 0,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
-        masking, loss, text_tower = _part(masking), _part(loss), _part(text_tower)
+        masking = as_part(masking, TokenMasking, "model.masking")
+        loss = as_part(loss, ContrastiveLoss, "model.loss")
+        text_tower = as_part(text_tower, HFTextEncoder, "model.text_tower")
         self.save_hyperparameters(ignore=["masking", "loss", "text_tower"])
         for name, part in (("masking", masking), ("loss", loss), ("text_tower", text_tower)):
-            self.hparams[name] = None if part is None else module_spec(part)  # primitives: weights_only reads
+            self.hparams[name] = record(part)  # primitives: weights_only reads
         if loss is None:
             loss = ClipLoss(init_logit_scale, max_logit_scale, local_loss)
         elif (init_logit_scale, max_logit_scale, local_loss) != (1 / 0.07, 100.0, False):
@@ -311,7 +304,7 @@ class CLIPModule(VisionModule):
         given = getattr(getattr(datamodule, "batches", None), "tokenizer_source", None)
         if (wanted is None) != (given is None) or (wanted is not None and local_model_dir(wanted) != local_model_dir(given)):
             raise ConfigError(f"the data tokenises captions with {given or 'CLIP BPE'} but the text tower needs "
-                              f"{wanted or 'CLIP BPE'}: set data.init_args.batches.init_args.tokenizer to {wanted}")
+                              f"{wanted or 'CLIP BPE'}: set data.init_args.batches.init_args.tokenizer to {wanted or 'clip'}")
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

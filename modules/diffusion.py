@@ -29,6 +29,7 @@ from modules.components.diffusion.frechet import load_feature_classifier
 from modules.components.frozen import Frozen
 from modules.components.mim.masking import fixed_generator
 from modules.components.optim import OptimConfig
+from modules.components.parts import check_recorded, record
 
 DenoiserFactory = Callable[[int, int, int], nn.Module]
 
@@ -100,14 +101,16 @@ class DiffusionModule(VisionModule):
         if classifier_classes is not None and len(classifier_classes) != num_classes:
             raise ConfigError(f"classifier_classes has {len(classifier_classes)} entries for {num_classes} classes: "
                               "give the classifier's class index of every class")
-        # Objects passed from Python (not CLI configs, which record class_path dicts) are left out of the
-        # hyper-parameters: such a checkpoint needs them passed again to load_from_checkpoint.
+        for name, value in (("denoiser", denoiser), ("finetune", finetune), ("autoencoder", autoencoder)):
+            check_recorded(value, f"model.{name}")
+        # The CLI records its class_path dicts; objects passed from Python are recorded by the part contract
+        # (a denoiser class or factory as unrecorded: such a checkpoint needs it passed again to load_from_checkpoint).
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "is an instance of nn.Module": dropped just below
+            warnings.simplefilter("ignore")  # "is an instance of nn.Module": recorded just below
             self.save_hyperparameters()
-        objects = [k for k in ("denoiser", "finetune", "autoencoder") if not isinstance(self.hparams.get(k), (dict, type(None)))]
-        if objects:
-            self.save_hyperparameters(ignore=objects)
+        for name in ("denoiser", "finetune", "autoencoder"):
+            if not isinstance(self.hparams.get(name), (dict, type(None))):
+                self.hparams[name] = record(self.hparams[name])
         self.label_dropout, self.clip_denoised, self.latent_scale = label_dropout, clip_denoised, latent_scale
         self.sample_steps, self.guidance_scale, self.eta = sample_steps, guidance_scale, eta
         self.eval_samples_per_class = eval_samples_per_class

@@ -16,6 +16,7 @@ from modules.components.errors import ConfigError
 from modules.components.kd.mixing import Mixing
 from modules.components.kd.targets import FerKD, OnlineTeachers, TargetSource
 from modules.components.kd.terms import KDStep, LossTerm
+from modules.components.parts import record
 from modules.components.optim import OptimConfig
 
 
@@ -71,8 +72,8 @@ class DistillationModule(VisionModule):
         terms = list(terms or [])
         self.save_hyperparameters(ignore=["targets", "calibration", "mixing", "terms"])
         # primitives only (weights_only checkpoints), rebuilt by Lightning's CLI instantiator on reload
-        self.hparams.update(targets=targets.config(), calibration=calibration.config() if calibration else None,
-                            mixing=mixing.config() if mixing else None, terms=[term.config() for term in terms],
+        self.hparams.update(targets=record(targets), calibration=record(calibration), mixing=record(mixing),
+                            terms=record(terms),
                             _instantiator="lightning.pytorch.cli.instantiate_module")
         self.backbone = create_backbone(student, num_classes=num_classes, image_size=image_size, **(student_kwargs or {}))
         if init_checkpoint:

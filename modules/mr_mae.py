@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -19,6 +19,7 @@ from modules.components.mim.encoders import (
     teacher_tokens,
 )
 from modules.components.optim import OptimConfig
+from modules.components.parts import record
 from modules.components.tokens import feature_mimic_loss
 
 
@@ -116,8 +117,8 @@ class MRMAEModule(MaskedPretrainingModule):
         if not specs:
             raise ConfigError("MR-MAE needs at least one teacher: set model.teacher or a non-empty model.teachers")
         self.save_hyperparameters()
-        if teachers is not None:  # plain dicts, so that weights_only=True checkpoint reads accept them
-            self.hparams["teachers"] = [asdict(spec) for spec in specs]
+        if teachers is not None:  # primitives, so that weights_only=True checkpoint reads accept them
+            self.hparams["teachers"] = record(specs)
         self.backbone, self.decoder, self.grid_size = mae_encoder_decoder(
             backbone, num_classes, image_size, backbone_kwargs, "MR-MAE", decoder_dim, decoder_depth, decoder_heads,
             learned_pos_embed)

@@ -21,6 +21,7 @@ from modules.components.backbones import create_backbone
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
+from modules.components.parts import record
 from modules.components.peft.methods import PEFTMethod, SSFTuning, build_method
 from modules.components.peft.task_file import read_task_file, write_task_file
 from modules.components.transfer import build_from_checkpoint
@@ -59,7 +60,7 @@ class PEFTModule(VisionModule):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.method = build_method(method) if method is not None else SSFTuning()
         self.save_hyperparameters(ignore=["method"])
-        self.hparams["method"] = self.method.spec()  # primitives only: checkpoints load with weights_only=True
+        self.hparams["method"] = record(self.method)  # primitives only: checkpoints load with weights_only=True
         self.label_smoothing = label_smoothing
         if init_checkpoint:
             self.backbone, arch = build_from_checkpoint(init_checkpoint, "replace", num_classes, image_size, backbone,
@@ -95,7 +96,7 @@ class PEFTModule(VisionModule):
         """Write the task-specific parameters (low-bit weights bit-packed) + the config to rebuild the model."""
         accepted = inspect.signature(PEFTModule.__init__).parameters
         config = {k: v for k, v in self.hparams.items() if k in accepted and k != "optim"}  # drops the CLI's _class_path etc.
-        config["method"] = self.method.spec()
+        config["method"] = record(self.method)
         return write_task_file(path, config, *self.method.task_state(self))
 
     # --- Lightning -----------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_feature_kd_builds_the_injected_projection_for_the_probed_shapes(teacher
     tokens, _ = student_tokens_and_logits(student.eval(), torch.zeros(2, 3, 32, 32), None)
     target = teacher_tokens(teachers[0], torch.zeros(2, 3, 32, 32), None)
     assert term.projector(tokens).shape == target.shape  # (B, N_t, D_t)
-    recorded = term.config()["init_args"]["projector"]
+    recorded = term.record()["init_args"]["projector"]
     assert recorded == (None if projection is None else
                         {"class_path": f"modules.components.kd.distill.{type(projection).__name__}",
                          "init_args": {"num_heads": 2} if isinstance(projection, CrossAttention) else {}})

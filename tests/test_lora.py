@@ -148,7 +148,7 @@ def backbone_checkpoint(tmp_path):
 def test_task_file_holds_adapter_weights_only_and_the_peft_tool_merges(tmp_path, backbone_checkpoint, method):
     ckpt, pretrained = backbone_checkpoint
     model = PEFTModule(**VIT, num_classes=3, method=method, init_checkpoint=ckpt)
-    assert build_method(model.method.spec()).spec() == model.method.spec()  # rebuilt from primitives
+    assert build_method(model.method.record()).record() == model.method.record()  # rebuilt from primitives
     perturb(model)
     model.export_task_file(tmp_path / "task.pt")
     saved = torch.load(tmp_path / "task.pt", weights_only=True)

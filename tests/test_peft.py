@@ -104,16 +104,16 @@ def test_trainable_names_resnet():
 
 def test_methods_rebuild_from_their_spec_and_unknown_ones_are_refused():
     method = AdapterTuning(dim=4, bias=False, placement=SequentialPlacement(), quantizer=UniformGrid(3, learned_step=True))
-    again = build_method(method.spec())
-    assert type(again) is AdapterTuning and again.spec() == method.spec()
+    again = build_method(method.record())
+    assert type(again) is AdapterTuning and again.record() == method.record()
     assert type(again.quantizer) is UniformGrid and again.quantizer.learned_step
     assert type(again.placement) is SequentialPlacement and type(AdapterTuning().placement) is ParallelPlacement
     with pytest.raises(ConfigError, match="unknown AdapterPlacement"):  # a nested part must be of its own kind
-        build_method({**method.spec(), "init_args": {"placement": {"class_path": "modules.components.peft.low_bit.UniformGrid"}}})
+        build_method({**method.record(), "init_args": {"placement": {"class_path": "modules.components.peft.low_bit.UniformGrid"}}})
     with pytest.raises(ConfigError, match="only quantizer, placement"):
-        build_method({**method.spec(), "init_args": {"dim": {"class_path": "modules.components.peft.methods.SequentialPlacement"}}})
-    model = build(VIT, method.spec())  # a checkpoint's hyper-parameters hold the spec, never the object
-    assert model.hparams["method"] == method.spec()
+        build_method({**method.record(), "init_args": {"dim": {"class_path": "modules.components.peft.methods.SequentialPlacement"}}})
+    model = build(VIT, method.record())  # a checkpoint's hyper-parameters hold the spec, never the object
+    assert model.hparams["method"] == method.record()
     with pytest.raises(ConfigError, match="SSFTuning"):
         build_method({"class_path": "os.system", "init_args": {"command": "true"}})
     with pytest.raises(ConfigError, match="class_path"):

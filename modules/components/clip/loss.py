@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from modules.components.parts import Part
 from modules.components.contrastive import LogitScale, clip_loss, gather_features
 
 
@@ -132,7 +133,7 @@ def split_micro_batches(tensors: Sequence[torch.Tensor], num_micro_batches: int)
 
 
 # --- loss objects, chosen by class_path ------------------------------------------------------------
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(nn.Module, Part):
     """An image-text loss that owns its learnable inputs (the temperature; SigLIP's bias too).
 
     ``inputs()`` returns the live learnable tensors, ``compute(images, texts, *inputs)`` the training loss of the

@@ -20,6 +20,7 @@ from modules.components.contrastive import (attentive_keep_index, cosine_momentu
                                             num_kept, random_keep_index, sample_crop_boxes)
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
+from modules.components.parts import Part
 from modules.components.masked_vit import cls_attention
 
 
@@ -69,7 +70,7 @@ def attentive_block_keep_index(scores: torch.Tensor, grid: tuple[int, int], keep
     return by_score.gather(1, by_block)[:, :keep].sort(dim=1).values
 
 
-class TokenMasking(nn.Module):
+class TokenMasking(nn.Module, Part):
     """Drop ``ratio`` of the image patch tokens in training (evaluation always sees every token).
 
     Args:

@@ -18,12 +18,13 @@ from torch import nn
 
 from modules.components.clip.text import _transformers, local_model_dir
 from modules.components.errors import ConfigError
+from modules.components.parts import Part
 from modules.components.frozen import Frozen
 
 POOLINGS = ("cls", "mean")
 
 
-class HFTextEncoder(nn.Module):
+class HFTextEncoder(nn.Module, Part):
     """A local Hugging Face encoder (BERT-like) as a text tower: token ids -> one pooled feature per text.
 
     Use it with the same model's tokenizer on the data side (``datamodules.captions.ClassPrompts(tokenizer=...)``).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modules.components.parts import Part
 from modules.components.errors import ConfigError
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -49,7 +50,7 @@ class ScaledLinear(nn.Linear):
         return super().forward(x) * self.gamma_out
 
 
-class DiffFit:
+class DiffFit(Part):
     """The DiffFit recipe, applied to a denoiser whose ``blocks`` have ``gamma_attn`` / ``gamma_mlp`` slots (DiT).
 
     Args:

@@ -18,6 +18,7 @@ from torch import nn
 
 from modules.components.backbones import create_backbone
 from modules.components.errors import ConfigError
+from modules.components.parts import Part
 from modules.components.tokens import feature_mimic_loss, resize_tokens
 from modules.components.transfer import build_from_checkpoint
 
@@ -199,7 +200,7 @@ def _square_grid(num_tokens: int) -> tuple[int, int]:
     return side, side
 
 
-class Projection:
+class Projection(Part):
     """How ``FeatureKD`` maps student feature tokens onto the teacher's (chosen by ``class_path``).
 
     ``build`` is called once the token shapes are known (a probe forward of both networks) and returns the

@@ -122,7 +122,6 @@ class SoftTargetMix(Mixing):
     def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0, mixup_share: float = 0.5):
         super().__init__()
         self.mixup_alpha, self.cutmix_alpha, self.prob, self.mixup_share = mixup_alpha, cutmix_alpha, prob, mixup_share
-        self.remember(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, mixup_share=mixup_share)
 
     def partners(self, batch: dict) -> torch.Tensor:
         return torch.randperm(len(batch["image"])).to(batch["image"].device)
@@ -148,7 +147,6 @@ class SelfMix(Mixing):
     def __init__(self, alpha: float = 1.0):
         super().__init__()
         self.alpha = alpha
-        self.remember(alpha=alpha)
 
     def partners(self, batch: dict) -> torch.Tensor:
         if "index" not in batch:

@@ -12,7 +12,7 @@
 * ``FerKD`` calibration (Zhiqiang Shen, FerKD, ICCV 2023): per-crop soft/hard label adaptation by the
   teacher's confidence on the true class.
 
-Every part records its constructor arguments (``config()``) so that a checkpoint holds only primitive
+Every part records its constructor arguments (``modules.components.parts``) so that a checkpoint holds only primitive
 hyper-parameters (``class_path`` + ``init_args``) and is rebuilt from them.
 """
 
@@ -27,6 +27,7 @@ from modules.components.kd.distill import (build_teacher, check_ferkd_thresholds
                                         renormalised_sparse_targets, sparse_soft_targets, topk_probabilities)
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
+from modules.components.parts import Part
 
 STORED_KEYS = ("topk_values", "topk_indices", "topk_logsumexp", "logits_temperature")
 
@@ -49,17 +50,8 @@ class KDTargets:
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class KDPart(nn.Module):
-    """A part injected into ``DistillationModule``; it remembers its constructor arguments for checkpoints."""
-
-    def remember(self, **init_args) -> None:
-        self._init_args = init_args
-
-    def config(self) -> dict:
-        """``{"class_path", "init_args"}`` of this part: primitives only (modules are recorded by type name)."""
-        args = {k: ([v if isinstance(v, (str, int, float, bool, type(None), dict)) else type(v).__name__ for v in value]
-                    if isinstance(value, (list, tuple)) else value) for k, value in getattr(self, "_init_args", {}).items()}
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+class KDPart(nn.Module, Part):
+    """A part injected into ``DistillationModule``; its constructor arguments are its record (``parts.Part``)."""
 
 
 # --- target sources --------------------------------------------------------------------------------
@@ -95,7 +87,6 @@ class OnlineTeachers(TargetSource):
     def __init__(self, teachers: list[str | nn.Module] | None = None, teacher_kwargs: dict | None = None):
         super().__init__()
         self.specs, self.teacher_kwargs = list(teachers or []), teacher_kwargs
-        self.remember(teachers=self.specs, teacher_kwargs=teacher_kwargs)
 
     @torch.no_grad()
     def bind(self, num_classes: int, image_size: int) -> None:
@@ -128,7 +119,6 @@ class StoredLogits(TargetSource):
 
     def __init__(self):
         super().__init__()
-        self.remember()
 
     def _stored(self, batch: dict) -> None:
         missing = [key for key in STORED_KEYS if key not in batch]
@@ -163,7 +153,6 @@ class StoredLogitsRenormalised(StoredLogits):
         if not 0.0 <= rest_mass < 1.0:
             raise ConfigError(f"rest_mass {rest_mass} must be in [0, 1)")
         self.rest_mass = rest_mass
-        self.remember(rest_mass=rest_mass)
 
     def forward(self, batch: dict, temperature: float) -> KDTargets:
         self._stored(batch)
@@ -189,7 +178,6 @@ class FerKD(KDPart):
         check_ferkd_thresholds(low, high)
         self.low, self.high, self.smoothing = low, high, smoothing
         self.negative_weight, self.easy_weight = negative_weight, easy_weight
-        self.remember(low=low, high=high, smoothing=smoothing, negative_weight=negative_weight, easy_weight=easy_weight)
 
     def forward(self, targets: KDTargets, labels: torch.Tensor) -> KDTargets:
         confidence = targets.probs.gather(1, labels.long()[:, None]).squeeze(1)  # (B,) teacher p(true class)

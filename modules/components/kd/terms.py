@@ -27,7 +27,6 @@ from modules.components.contrastive import scale_gradient
 from modules.components.kd.distill import (CrossAttention, PerTokenLinear, Projection, feature_kd_loss,
                                         student_tokens_and_logits, teacher_tokens)
 from modules.components.errors import ConfigError
-from modules.components.parts import module_spec
 from modules.components.kd.targets import KDPart, KDTargets
 
 
@@ -98,8 +97,6 @@ class HardLabels(LossTerm):
             raise ConfigError(f"HardLabels: label_smoothing {label_smoothing} and a criterion "
                               f"({type(criterion).__name__}): set the smoothing on the criterion")
         self.label_smoothing, self.criterion = label_smoothing, criterion
-        self.remember(weight=weight, label_smoothing=label_smoothing,
-                      criterion=None if criterion is None else module_spec(criterion))
 
     def forward(self, step: KDStep) -> torch.Tensor:
         labels = step.batch["label"]  # (B,) indices or (B, C) mixed probabilities
@@ -127,8 +124,6 @@ class FeatureKD(LossTerm):
     def __init__(self, weight: float = 1.0, feature_layer: int | None = None, projector: Projection | None = None):
         super().__init__(weight)
         self.feature_layer, self.projection = feature_layer, projector
-        self.remember(weight=weight, feature_layer=feature_layer,
-                      projector=None if projector is None else module_spec(projector))
 
     @torch.no_grad()
     def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
@@ -177,7 +172,6 @@ class LogitDiscriminator(LossTerm):
     def __init__(self, weight: float = 1.0, reduction: int = 8):
         super().__init__(weight)
         self.reduction = reduction
-        self.remember(weight=weight, reduction=reduction)
 
     def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
         hidden = max(num_classes // self.reduction, 2)
@@ -213,7 +207,6 @@ class ProbabilityDiscriminator(LossTerm):
     def __init__(self, weight: float = 1.0, hidden_dim: int = 128):
         super().__init__(weight)
         self.hidden_dim = hidden_dim
-        self.remember(weight=weight, hidden_dim=hidden_dim)
 
     def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
         self.net = nn.Sequential(nn.Linear(num_classes, self.hidden_dim), nn.ReLU(),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.components.parts import Part
 from modules.components.errors import ConfigError
 
 
@@ -59,7 +60,7 @@ def normal_codebook(bits: int, iterations: int = 500) -> tuple[torch.Tensor, tor
     return levels.float(), ((levels[1:] + levels[:-1]) / 2).float()
 
 
-class WeightQuantizer:
+class WeightQuantizer(Part):
     """How a :class:`QuantLinear` turns its latent weight into low-bit values, and how those are stored.
 
     Args:
@@ -88,10 +89,6 @@ class WeightQuantizer:
         """Bytes of the packed codes plus the decode tensors."""
         raise NotImplementedError
 
-    def spec(self) -> dict:
-        """``class_path`` + ``init_args`` that rebuild this quantizer (task files, checkpoints)."""
-        args = {k: v for k, v in vars(self).items() if not k.startswith("_")}
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
 
 class NormalQuantile(WeightQuantizer):

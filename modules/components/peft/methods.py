@@ -12,7 +12,6 @@ file stores) and, where it can, how to merge into a plain timm model (:meth:`PEF
 from __future__ import annotations
 
 import copy
-import inspect
 
 import torch
 from timm.models.efficientnet import EfficientNet
@@ -26,7 +25,7 @@ from modules.components.peft.layers import (Adapter, AdapterConfig, AdaptFormerB
                                      wrap_sites)
 from modules.components.peft.lora import LoRALayer, lora_sites, merge_lora
 from modules.components.peft.side_network import SideNetwork, backbone_intermediates
-from modules.components.parts import module_spec
+from modules.components.parts import Part, as_part
 
 
 def classifier_name(backbone: nn.Module) -> str:
@@ -35,7 +34,7 @@ def classifier_name(backbone: nn.Module) -> str:
     return next(name for name, module in backbone.named_modules() if module is head)
 
 
-class PEFTMethod:
+class PEFTMethod(Part):
     """Base: the backbone is frozen (and runs in eval mode), only the classifier head trains."""
 
     trains_backbone = False
@@ -86,14 +85,6 @@ class PEFTMethod:
     def merge(self, backbone: nn.Module) -> nn.Module:
         """A plain timm model computing what the wrapped backbone computes (a copy; the original is untouched)."""
         raise ConfigError(f"{type(self).__name__} adds modules to the backbone: it does not merge into a plain model")
-
-    def spec(self) -> dict:
-        """``class_path`` + ``init_args`` that rebuild this method (hyper-parameters, task files)."""
-        args = {}
-        for name in list(inspect.signature(type(self).__init__).parameters)[1:]:
-            value = getattr(self, name)
-            args[name] = value.spec() if hasattr(value, "spec") else value
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
 
 class LinearProbe(PEFTMethod):
@@ -190,15 +181,12 @@ class DoRATuning(LoRATuning):
     dora = True
 
 
-class AdapterPlacement:
+class AdapterPlacement(Part):
     """Where ``AdapterTuning`` puts its adapters in a backbone, chosen by ``class_path``."""
 
     def insert(self, model: nn.Module, cfg: AdapterConfig, example: torch.Tensor) -> list[str]:
         """Wrap the adapter sites of ``model`` in place (``example``: one input, for channel counts); their names."""
         raise NotImplementedError
-
-    def spec(self) -> dict:
-        return module_spec(self)
 
 
 class ParallelPlacement(AdapterPlacement):
@@ -317,40 +305,7 @@ def insert_mobile_block_adapters(model: nn.Module, cfg: AdapterConfig, example: 
     return names
 
 
-def _known(base: type) -> dict[str, type]:
-    found, todo = {}, [base]
-    while todo:
-        cls = todo.pop()
-        found[f"{cls.__module__}.{cls.__qualname__}"] = cls
-        todo.extend(cls.__subclasses__())
-    return found
-
-
-_NESTED = {"quantizer": WeightQuantizer, "placement": AdapterPlacement}  # the parts a method spec nests
-
-
 def build_method(spec: PEFTMethod | dict) -> PEFTMethod:
-    """A method from itself or from a ``{class_path, init_args}`` spec (nested quantizer specs too).
-
-    Only classes already imported that derive from :class:`PEFTMethod` / :class:`WeightQuantizer` are
-    built, so a task file or checkpoint cannot name anything else to call.
-    """
-    if isinstance(spec, PEFTMethod):
-        return spec
-    return _from_spec(spec, PEFTMethod)
-
-
-def _from_spec(spec: dict, base: type):
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ConfigError(f"a PEFT method is given as class_path + init_args, got {spec!r}")
-    known = _known(base)
-    cls = known.get(spec["class_path"])
-    if cls is None:
-        raise ConfigError(f"unknown {base.__name__} '{spec['class_path']}': pick one of {', '.join(sorted(n for n, c in known.items() if c is not base))}")
-    args = dict(spec.get("init_args") or {})
-    for key, value in args.items():
-        if isinstance(value, dict) and "class_path" in value:
-            if key not in _NESTED:
-                raise ConfigError(f"{spec['class_path']}.{key} cannot be a class_path: only {', '.join(_NESTED)} are built")
-            args[key] = _from_spec(value, _NESTED[key])
-    return cls(**args)
+    """A method from itself or from its record (nested quantizer and placement records too), through the one
+    allow-listed rebuild of :func:`modules.components.parts.build_part`."""
+    return as_part(spec, PEFTMethod, "model.method")
