@@ -1,8 +1,8 @@
 """Run by tests/test_streaming.py as a script: Lightning re-executes it once per DDP rank (gloo on CPU).
 
 Trains ClassificationModule through the streaming back-end on an ImageFolder and records, per rank and epoch, the
-source index of every training sample the rank's steps saw; ``--max-steps`` stops early and saves ``last.ckpt``,
-``--resume`` continues from such a checkpoint.
+source index of every training sample the rank's steps saw; ``--save-at`` saves ``step.ckpt`` after that many
+training steps (inside the epoch), ``--resume`` continues from such a checkpoint.
 """
 
 from __future__ import annotations
@@ -38,13 +38,24 @@ class SeenIds(pl.Callback):
         self.ids[-1] += batch["index"].tolist()
 
 
+class SaveAt(pl.Callback):
+    """A checkpoint after ``step`` training steps, as ModelCheckpoint(every_n_train_steps) saves one."""
+
+    def __init__(self, step: int, path: Path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--source", required=True)
     parser.add_argument("--cache", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--save-at", type=int, default=None)
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
 
@@ -54,16 +65,15 @@ def main() -> None:
     model = ClassificationModule("test_vit", num_classes=data.num_classes, image_size=16, label_smoothing=0.0,
                                  backbone_kwargs={"patch_size": 4, "depth": 1},
                                  optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, warmup_epochs=0))
-    seen = SeenIds()
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp", max_epochs=1, max_steps=args.max_steps,
+    seen, out = SeenIds(), Path(args.out)
+    callbacks = [seen] + ([SaveAt(args.save_at, out / "step.ckpt")] if args.save_at else [])
+    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp", max_epochs=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[seen], default_root_dir=args.out)
+                         limit_val_batches=0, callbacks=callbacks, default_root_dir=args.out)
     with allowlisted():  # the checkpoint's hyper-parameters hold an OptimConfig (weights_only=True)
         trainer.fit(model, data, ckpt_path=args.resume)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"ids": seen.ids}))
-    trainer.save_checkpoint(out / "last.ckpt")
 
 
 if __name__ == "__main__":

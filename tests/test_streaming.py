@@ -71,6 +71,26 @@ def test_prepare_data_writes_checksummed_shards_any_webdataset_reader_reads(shar
         assert int(sample["cls"]) == source.labels[index]
 
 
+def test_a_captions_file_goes_into_the_shards(image_folder, tmp_path):
+    """Each sample carries its captions as WebDataset's ``.txt`` (open_clip's layout); batches keep the index lookup."""
+    import webdataset as wds
+
+    from datamodules.captions import CaptionsFile
+
+    files = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("".join(f"{name}\tcaption {i}\n{name}\tanother {i}\n" for i, name in enumerate(files)))
+    dm = ImageDataModule(source=str(image_folder), loader=StreamingLoader(cache_dir=str(tmp_path / "cache"),
+                                                                          shard_bytes=20000, write_workers=1),
+                         batches=CaptionsFile(str(captions)), **SETTINGS)
+    manifest = dm.loader.write_shards(tmp_path / "set")
+    source = dm.get_source("val")
+    entries = manifest["splits"]["val"]["shards"]
+    for sample in wds.WebDataset([str(tmp_path / "set" / e["file"]) for e in entries], shardshuffle=False, empty_check=False):
+        i = files.index(Path(source.files[int(sample["__key__"])]).relative_to(image_folder).as_posix())
+        assert sample["txt"].decode() == f"caption {i}\nanother {i}"
+
+
 def test_a_failed_write_leaves_nothing(image_folder, tmp_path):
     broken = tmp_path / "broken"
     for folder in image_folder.iterdir():
@@ -202,18 +222,16 @@ def test_a_corrupt_shard_stops_fit_with_one_line(run_cli, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_see_every_sample_once_and_resume_with_the_unseen(tmp_path, image_folder):
-    """Lightning DDP on 2 CPU processes stopped after 2 steps, then resumed from its checkpoint: on each rank the
-    resumed run trains on the epoch's other batches only, and the two ranks' epochs are disjoint and cover it."""
+    """Lightning DDP on 2 CPU processes: the ranks' epochs are disjoint; a run resumed from the checkpoint saved after
+    2 steps trains, on each rank, on exactly the batches the first run trained on after that point."""
     script = ROOT / "tests/streaming_ddp_script.py"
     common = [sys.executable, str(script), "--source", str(image_folder), "--cache", str(tmp_path / "cache")]
-    subprocess.run([*common, "--out", str(tmp_path / "part"), "--max-steps", "2"], check=True, timeout=400, cwd=ROOT)
-    subprocess.run([*common, "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "part" / "last.ckpt")],
+    subprocess.run([*common, "--out", str(tmp_path / "full"), "--save-at", "2"], check=True, timeout=400, cwd=ROOT)
+    subprocess.run([*common, "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "step.ckpt")],
                    check=True, timeout=400, cwd=ROOT)
-    epochs = []
+    full = [json.loads((tmp_path / "full" / f"rank{rank}.json").read_text())["ids"][0] for rank in range(2)]
+    assert [len(ids) for ids in full] == [16, 16]  # 36 samples: 18 per rank, 4 batches of 4
+    assert not set(full[0]) & set(full[1]) and set(full[0]) | set(full[1]) <= set(range(36))
     for rank in range(2):
-        part = json.loads((tmp_path / "part" / f"rank{rank}.json").read_text())["ids"]
         resumed = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())["ids"]
-        assert len(part[0]) == 2 * 4 and len(resumed[0]) == 2 * 4  # 36 samples: 18 per rank, 4 batches of 4
-        epochs.append(part[0] + resumed[0])
-        assert len(set(epochs[-1])) == 16  # the resumed run saw none of the samples the first had trained on
-    assert not set(epochs[0]) & set(epochs[1]) and set(epochs[0]) | set(epochs[1]) <= set(range(36))
+        assert resumed == [full[rank][2 * 4:]]  # the epoch's last 2 batches, in order, nothing before them again
