@@ -6,14 +6,16 @@ import hashlib
 import json
 from pathlib import Path
 
-from datamodules.backend import LoaderBackend
+from datamodules.backend import EpochStart, LoaderBackend
 from datamodules.beton import WriteSettings, loader_threads
 from datamodules.ffcv_epochs import CheckedLoader
+from datamodules.numba_cache import cache_typed_dict
 from datamodules.prepared import MANIFEST, SPLITS, check_prepared, complete_manifest, read_manifest, write_prepared
 from modules.components.errors import ConfigError
 
 
 def _require_ffcv():
+    cache_typed_dict()  # before FFCV's import compiles numba's typed dict
     try:
         import ffcv  # noqa: F401
     except ImportError as err:
@@ -286,7 +288,7 @@ class FFCVLoader(LoaderBackend):
             order = OrderOption.RANDOM
         elif train and self.order == "quasi_random":
             order = OrderOption.RANDOM if self._distributed() else OrderOption.QUASI_RANDOM
-        return CheckedLoader(Loader(
+        loader = Loader(
             str(self.beton_path(split)),
             batch_size=self.datamodule.batch_size,
             num_workers=loader_threads(self.datamodule.num_workers),
@@ -298,7 +300,12 @@ class FFCVLoader(LoaderBackend):
             pipelines=self.pipelines(split, train, seed),
             drop_last=train,
             batches_ahead=self.batches_ahead,
-        ), str(self.beton_path(split)), seed, (lambda: trainer.current_epoch) if trainer is not None else None)
+        )
+        if not train:
+            return CheckedLoader(loader, str(self.beton_path(split)), seed)
+        loader.traversal_order = order = ResumableOrder(loader.traversal_order)  # after Loader measured its length
+        return ResumableLoader(loader, str(self.beton_path(split)), seed, lambda: order.epoch,
+                               datamodule=self.datamodule, order=order)
 
     def decoded_pixels(self, decode_size: int | None) -> str:
         if self.write_mode == "raw" and self.max_resolution is None and decode_size is None:
@@ -311,3 +318,40 @@ class FFCVLoader(LoaderBackend):
 
         return int(Reader(str(self.beton_path("train"))).num_samples)
 
+
+
+class ResumableOrder:
+    """An FFCV traversal order that serves ``order``'s sample order of ``epoch`` (set by ``ResumableLoader``: the
+    trainer's epoch, not the count of epochs this ``Loader`` ran) without its first ``skip`` samples."""
+
+    def __init__(self, order):
+        self.order, self.epoch, self.skip = order, 0, 0
+        # ffcv 1.0.2's QuasiRandom shuffles its page table in place on every call, so its order for an epoch also
+        # depended on how many epochs this process had drawn before: each epoch now draws from the same table.
+        table = getattr(order, "page_to_samples_array", None)
+        self._table = None if table is None else table.copy()
+
+    def sample_order(self, epoch: int):
+        if self._table is not None:
+            self.order.page_to_samples_array[...] = self._table
+        return self.order.sample_order(self.epoch)[self.skip:]
+
+
+class ResumableLoader(CheckedLoader):
+    """A training ``CheckedLoader`` that starts each epoch at its first batch, where the DataModule says which
+    epoch it is and how many batches a resumed run already trained on (``LoaderBackend``'s resume contract):
+    ``ResumableOrder`` drops those batches' samples; the seeded crops draw from the epoch's seed, the batch's
+    samples and each one's place in the batch (``datamodules/ffcv_ops.py``), so the batches that remain are
+    decoded as they would have been."""
+
+    def __init__(self, *args, datamodule, order: ResumableOrder, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.datamodule, self.order = datamodule, order
+
+    def __iter__(self):
+        return EpochStart(self._start_epoch)
+
+    def _start_epoch(self):
+        self.order.epoch, skip = self.datamodule.train_epoch_start(self.started)
+        self.order.skip = skip * self.loader.batch_size
+        return super().__iter__()
