@@ -120,7 +120,7 @@ SIGLIP = "modules.components.clip.loss.SigLipLoss"
 TRANSFER = {  # name: (config layer, extra overrides)
     "scratch": ("clip/pretrained_towers.yaml", [
         "--model.init_args.backbone_kwargs", "{}", "--model.init_args.text_tower", "null",
-        "--model.init_args.text_max_length", "16", "--data.init_args.batches.init_args.tokenizer", "null"]),
+        "--model.init_args.text_max_length", "16", "--data.init_args.batches.init_args.tokenizer", "clip"]),
     "lit_softmax": ("clip/lit.yaml", []),
     "lit_siglip": ("clip/lit.yaml", ["--model.init_args.loss", SIGLIP]),
     "pretrained_unlocked": ("clip/pretrained_towers.yaml", []),

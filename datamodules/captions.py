@@ -53,13 +53,13 @@ class ClassPrompts(BatchTransform):
     Args:
         templates: prompt templates with one ``{}`` for the class name (default: five photo prompts).
         context_length: token ids per caption.
-        tokenizer: None = CLIP's BPE (visionlab's own text tower); a local Hugging Face model directory or
+        tokenizer: None or ``clip`` = CLIP's BPE (visionlab's own text tower); a local Hugging Face model directory or
             ``package:<pip package>`` = that model's tokenizer, for its ``HFTextEncoder`` text tower.
     """
 
     def __init__(self, templates: list[str] | None = None, context_length: int = 32, tokenizer: str | None = None):
         self.templates = list(templates or DEFAULT_TEMPLATES)
-        self.tokenizer_source = tokenizer
+        self.tokenizer_source = None if tokenizer == "clip" else tokenizer
         self.tokenizer = make_tokenizer(tokenizer, context_length)
 
     def bind(self, datamodule) -> None:

@@ -95,8 +95,8 @@ class HFTokenizer:
 
 
 def make_tokenizer(source: str | None, context_length: int) -> ClipTokenizer | HFTokenizer:
-    """CLIP's BPE (``source`` None, for visionlab's own text tower) or a local Hugging Face model's tokenizer."""
-    return ClipTokenizer(context_length) if source is None else HFTokenizer(source, context_length)
+    """CLIP's BPE (``source`` None or ``clip``, for visionlab's own text tower) or a local Hugging Face model's."""
+    return ClipTokenizer(context_length) if source in (None, "clip") else HFTokenizer(source, context_length)
 
 
 class TextTransformer(nn.Module):
