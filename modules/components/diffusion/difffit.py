@@ -11,8 +11,8 @@ gate) and, inside the attention, the qkv projection's output (a ``3 * dim`` vect
 (a ``dim`` vector). That is the default here. The paper's method section could not be read with the tools of this
 project (only its abstract is indexed: "fine-tunes the bias term and newly-added scaling factors in specific
 layers"), so the re-implementation's code is the source the default follows. ``scale_linears=False`` keeps
-visionlab's earlier layout, the two residual-branch gammas only (the gammas the paper's block figure draws);
-it trains 4 of the 6 x dim scales per block fewer and matches DiffFit checkpoints trained here before.
+visionlab's earlier layout, the two residual-branch gammas only: 4 x dim fewer scales per block, and it loads
+DiffFit checkpoints trained here before.
 """
 
 from __future__ import annotations
