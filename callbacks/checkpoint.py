@@ -25,6 +25,15 @@ from modules.components.errors import ConfigError
 from modules.components.files import write_atomic
 
 
+def at_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether training batch ``batch_idx`` ended a gradient-accumulation window (the optimizer stepped after it).
+
+    Lightning saves no accumulated gradients: a checkpoint written inside a window resumes with the window's
+    earlier batches lost, so resumable saves wait for its end (at most ``accumulate_grad_batches - 1`` batches).
+    """
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 >= trainer.num_training_batches
+
+
 class LatestCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose ``last.ckpt`` always holds the latest state, also mid-epoch.
 
@@ -86,7 +95,7 @@ class LatestCheckpoint(ModelCheckpoint):
         if self.last_train_time_interval is not None:
             elapsed = time.monotonic() - self._last_saved_time >= self.last_train_time_interval.total_seconds()
             due = trainer.strategy.broadcast(due or elapsed)
-        if due and self._may_write_last(trainer):
+        if due and self._may_write_last(trainer) and at_optimizer_step(trainer, batch_idx):
             self._write_last(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

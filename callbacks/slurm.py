@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from callbacks.checkpoint import at_optimizer_step
 from modules.components.errors import ConfigError
 
 SIGNAL_VARIABLE = "VISIONLAB_REQUEUE_SIGNAL"  # set by slurm/visionlab.sbatch from its #SBATCH --signal line
@@ -127,8 +128,8 @@ class SLURMRequeue(pl.Callback):
         self.signalled = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._active or self.saved is not None:
-            return
+        if not self._active or self.saved is not None or not at_optimizer_step(trainer, batch_idx):
+            return  # inside a gradient-accumulation window: saved at its end (every rank agrees on batch_idx)
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         self.saved = next_hpc_checkpoint(trainer.default_root_dir)

@@ -353,5 +353,8 @@ class ResumableLoader(CheckedLoader):
 
     def _start_epoch(self):
         self.order.epoch, skip = self.datamodule.train_epoch_start(self.started)
+        if skip >= len(self):  # FFCV cannot start an epoch of no samples (its page table of none fails)
+            self.started += 1
+            return iter(())
         self.order.skip = skip * self.loader.batch_size
         return super().__iter__()

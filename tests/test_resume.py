@@ -1,0 +1,123 @@
+"""Sample-exact resume through the CLI: a 2-epoch fit SIGKILLed at several steps and resumed each time with
+``--ckpt_path last`` trains on the batches (sample indices and pixels) of an uninterrupted run and ends with its
+weights, for both loader back-ends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from datamodules.base import ImageDataModule, loader_batch
+from tests.conftest import ROOT, cli_args, ffcv_data, one_line_error, torchvision_data
+from tests.resume_script import trained_batches
+
+pytestmark = pytest.mark.slow
+
+BATCHES, EPOCHS, EVERY = 8, 2, 3  # steps 1..16; last.ckpt at 3, 6, 8 (epoch end, after validation), 9, 12, 15, 16
+# Killed (SIGKILL, in on_train_batch_end, before that step's own save) at step 5: resumes from step 3, two batches
+# redone; at 9: resumes from the end-of-epoch save (step 8); at 14: resumes from step 12, saved by a resumed process.
+KILLS = (5, 9, 14)
+DATA = {"ffcv": "data/fashion_mnist.yaml", "torchvision": "data/fashion_mnist_torchvision.yaml"}
+
+
+def _fit(root: Path, cache: Path, data: str, *extra: str) -> subprocess.CompletedProcess:
+    args = cli_args(root, cache, "--trainer.limit_train_batches", str(BATCHES), "--trainer.max_epochs", str(EPOCHS),
+                    "--checkpoint.last_every_n_train_steps", str(EVERY),
+                    "--data.init_args.batches", "tests.resume_script.WithIndex",
+                    "--trainer.callbacks+=tests.resume_script.RecordBatches",
+                    "--trainer.callbacks.folder", str(root / "batches"), *extra, data=data)
+    if "torchvision" in data:  # no .beton cache
+        at = args.index("--data.init_args.loader.init_args.cache_dir")
+        del args[at:at + 2]
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _weights(root: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == BATCHES * EPOCHS
+    return checkpoint["state_dict"]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
+def test_killed_three_times_trains_on_the_uninterrupted_batches_and_weights(tmp_path, beton_cache, backend):
+    whole = _fit(tmp_path / "whole", beton_cache, DATA[backend])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    root, resume = tmp_path / "killed", ()
+    for step in KILLS:
+        killed = _fit(root, beton_cache, DATA[backend], *resume, "--trainer.callbacks+=tests.crash_script.KillAtStep",
+                      "--trainer.callbacks.step", str(step))
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        resume = ("--ckpt_path", "last")
+    resumed = _fit(root, beton_cache, DATA[backend], *resume)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr  # Lightning's warning for a loader that restarts its epoch
+
+    expected, got = trained_batches(tmp_path / "whole" / "batches"), trained_batches(root / "batches")
+    assert sorted(expected) == sorted(got) == list(range(EPOCHS))
+    for epoch in expected:
+        assert [b["batch"] for b in got[epoch]] == list(range(BATCHES))
+        assert [b["index"] for b in got[epoch]] == [b["index"] for b in expected[epoch]], epoch
+        assert [b["pixels"] for b in got[epoch]] == [b["pixels"] for b in expected[epoch]], epoch
+    # The epochs differ (the order follows the trainer's epoch, not the process's count of epochs).
+    assert expected[0][0]["index"] != expected[1][0]["index"]
+    # Same batches, same float operations in the same order on one machine: bitwise the same weights.
+    reference, weights = _weights(tmp_path / "whole"), _weights(root)
+    for name, value in reference.items():
+        assert torch.equal(weights[name], value), name
+
+
+def test_a_changed_world_size_inside_an_epoch_is_one_line(run_cli, tmp_path, beton_cache, capsys):
+    """A checkpoint saved 1 batch into an epoch by 2 processes, resumed by 1: one line saying what to set."""
+    args = cli_args(tmp_path, beton_cache, "--checkpoint.last_every_n_train_steps", "1", "--trainer.max_steps", "1",
+                    data=DATA["torchvision"])
+    args.remove("--data.init_args.loader.init_args.cache_dir"), args.remove(str(beton_cache))
+    assert run_cli(args) == 0
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    position = checkpoint["ImageDataModule"]["train_position"]
+    assert position == {"epoch": 0, "batches": 1, "batch_size": 64, "world_size": 1, "complete": False, "samples": 64}
+    checkpoint["ImageDataModule"]["train_position"] = {**position, "world_size": 2, "samples": 128}
+    torch.save(checkpoint, last)
+    capsys.readouterr()
+    assert run_cli([*args[:-2], "--trainer.max_steps", "2", "--ckpt_path", "last"]) == 2
+    one_line_error(capsys, "saved 1 batches into epoch 0 by 2 process(es) of data.batch_size 64, and this run has 1",
+                   "Resume with 2 process(es)", "epoch*.ckpt")
+
+
+def _epoch(loader) -> list[tuple[list[int], torch.Tensor]]:
+    return [(b["index"].tolist(), b["image"]) for b in map(loader_batch, loader)]
+
+
+@pytest.mark.parametrize(("backend", "settings", "world"), [
+    ("torchvision", {}, 1), ("torchvision", {}, 2),
+    ("ffcv", {"order": "quasi_random", "os_cache": False}, 1), ("ffcv", {"repeated_augmentation": 3}, 2),
+])
+def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_one(monkeypatch, beton_cache, backend, settings, world):
+    """In process, the last rank of ``world``: epoch 1 whole, then epoch 1 resumed 2 batches in (indices and pixels)."""
+    monkeypatch.setattr(ImageDataModule, "yields_index", property(lambda self: True))
+    common = dict(image_size=16, batch_size=16, num_workers=1, train_limit=128, val_limit=16, **settings)
+    dm = ffcv_data(cache_dir=beton_cache, **common) if backend == "ffcv" else torchvision_data(**common)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=world, global_rank=world - 1, training=True, current_epoch=1,
+                                 num_training_batches=128 // world // 16)
+    loader = dm.train_dataloader()
+    whole = _epoch(loader)
+    assert len(whole) == len(loader) == 128 // world // 16
+    dm.load_state_dict({"train_position": {"epoch": 1, "batches": 2, "batch_size": 16, "world_size": world,
+                                           "complete": False, "samples": 2 * 16 * world}})
+    rest = _epoch(loader)
+    assert [i for i, _ in rest] == [i for i, _ in whole[2:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, whole[2:]))
+    dm.trainer.current_epoch = 0
+    assert [i for i, _ in _epoch(loader)] != [i for i, _ in whole]  # the epoch is the trainer's
+    dm.load_state_dict({"train_position": {"epoch": 0, "batches": len(whole), "batch_size": 16, "world_size": 1,
+                                           "complete": True, "samples": 0}})
+    assert _epoch(loader) == []  # an epoch saved complete is skipped whole, whatever the world size now
