@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import fnmatch
+from dataclasses import dataclass
 
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
@@ -38,6 +37,7 @@ WEIGHT_DECAY_RULES = {
     "tokens": "bias_norm_listed plus every cls/reg/dist/mask token and pos_embed",
 }
 DEFAULT_WEIGHT_DECAY_RULE = "tokens"  # techniques that name no reference rule of their own
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)  # open_clip's "bn" / "ln" parameters
 
 
 @dataclass
@@ -128,9 +128,6 @@ def no_weight_decay_names(model: nn.Module, rule: str = DEFAULT_WEIGHT_DECAY_RUL
     return listed | {name for name, _ in params if name.rsplit(".", 1)[-1] in TOKEN_NAMES}
 
 
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-
-
 def _non_singleton_ndim(shape) -> int:
     """Dimensions after dropping leading size-1 ones: (1, 1, D) -> 1, (1, N, D) -> 2."""
     dims = list(shape)
@@ -140,9 +137,8 @@ def _non_singleton_ndim(shape) -> int:
 
 
 def _listed(name: str, patterns: set[str]) -> bool:
-    """``name`` is listed: exactly, or by a timm-style wildcard (Swin's ``*relative_position_bias_table``)."""
-    return name in patterns or any("*" in p and re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), name)
-                                   for p in patterns)
+    """``name`` is listed: exactly or by a wildcard pattern, as timm's own grouping matches (``fnmatch``)."""
+    return name in patterns or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
