@@ -75,3 +75,22 @@ def print_ratios(ratios: dict[str, float]) -> None:
     """Print one ``name: 2.31x`` line per entry, in order."""
     for name, value in ratios.items():
         print_ratio(name, value)
+
+
+def interleaved_forward_ms(first, second, images, repeats: int = 10) -> tuple[float, float]:
+    """Median ms of one no-grad forward of ``first`` and of ``second`` on ``images``, timed alternately (A/B
+    interleaved, after one warm-up call each), so that load from other jobs hits both alike."""
+    import statistics
+    import time
+
+    import torch
+
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.no_grad():
+        first(images), second(images)
+        for _ in range(repeats):
+            for model, bucket in ((first, times[0]), (second, times[1])):
+                start = time.perf_counter()
+                model(images)
+                bucket.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times[0]), statistics.median(times[1])

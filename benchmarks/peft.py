@@ -131,6 +131,7 @@ def transfer(root: Path, name: str, checkpoint: Path, args) -> dict:
     if merged is not None:  # inference of the trained (wrapped) model vs the plain model it merges into
         batch = images.repeat(4, 1, 1, 1)  # (64, 3, H, W)
         wrapped_ms, merged_ms = interleaved_forward_ms(model.eval(), merged, batch)
+    print(f"  {name}: top-1 {acc:.4f}, {trainable:,} trainable, step {timer.median_ms:.1f} ms", flush=True)
     return dict(name=name, acc=acc, trainable=trainable, pct=100 * trainable / total, task_bytes=model.task_bytes(),
                 file_bytes=file_bytes, step_ms=timer.median_ms, round_trip=round_trip, wrapped_ms=wrapped_ms,
                 merged_ms=merged_ms)
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small budget (~2 min)")
     parser.add_argument("--root", default="runs/bench/peft", help="run folder (checkpoints, task files, .beton cache)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--pretrained", default=None, help="reuse the pretrain.ckpt of an earlier run of the same mode "
+                        "(skips the pretraining run)")
     args = parser.parse_args()
     if args.quick:
         args.pretrain_images, args.pretrain_epochs, args.images, args.epochs, args.val_images = 4000, 2, 1000, 3, 1000
@@ -154,9 +157,13 @@ def main() -> None:
 
     quantizer_errors()
     start = time.time()
-    checkpoint, pretrain_acc = pretrain(root, args)
-    print(f"pretrain: {BACKBONE} {json.loads(VIT)} on classes {PRETRAIN_CLASSES}, {args.pretrain_images} images x "
-          f"{args.pretrain_epochs} epochs: val top-1 {pretrain_acc:.4f} ({time.time() - start:.0f} s)")
+    if args.pretrained:
+        checkpoint = Path(args.pretrained)
+        print(f"pretrain: reusing {checkpoint}")
+    else:
+        checkpoint, pretrain_acc = pretrain(root, args)
+        print(f"pretrain: {BACKBONE} {json.loads(VIT)} on classes {PRETRAIN_CLASSES}, {args.pretrain_images} images x "
+              f"{args.pretrain_epochs} epochs: val top-1 {pretrain_acc:.4f} ({time.time() - start:.0f} s)")
     rows = [transfer(root, name, checkpoint, args) for name in args.variants]
 
     print(f"\ntransfer to classes {TRANSFER_CLASSES}: {args.images} train images x {args.epochs} epochs, "

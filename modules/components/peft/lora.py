@@ -11,6 +11,14 @@
   Hugging Face peft's ``DoraLinearLayer``): it follows ``B A`` but passes no gradient.
 
 Both merge into the wrapped layer's weight (:meth:`LoRALayer.merged`): the deployed model is the plain timm one.
+With branch dropout, DoRA computes ``m / ||W + s B A|| * (W x + s B A dropout(x)) + b``, which is peft's
+``(m/||.|| - 1) W x + m/||.|| s B A dropout(x)`` added to the base layer's output.
+
+Written here rather than taken from Hugging Face ``peft`` (which does support timm models): peft wraps the model in a
+``PeftModel`` that renames every parameter (``base_model.model.<name>.base_layer.weight``) and brings transformers
+and accelerate along; these layers follow the project's wrapper pattern instead (``inner`` as SSF's, a trainable
+sub-module for the branch), so task files, ``transfer.unwrap_state_dict``, the frozen-backbone eval mode and the
+merge into plain timm work as for the other methods, in ~150 lines.
 """
 
 from __future__ import annotations
