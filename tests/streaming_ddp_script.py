@@ -28,14 +28,14 @@ class WithIndex(BatchTransform):
 
 
 class SeenIds(pl.Callback):
-    def __init__(self):
-        self.ids: list[list[int]] = []
+    """Per epoch, the indices of the samples each training step got (``on_train_epoch_start`` does not run for the
+    epoch a run resumes inside)."""
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.ids.append([])
+    def __init__(self):
+        self.ids: dict[int, list[int]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ids[-1] += batch["index"].tolist()
+        self.ids.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
 
 
 class SaveAt(pl.Callback):

@@ -229,9 +229,9 @@ def test_two_gloo_ranks_see_every_sample_once_and_resume_with_the_unseen(tmp_pat
     subprocess.run([*common, "--out", str(tmp_path / "full"), "--save-at", "2"], check=True, timeout=400, cwd=ROOT)
     subprocess.run([*common, "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "full" / "step.ckpt")],
                    check=True, timeout=400, cwd=ROOT)
-    full = [json.loads((tmp_path / "full" / f"rank{rank}.json").read_text())["ids"][0] for rank in range(2)]
+    full = [json.loads((tmp_path / "full" / f"rank{rank}.json").read_text())["ids"]["0"] for rank in range(2)]
     assert [len(ids) for ids in full] == [16, 16]  # 36 samples: 18 per rank, 4 batches of 4
     assert not set(full[0]) & set(full[1]) and set(full[0]) | set(full[1]) <= set(range(36))
     for rank in range(2):
         resumed = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())["ids"]
-        assert resumed == [full[rank][2 * 4:]]  # the epoch's last 2 batches, in order, nothing before them again
+        assert resumed == {"0": full[rank][2 * 4:]}  # the epoch's last 2 batches, in order, nothing before them again
