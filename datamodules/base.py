@@ -322,13 +322,13 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not getattr(trainer, "training", False):
             return epochs_started, 0
-        epoch, position, skip = trainer.current_epoch, self._resume, 0
-        if position is not None:
-            self._resume = None
-            if position.epoch == epoch:  # a complete epoch is skipped whole, whatever its batch count is now
-                skip = max(position.batches, int(min(trainer.num_training_batches, 2**31))) if position.complete \
-                    else position.batches
-        return epoch, skip
+        epoch, position = trainer.current_epoch, self._resume
+        if position is None or position.epoch != epoch:
+            self._resume = None  # kept through its epoch: another pass over the loader in it (a calibration) skips too
+            return epoch, 0
+        if position.complete:  # skipped whole, whatever its batch count is now
+            return epoch, max(position.batches, int(min(trainer.num_training_batches, 2**31)))
+        return epoch, position.batches
 
     # --- batches ---------------------------------------------------------------------------------
     def set_normalization(self, mean, std) -> None:

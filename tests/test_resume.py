@@ -121,3 +121,39 @@ def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_one(monkeypatch, beton
     dm.load_state_dict({"train_position": {"epoch": 0, "batches": len(whole), "batch_size": 16, "world_size": 1,
                                            "complete": True, "samples": 0}})
     assert _epoch(loader) == []  # an epoch saved complete is skipped whole, whatever the world size now
+
+
+def test_ddp_two_gloo_ranks_killed_and_resumed_train_on_the_uninterrupted_batches(tmp_path):
+    """2 CPU processes (DDP, gloo), torchvision back-end, 2 epochs of 4 steps; both ranks SIGKILLed at step 7 (the
+    newest last.ckpt is step 6's, two batches into epoch 1) and resumed: each rank's batches and the weights equal
+    the uninterrupted run's."""
+    ddp = ("--config", str(ROOT / "configs" / "trainer" / "ddp_cpu.yaml"), "--trainer.limit_train_batches", "4")
+
+    def fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
+        return _fit(root, Path("unused"), DATA["torchvision"], *ddp, *extra)
+
+    whole = fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(tmp_path / "killed", "--trainer.callbacks+=tests.crash_script.KillAtStep", "--trainer.callbacks.step", "7")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = fit(tmp_path / "killed", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in (0, 1):
+        expected, got = trained_batches(tmp_path / "whole" / "batches", rank), trained_batches(tmp_path / "killed" / "batches", rank)
+        assert [[b["index"], b["pixels"]] for e in (0, 1) for b in got[e]] == \
+            [[b["index"], b["pixels"]] for e in (0, 1) for b in expected[e]], rank
+    first = trained_batches(tmp_path / "whole" / "batches", 0)[0][0]["index"]
+    assert not set(first) & set(trained_batches(tmp_path / "whole" / "batches", 1)[0][0]["index"])  # sharded
+    reference = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    final = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == reference["global_step"] == 8
+    for name, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+
+
+@pytest.mark.parametrize(("accumulate", "batches", "saved"), [(1, 5, [0, 1, 2, 3, 4]), (3, 7, [2, 5, 6]), (2, 4, [1, 3])])
+def test_resumable_saves_wait_for_the_end_of_an_accumulation_window(accumulate, batches, saved):
+    from callbacks.checkpoint import at_optimizer_step
+
+    trainer = SimpleNamespace(accumulate_grad_batches=accumulate, num_training_batches=batches)
+    assert [i for i in range(batches) if at_optimizer_step(trainer, i)] == saved  # the epoch's last batch steps too
