@@ -7,10 +7,12 @@ the LightningModule itself, so checkpoints keep their keys and any technique can
 
 from __future__ import annotations
 
-import time
+import copy
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.throughput import measure_flops
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -119,43 +121,54 @@ def batch_images(batch) -> int:
     return int(named_batch(batch)["image"].shape[0])
 
 
-class Throughput(pl.Callback):
-    """Training images/s per device and in total, logged every ``log_every_n_steps`` and printed at the end.
+class Throughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` with visionlab's batches and the backbone's FLOPs measured for you.
 
-    Time is the sum of the training steps (batch fetch excluded, as is validation), measured on rank 0 after
-    synchronising the accelerator; the total multiplies by the world size (every rank has the same batch).
+    Logs ``train/device/samples_per_sec`` and ``train/samples_per_sec`` (all devices), their batch rates, and, with
+    ``measure_flops``, ``train/device/flops_per_sec`` and on a GPU whose peak Lightning knows (A100, H100, ...)
+    ``train/device/mfu``; prints the final rates at the end of fit. Rates are over a sliding window of
+    ``window_size`` steps, so the first steps (compilation, warm-up) leave the window.
+
+    FLOPs per batch: the module's own ``flops_per_batch`` attribute when it has one, else the forward and backward
+    of its ``attribute`` network (``backbone``) on one training batch's shape, counted by Lightning's
+    ``measure_flops`` on the meta device (nothing runs). For techniques whose step runs more than that network (MAE's
+    decoder, KD teachers, CLIP's text tower) the count is the backbone's share: MFU is then a lower bound.
+
+    Args:
+        window_size: steps in the rate window.
+        measure_flops: count FLOPs per batch (see above); False logs rates only.
+        attribute: the network whose FLOPs are counted.
     """
 
-    def __init__(self, warmup_steps: int = 2):
-        self.warmup_steps = warmup_steps
-        self.images = 0
-        self.seconds = 0.0
-        self._seen = 0
-        self._start = 0.0
+    def __init__(self, window_size: int = 50, measure_flops: bool = True, attribute: str = "backbone"):
+        super().__init__(batch_size_fn=batch_images, window_size=window_size)
+        self.measure, self.attribute = measure_flops, attribute
 
-    def _sync(self, trainer: pl.Trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._flops_counted = not self.measure or hasattr(pl_module, "flops_per_batch")
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._sync(trainer)
-        self._start = time.perf_counter()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *args) -> None:
+        if not self._flops_counted:
+            self._flops_counted = True
+            flops = backbone_flops(_network(pl_module, self.attribute), named_batch(batch)["image"])
+            if flops is not None:
+                pl_module.flops_per_batch = flops
+        if trainer.is_global_zero or trainer.world_size == 1:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync(trainer)
-        self._seen += 1
-        if self._seen <= self.warmup_steps:  # compilation, allocator and data-pipeline warm-up
-            return
-        self.images += batch_images(batch)
-        self.seconds += time.perf_counter() - self._start
-        if self.seconds > 0:
-            per_device = self.images / self.seconds
-            pl_module.log("train/images_per_sec", per_device, rank_zero_only=True)
-            pl_module.log("train/images_per_sec_total", per_device * trainer.world_size, rank_zero_only=True)
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rates = {k: float(v) for k, v in trainer.logged_metrics.items() if "samples_per_sec" in k}
+        if rates:
+            rank_zero_info("visionlab: throughput " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(rates.items())))
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.seconds > 0:
-            per_device = self.images / self.seconds
-            rank_zero_info(f"visionlab: throughput {per_device:.1f} images/s per device, "
-                           f"{per_device * trainer.world_size:.1f} in total ({trainer.world_size} devices, "
-                           f"{self.images} images after {self.warmup_steps} warm-up steps)")
+
+def backbone_flops(network: nn.Module, images: torch.Tensor) -> int | None:
+    """Forward + backward FLOPs of ``network`` on a batch shaped like ``images``, counted on the meta device."""
+    try:
+        meta = copy.deepcopy(network).to("meta")
+        example = torch.empty(images.shape, device="meta")
+        return int(measure_flops(meta, lambda: meta(example), loss_fn=torch.Tensor.sum))
+    except Exception as err:  # a network with data-dependent Python control flow cannot run on meta tensors
+        rank_zero_info(f"visionlab: FLOPs not counted ({type(err).__name__}: {err}); throughput logs rates only")
+        return None

@@ -7,6 +7,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from callbacks.speed import ActivationCheckpointing, ChannelsLast, CompileNetwork, Throughput
@@ -92,10 +93,24 @@ def test_activation_checkpointing_gives_the_same_gradients():
         ActivationCheckpointing(attribute="train_metrics").setup(None, plain, "fit")
 
 
-def test_throughput_counts_images_after_warmup(tmp_path, capsys):
-    meter = Throughput(warmup_steps=1)
-    trainer = _fit(tmp_path, tiny_module("test_resnet"), [meter], steps=3)
-    assert meter.images == 2 * 32 and meter.seconds > 0
-    assert trainer.callback_metrics["train/images_per_sec"] == pytest.approx(meter.images / meter.seconds)
-    with pytest.raises(ConfigError, match="no network 'denoiser'"):
-        ChannelsLast(attribute="denoiser").setup(None, tiny_module("test_resnet"), "fit")
+def test_throughput_logs_lightnings_rates_and_the_networks_flops(tmp_path):
+    module = tiny_module("test_resnet")
+    pixels = fashion_tensors(1).tensors[0][0].numel()
+    module.probe = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(pixels, 5, bias=False))  # FLOPs by hand
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[Throughput(window_size=2, attribute="probe")], limit_val_batches=0)
+    trainer.fit(module, DataLoader(fashion_tensors(128), batch_size=32))
+    # a (32, P) x (P, 5) matmul forward is 2*32*P*5 FLOPs; backward computes only the weight's gradient (the
+    # input needs none), another 2*32*P*5
+    assert module.flops_per_batch == 4 * 32 * pixels * 5
+    rate = trainer.logged_metrics["train/device/samples_per_sec"]
+    assert rate > 0 and trainer.logged_metrics["train/device/batches_per_sec"] == pytest.approx(rate / 32)
+    assert trainer.logged_metrics["train/device/flops_per_sec"] == pytest.approx(rate / 32 * module.flops_per_batch)
+
+
+def test_throughput_keeps_a_modules_own_flops(tmp_path):
+    module = tiny_module("test_resnet")
+    module.flops_per_batch = 123
+    _fit(tmp_path, module, [Throughput(window_size=2)], steps=3)
+    assert module.flops_per_batch == 123
