@@ -182,7 +182,7 @@ def _user_error(err: BaseException) -> VisionlabError | None:
 
 # Tools that are not Trainer runs: ``visionlab <name> ...`` calls ``<module>.main(argv)``.
 TOOLS = {
-    "soup": ("callbacks.soups", "average checkpoints into a uniform or greedy model soup"),
+    "soup": ("app.soup", "average checkpoints into a uniform or greedy model soup"),
     "store-logits": ("app.store_logits", "store a teacher's sparse top-k logits over K augmented epochs (KD)"),
     "sample": ("app.sample", "write N class-conditional samples per class of a diffusion checkpoint to PNG"),
     "prepare-data": ("app.prepare_data", "write a data config's train/val .beton files and manifest before training"),

@@ -1,8 +1,7 @@
 """Model soups (Model soups: averaging weights of multiple fine-tuned models improves accuracy...).
 
 * ``ModelSoup``: a callback that, at the end of fit, soups the run's final weights with a sweep's checkpoints.
-* ``visionlab soup --config ... --checkpoints a.ckpt b.ckpt --method greedy --output soup.ckpt``: the same
-  over a list of checkpoints; the model/data configs are those the ingredients were trained with.
+* ``visionlab soup`` (``app/soup.py``): the same over a list of checkpoints.
 
 Greedy selection scores (``--monitor``) on the DataModule's held-out split, carved from its training data
 (``holdout_dataloader()``), never on the validation split whose accuracy is reported.
@@ -11,17 +10,15 @@ Greedy selection scores (``--monitor``) on the DataModule's held-out split, carv
 from __future__ import annotations
 
 import glob
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import Callback
 
+from modules.components.errors import ConfigError
 from modules.components.checkpoints import read_state_dict
-from modules.components.errors import ConfigError, VisionlabError
 from modules.components.files import write_atomic
 from modules.components.soup import greedy_soup, has_batchnorm, recompute_batchnorm, uniform_soup
 
@@ -165,40 +162,3 @@ class ModelSoup(Callback):
         pl_module.trainer = trainer  # held_out_evaluator's Trainer attached itself
         if trainer.is_global_zero:
             save_soup(pl_module, self.report, self.output or Path(trainer.default_root_dir) / "soup.ckpt")
-
-
-class SoupCLI(LightningCLI):
-    """Parses the same model/data/trainer configs as ``visionlab`` plus the soup arguments; runs nothing itself."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # accepted (and ignored) for shared configs
-        parser.add_argument("--checkpoints", type=list[str], required=True, help="ingredient checkpoints or globs")
-        parser.add_argument("--method", type=str, default="greedy", help="greedy or uniform")
-        parser.add_argument("--monitor", type=str, default="val/acc1")
-        parser.add_argument("--recompute_bn", type=bool, default=True)
-        parser.add_argument("--bn_batches", type=int, default=20)
-        parser.add_argument("--output", type=str, default="soup.ckpt")
-        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-
-
-def main(args: list[str] | None = None) -> dict:
-    """``visionlab soup`` entry point: soups ``--checkpoints`` and writes ``--output``; returns the report."""
-    try:
-        cli = SoupCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      run=False, save_config_callback=None, args=args)
-        cfg = cli.config
-        paths = expand_paths(cfg.checkpoints)
-        states = [read_state_dict(p) for p in paths]
-        report = make_soup(cli.model, cli.datamodule, states, paths, cfg.method, cfg.monitor,
-                           cfg.recompute_bn, cfg.bn_batches)
-        save_soup(cli.model, report, cfg.output)
-        print(f"soup: saved {cfg.output}")
-        return report
-    except VisionlabError as err:
-        print(f"visionlab: error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

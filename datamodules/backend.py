@@ -122,8 +122,3 @@ class EpochStart:
         return getattr(epoch, name)
 
 
-def default_loader() -> LoaderBackend:
-    """The FFCV back-end with its defaults (``data.loader`` unset)."""
-    from datamodules.ffcv_loader import FFCVLoader
-
-    return FFCVLoader()

@@ -15,7 +15,7 @@ from torch import nn
 
 from datamodules import sources
 from datamodules.augment import DeviceAugment
-from datamodules.backend import LoaderBackend, TrainPosition, default_loader
+from datamodules.backend import LoaderBackend, TrainPosition
 from modules.components.errors import ConfigError
 from modules.components.parts import Part, record
 
@@ -151,7 +151,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.classes = list(classes) if classes else None
         self.seed = seed
         self._sources: dict[str, object] = {}
-        self.loader = loader if loader is not None else default_loader()
+        if loader is None:  # the FFCV back-end with its defaults (imported here: FFCV is a heavy import)
+            from datamodules.ffcv_loader import FFCVLoader
+
+            loader = FFCVLoader()
+        self.loader = loader
         self.loader.bind(self)
         self.prepare_data_per_node = self.loader.prepare_data_per_node
         self.class_names = self._class_names()

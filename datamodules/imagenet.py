@@ -94,16 +94,16 @@ def _label(token: str, classes: list[str], where: str) -> int:
     raise DataError(f"{where}: label {token!r} is neither a class folder name nor an index below {len(classes)}")
 
 
-def read_val_labels(path: str | Path, val_dir: Path, classes: list[str], class_index: str | None = None) -> tuple[list[Path], list[int]]:
-    """Files of the flat ``val_dir`` and their labels (indices into ``classes``) from a labels file.
+def read_val_labels(path: str | Path, val_dir: Path, classes: list[str], class_index: str | None = None,
+                    suffixes: frozenset[str] | set[str] = frozenset({".jpg", ".jpeg", ".png"})) -> tuple[list[Path], list[int]]:
+    """Files of the flat ``val_dir`` (those with an image ``suffixes``) and their labels (indices into ``classes``)
+    from a labels file.
 
     ``class_index`` (the map ``classes`` came from) is required for ILSVRC ground truth: its integer IDs
     follow the devkit's order, and reading them against sorted folder names would mislabel silently.
     """
-    from datamodules.sources import IMAGE_SUFFIXES
-
     path = _existing(path, "validation labels file", "val_labels")
-    images = sorted(p for p in val_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in val_dir.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
     if not images:
         raise DataError(f"no images in {val_dir}")
     if path.suffix == ".csv":

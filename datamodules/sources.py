@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from datamodules.imagenet import read_class_index, read_val_labels
 from modules.components.errors import ConfigError, DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -164,8 +165,6 @@ def folder_classes(root: str | Path, class_index: str | None = None) -> list[str
         if not folders:
             raise ConfigError(f"no class sub-folders in {base}: an ImageFolder tree needs one folder of images per class")
         return folders
-    from datamodules.imagenet import read_class_index
-
     classes = read_class_index(class_index)
     unknown = sorted(set(folders) - set(classes))
     if unknown:
@@ -209,14 +208,12 @@ def image_folder(root: str | Path, split: str, val_fraction: float = 0.1, seed: 
     if has_split_layout(root):
         val_dir = root / "val"
         if split == "val" and (val_labels is not None or not _class_dirs(val_dir)):
-            from datamodules.imagenet import read_val_labels
-
             if val_labels is None:
                 raise ConfigError(
                     f"{val_dir} holds images but no class folders: set data.val_labels to its labels file "
                     "(ILSVRC ground-truth text, or a CSV of file,label)"
                 )
-            files, labels = read_val_labels(val_labels, val_dir, classes, class_index)
+            files, labels = read_val_labels(val_labels, val_dir, classes, class_index, IMAGE_SUFFIXES)
         else:
             files, labels = _scan(root / split, classes)
     else:
