@@ -10,7 +10,9 @@ Integers (labels, indices, tokens, caption ids, uint8 loader images) must match 
 except replayed crops, whose bilinear resampling runs in float: there one uint8 level of difference is allowed
 (rounding of a value at .5 may go either way on another CPU). The pinned FFCV training pixels came from FFCV's
 unseeded random-resized-crop decoder, so for them only the shape is pinned (their order, labels and every other key
-are); that seeded crops repeat is tests/test_ffcv_ops.py's. The batches are now dicts with the pinned keys plus
+are); that seeded crops repeat is tests/test_ffcv_ops.py's. The torchvision training batches were pinned again when
+that back-end took FFCV's order and per-sample seeded crops (sample-exact resume, issue 28); its validation batches
+are the pre-refactor ones. The batches are now dicts with the pinned keys plus
 the captions-file loaders' ``index`` (``ADDED``), checked against the loader's own.
 """
 
