@@ -7,8 +7,10 @@ import math
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import make_grid
 
 from modules.components.batches import named_batch
@@ -140,6 +142,72 @@ class VisionModule(pl.LightningModule):
         hi = images.amax(dim=(1, 2, 3), keepdim=True)
         grid = make_grid((images - lo) / (hi - lo).clamp_min(1e-6), nrow=nrow)
         logger.experiment.add_image(tag, grid, global_step=self.global_step)
+
+
+def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    """Top-1 (and top-5 when there are more than 5 classes) micro accuracy."""
+    metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return nn.ModuleDict(metrics)
+
+
+class SupervisedModule(VisionModule):
+    """The supervised path of classification, KD, the linear probe and PEFT: one evaluation step and one set of
+    metrics, so ``data.extra_eval`` (ReaL, other validation sets), the EMA/SWA raw-weight evaluation
+    (``val_raw/...``) and top-1/top-5 work the same in all four. A subclass's ``forward(images)`` returns logits and
+    its ``training_step`` computes its own loss, then calls :meth:`log_training`.
+    """
+
+    def __init__(self, num_classes: int = 1000, image_size: int = 224, optim: OptimConfig | None = None):
+        super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
+        self.train_metrics = accuracy_metrics(num_classes)
+        self.val_metrics = accuracy_metrics(num_classes)
+        self.extra_val_metrics = nn.ModuleDict()  # per extra evaluation set / raw weights (eval_metrics)
+
+    def check_labels(self, labels: torch.Tensor) -> None:
+        if labels.numel() and labels.ndim == 1 and int(labels.max()) >= self.num_classes:
+            raise ConfigError(f"label {int(labels.max())} out of range for a {self.num_classes}-class model: "
+                              "the model's num_classes must match the data")
+
+    def log_training(self, loss: torch.Tensor, logits: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
+        """``train/loss``, ``train/lr`` and, for hard labels, the training accuracies."""
+        if logits is not None and labels is not None and labels.ndim == 1:
+            for name, metric in self.train_metrics.items():
+                metric(logits, labels)
+                self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def eval_metrics(self, prefix: str) -> nn.ModuleDict:
+        """The accuracy metrics of one evaluation set / weight set (``eval_prefix``): each accumulates its own."""
+        if prefix == "val":
+            return self.val_metrics
+        if prefix not in self.extra_val_metrics:  # made on first use: the sets come from the data
+            self.extra_val_metrics[prefix] = accuracy_metrics(self.num_classes).to(self.device)
+        return self.extra_val_metrics[prefix]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
+        self.check_labels(labels)
+        logits = self(images)
+        prefix = self.eval_prefix(dataloader_idx)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), sync_dist=True, add_dataloader_idx=False)
+        for name, metric in self.eval_metrics(prefix).items():
+            metric(logits, labels)
+            attribute = f"val_metrics.{name}" if prefix == "val" else f"extra_val_metrics.{prefix}.{name}"
+            self.log(f"{prefix}/{name}", metric, prog_bar=prefix == "val" and name == "acc1", add_dataloader_idx=False,
+                     metric_attribute=attribute)  # Lightning indexes metric attributes once: name new ones
+        if batch_idx == 0 and prefix == "val":
+            self.log_images("val/examples", images[:32])
+        return logits
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def predict_step(self, batch, batch_idx):
+        return self(named_batch(batch)["image"]).softmax(dim=-1)
 
 
 class MaskedPretrainingModule(VisionModule):

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from modules.base import VisionModule
+from modules.base import SupervisedModule
 from modules.components.backbones import create_backbone
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
@@ -17,15 +16,7 @@ from modules.components.optim import OptimConfig
 from modules.components.transfer import build_from_checkpoint
 
 
-def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
-    """Top-1 (and top-5 when there are more than 5 classes) micro accuracy."""
-    metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-    if num_classes > 5:
-        metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return nn.ModuleDict(metrics)
-
-
-class ClassificationModule(VisionModule):
+class ClassificationModule(SupervisedModule):
     """Supervised classifier: timm backbone, label smoothing, Mixup/CutMix, optional kornia batch augmentation.
 
     Args:
@@ -86,9 +77,6 @@ class ClassificationModule(VisionModule):
                 label_smoothing=label_smoothing, num_classes=num_classes,
             )
         self.label_smoothing = label_smoothing
-        self.train_metrics = accuracy_metrics(num_classes)
-        self.val_metrics = accuracy_metrics(num_classes)
-        self.extra_val_metrics = nn.ModuleDict()  # per extra evaluation set / raw weights (eval_metrics)
 
     def optimizer_root(self) -> nn.Module:
         return self.backbone
@@ -96,17 +84,10 @@ class ClassificationModule(VisionModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)  # (B, num_classes)
 
-    def _check_labels(self, labels: torch.Tensor) -> None:
-        if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ConfigError(
-                f"label {int(labels.max())} out of range for a {self.num_classes}-class model: "
-                "the model's num_classes must match the data"
-            )
-
     def training_step(self, batch, batch_idx):
         batch = named_batch(batch)
         images, labels = batch["image"], batch["label"]
-        self._check_labels(labels)
+        self.check_labels(labels)
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)
             logits = self(images)
@@ -115,39 +96,5 @@ class ClassificationModule(VisionModule):
             logits = self(images)
             loss = (self.criterion(logits, labels) if self.criterion is not None
                     else F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing))
-            for name, metric in self.train_metrics.items():
-                metric(logits, labels)
-                self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_training(loss, logits, labels if self.mixup is None else None)
         return loss
-
-    def eval_metrics(self, prefix: str) -> nn.ModuleDict:
-        """The accuracy metrics of one evaluation set / weight set (``eval_prefix``): each accumulates its own."""
-        if prefix == "val":
-            return self.val_metrics
-        if prefix not in self.extra_val_metrics:  # made on first use: the sets come from the data
-            self.extra_val_metrics[prefix] = accuracy_metrics(self.num_classes).to(self.device)
-        return self.extra_val_metrics[prefix]
-
-    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        self._check_labels(labels)
-        logits = self(images)
-        prefix = self.eval_prefix(dataloader_idx)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), sync_dist=True, add_dataloader_idx=False)
-        for name, metric in self.eval_metrics(prefix).items():
-            metric(logits, labels)
-            attribute = f"val_metrics.{name}" if prefix == "val" else f"extra_val_metrics.{prefix}.{name}"
-            self.log(f"{prefix}/{name}", metric, prog_bar=prefix == "val" and name == "acc1", add_dataloader_idx=False,
-                     metric_attribute=attribute)  # Lightning indexes metric attributes once: name new ones
-        if batch_idx == 0 and prefix == "val":
-            self.log_images("val/examples", images[:32])
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        return self.validation_step(batch, batch_idx, dataloader_idx)
-
-    def predict_step(self, batch, batch_idx):
-        images = named_batch(batch)["image"]
-        return self(images).softmax(dim=-1)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from modules.base import VisionModule
+from modules.base import SupervisedModule
 from modules.components.backbones import create_backbone, load_state_dict_strict
 from modules.components.batches import named_batch
 from modules.components.checkpoints import backbone_state_dict
@@ -21,7 +20,7 @@ from modules.components.optim import OptimConfig
 
 
 
-class DistillationModule(VisionModule):
+class DistillationModule(SupervisedModule):
     """Distil soft targets into a timm student (MEAL V2, Shen & Savvides 2020; FKD/TinyViT; FerKD; ScaleKD).
 
     ``loss = kd_weight * T^2 KL(targets || student) + sum(term.weight * term)``. The targets come from an
@@ -86,9 +85,6 @@ class DistillationModule(VisionModule):
         if len(layers) > 1:
             raise ConfigError(f"feature terms ask for student features at different layers {sorted(layers, key=str)}: use one")
         self.needs_tokens, self.feature_layer = bool(layers), next(iter(layers), None)
-        self.val_metrics = nn.ModuleDict({"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")})
-        if num_classes > 5:
-            self.val_metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.teacher_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self._teacher_evaluated = False
 
@@ -130,29 +126,17 @@ class DistillationModule(VisionModule):
         loss, logs = self.distillation_loss(batch)
         for name, value in logs.items():
             self.log(f"train/{name}", value)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_training(loss)  # soft (mixed) targets: no training accuracy
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        for name, metric in self.val_metrics.items():
-            metric(logits, labels)
-            self.log(f"val/{name}", metric, prog_bar=name == "acc1")
-        if self.teachers and not self._teacher_evaluated:  # the teachers do not change: measure once
-            self.teacher_acc1(self.targets(batch, self.hparams.temperature).probs, labels)
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        if self.teachers and not self._teacher_evaluated and self.eval_prefix(dataloader_idx) == "val":
+            self.teacher_acc1(self.targets(batch, self.hparams.temperature).probs, batch["label"])  # measured once
             self.log("val/teacher_acc1", self.teacher_acc1)
 
     def on_validation_epoch_end(self) -> None:
         if self.teachers and not self.trainer.sanity_checking:
             self._teacher_evaluated = True
 
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    def predict_step(self, batch, batch_idx):
-        images = named_batch(batch)["image"]
-        return self(images).softmax(dim=-1)

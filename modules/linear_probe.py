@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from modules.base import VisionModule
+from modules.base import SupervisedModule
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
@@ -15,7 +14,7 @@ from modules.components.mim.encoders import frozen_encoder
 from modules.components.optim import OptimConfig
 
 
-class LinearProbeModule(VisionModule):
+class LinearProbeModule(SupervisedModule):
     """A frozen encoder from a pretraining checkpoint, ``BatchNorm1d(affine=False)`` and a linear classifier.
 
     Only the linear layer trains; the encoder is `Frozen` (eval mode, no gradients, saved in the probe's
@@ -54,8 +53,6 @@ class LinearProbeModule(VisionModule):
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
 
     def optimizer_root(self) -> nn.Module:
         return self.head
@@ -76,19 +73,5 @@ class LinearProbeModule(VisionModule):
         images, labels = batch["image"], batch["label"]
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        self.train_acc1(logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
+        self.log_training(loss, logits, labels)
         return loss
-
-    def validation_step(self, batch, batch_idx):
-        batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        self.val_acc1(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc1", self.val_acc1, prog_bar=True)
-
-    def predict_step(self, batch, batch_idx):
-        images = named_batch(batch)["image"]
-        return self(images).softmax(dim=-1)

@@ -14,9 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from modules.base import VisionModule
+from modules.base import SupervisedModule
 from modules.components.backbones import create_backbone
 from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
@@ -27,7 +26,7 @@ from modules.components.peft.task_file import read_task_file, write_task_file
 from modules.components.transfer import build_from_checkpoint
 
 
-class PEFTModule(VisionModule):
+class PEFTModule(SupervisedModule):
     """Transfer a (frozen) timm backbone with one parameter-efficient method; only the method's parameters
     and the head train. Methods: SSF (Lian et al. 2022), AdaptFormer and low-bit adapters (Jie et al. 2023),
     side-tuning after Hierarchical Side-Tuning (Lin et al. 2023), and the linear-probe / full fine-tune baselines.
@@ -75,8 +74,6 @@ class PEFTModule(VisionModule):
             warnings.warn(f"PEFT method {type(self.method).__name__} on a randomly initialised backbone: set "
                           "init_checkpoint (or backbone_kwargs.pretrained_file)", stacklevel=2)
         self.side = self.method.attach(self.backbone, num_classes, image_size)
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.train()  # Lightning keeps the modes it finds: the frozen backbone must start in eval mode
 
     # --- the small interface used by callbacks and scripts ---------------------------------------
@@ -118,25 +115,8 @@ class PEFTModule(VisionModule):
         images, labels = batch["image"], batch["label"]
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.train_acc1(logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
+        self.log_training(loss, logits, labels)
         return loss
-
-    def validation_step(self, batch, batch_idx):
-        batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.val_acc1(logits, labels)
-        self.log("val/acc1", self.val_acc1, prog_bar=True)
-
-    def test_step(self, batch, batch_idx):
-        return self.validation_step(batch, batch_idx)
-
-    def predict_step(self, batch, batch_idx):
-        images = named_batch(batch)["image"]
-        return self(images).softmax(dim=-1)
 
 
 def load_task_file(path: str | os.PathLike, init_checkpoint: str | None = None) -> PEFTModule:

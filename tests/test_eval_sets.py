@@ -222,3 +222,42 @@ def test_extra_sets_with_a_technique_logging_fixed_keys_is_a_config_error(eval_f
     with pytest.raises(ConfigError, match="extra_eval"):
         fit.validate(FixedKeys("test_resnet", num_classes=10, image_size=32),
                      datamodule=datamodule("torchvision", eval_folders, None))
+
+
+def _supervised(kind: str, tmp_path):
+    """A tiny module of each technique on the shared supervised path (tests/test_eval_sets.py's 10 classes, 32 px)."""
+    from modules.components.optim import OptimConfig
+    from modules.kd import DistillationModule
+    from modules.linear_probe import LinearProbeModule
+    from modules.peft import PEFTModule
+
+    optim = OptimConfig(name="sgd", lr=0.05, warmup_epochs=0, weight_decay=0.0)
+    if kind == "classification":
+        return tiny_module("test_resnet")
+    if kind == "kd":
+        from modules.components.kd.targets import OnlineTeachers
+
+        return DistillationModule("test_resnet", num_classes=10, image_size=32, optim=optim,
+                                  targets=OnlineTeachers(teachers=["test_resnet"]))  # a random teacher: smoke only
+    if kind == "peft":
+        return PEFTModule("test_resnet", num_classes=10, image_size=32, optim=optim)  # SSF
+    checkpoint = tmp_path / "encoder.ckpt"  # the probe's frozen encoder: a classifier's state dict
+    torch.save({"state_dict": tiny_module("test_resnet").state_dict(),
+                "hyper_parameters": {"backbone": "test_resnet", "backbone_kwargs": {}}}, checkpoint)
+    return LinearProbeModule("test_resnet", num_classes=10, image_size=32, init_checkpoint=str(checkpoint), optim=optim)
+
+
+@pytest.mark.parametrize("kind", ["classification", "kd", "linear_probe", "peft"])
+def test_every_supervised_technique_logs_top_k_and_the_ema_raw_weights(kind, tmp_path, train_loader, val_loader):
+    torch.manual_seed(0)
+    module = _supervised(kind, tmp_path)
+    with pytest.warns() as caught:
+        fit = trainer(tmp_path, [EMA(decay=0.5)], num_sanity_val_steps=0)
+        fit.fit(module, train_loader, val_loader)
+    assert not [w for w in caught if "logs fixed val/ keys" in str(w.message)]  # the raw weights were evaluated
+    metrics = fit.callback_metrics
+    for key in ("val/acc1", "val/acc5", "val/loss", "val_raw/acc1", "val_raw/acc5", "val_raw/loss"):
+        assert key in metrics, (kind, sorted(metrics))
+    assert 0 <= float(metrics["val/acc1"]) <= float(metrics["val/acc5"]) <= 1
+    if kind != "kd":  # KD trains on soft targets: no training accuracy
+        assert "train/acc5" in metrics
