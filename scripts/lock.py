@@ -1,4 +1,4 @@
-"""Regenerate the lock files from the pins: ``python3 scripts/lock.py`` (about 2-3 minutes, no install).
+"""Regenerate the lock files from the pins: ``python3 scripts/lock.py`` (no install; 2-10 minutes, mostly index look-ups).
 
 ``requirements.txt`` (runtime) and ``requirements-test.txt`` (tests only) name what visionlab needs, pinned by hand.
 pip's own resolver (``pip install --dry-run --report``, the same resolver and package indexes that install them)
