@@ -206,6 +206,13 @@ class CLIPModule(VisionModule):
         self.retrieval = RetrievalRecall((1, 5))
         self._zero_shot_head: torch.Tensor | None = None
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Checkpoints written before the loss objects held the temperature name it model.logit_scale.*
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("model.logit_scale.")]:
+            state[key.replace("model.logit_scale.", "model.loss.logit_scale.", 1)] = state.pop(key)
+
     def optimizer_root(self) -> nn.Module:
         return self.model  # the masking's EMA scorer is never optimised
 
