@@ -33,7 +33,8 @@ from typing import Any
 from modules.components.errors import ConfigError
 
 PRIMITIVES = (str, int, float, bool, type(None))
-PACKAGES = ("modules.", "datamodules.", "callbacks.", "torch.nn.")  # where a recorded class_path may point
+LIBRARY_LOSSES = ("torch.nn.modules.loss", "timm.loss.")  # library objects recorded from their attributes (losses)
+PACKAGES = ("modules.", "datamodules.", "callbacks.", *LIBRARY_LOSSES)  # where a recorded class_path may point
 
 from modules.components import LEGACY_MODULES  # noqa: E402  (old module paths -> today's)
 
@@ -103,13 +104,16 @@ def record(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         # a plain dict of the fields: what jsonargparse (and the dataclass itself, ``cls(**fields)``) reads back
         return record({f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init})
-    if type(value).__module__.startswith("torch.nn"):  # torch's own losses (``nn.BCEWithLogitsLoss``)
+    if type(value).__module__.startswith(LIBRARY_LOSSES):  # ``nn.BCEWithLogitsLoss``, timm's ``BinaryCrossEntropy``
         args = {}
         for name, parameter in list(inspect.signature(type(value).__init__).parameters.items())[1:]:
             if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 args[name] = getattr(value, name, parameter.default)
-        if all(_primitive(v) for v in args.values()):
-            return {"class_path": class_path(type(value)), "init_args": record(args)}
+        if not all(_primitive(v) for v in args.values()):  # a tensor pos_weight: an error rather than dropped
+            bad = next(k for k, v in args.items() if not _primitive(v))
+            raise ConfigError(f"{type(value).__name__}.{bad} = {type(args[bad]).__name__} cannot be recorded in a "
+                              "checkpoint's hyper-parameters: use arguments that are numbers, strings, None or lists of them")
+        return {"class_path": class_path(type(value)), "init_args": record(args)}
     return {"unrecorded": type(value).__name__}
 
 
@@ -127,8 +131,8 @@ def _resolve(path: str, base: type, what: str) -> type:
     module, _, name = path.rpartition(".")
     module = LEGACY_MODULES.get(module, module)
     if not module.startswith(PACKAGES) and module != "torch.nn":
-        raise ConfigError(f"{what}: class_path '{path}' is outside visionlab and torch.nn; visionlab rebuilds only "
-                          "its own parts from a checkpoint")
+        raise ConfigError(f"{what}: class_path '{path}' is outside visionlab, torch.nn and timm.loss; visionlab "
+                          "rebuilds only its own parts (and library losses) from a checkpoint")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):

@@ -28,6 +28,7 @@ from modules.components.kd.distill import (CrossAttention, PerTokenLinear, Proje
                                         student_tokens_and_logits, teacher_tokens)
 from modules.components.errors import ConfigError
 from modules.components.kd.targets import KDPart, KDTargets
+from modules.components.parts import record
 
 
 @dataclass
@@ -96,6 +97,7 @@ class HardLabels(LossTerm):
         if criterion is not None and label_smoothing:
             raise ConfigError(f"HardLabels: label_smoothing {label_smoothing} and a criterion "
                               f"({type(criterion).__name__}): set the smoothing on the criterion")
+        record(criterion)  # refuses a criterion a checkpoint cannot rebuild (a tensor pos_weight) now, not at save
         self.label_smoothing, self.criterion = label_smoothing, criterion
 
     def forward(self, step: KDStep) -> torch.Tensor:
