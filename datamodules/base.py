@@ -290,6 +290,14 @@ class ImageDataModule(pl.LightningDataModule):
         complete = bool(progress.is_last_batch) or batches >= trainer.num_training_batches
         return TrainPosition(trainer.current_epoch, batches, self.batch_size, trainer.world_size, complete)
 
+    def sample_selection(self) -> dict:
+        """What decides this DataModule's samples and labels: a back-end records it beside its prepared files."""
+        hp = self.hparams
+        return {"source": str(self.source if self.is_embedded else Path(self.source).expanduser().resolve()),
+                "classes": self.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
+                "val_fraction": hp.val_fraction, "seed": self.seed, "class_index": hp.class_index,
+                "val_labels": hp.val_labels}
+
     def state_dict(self) -> dict:
         """``{"train_position": TrainPosition.as_dict()}`` during ``fit`` (Lightning saves it in checkpoints)."""
         position = self.train_position()

@@ -105,12 +105,7 @@ class FFCVLoader(LoaderBackend):
     # --- prepared files --------------------------------------------------------------------------
     def selection(self) -> dict:
         """What decides the samples and labels (recorded in the manifest)."""
-        dm = self.datamodule
-        hp = dm.hparams
-        return {"source": str(dm.source if dm.is_embedded else Path(dm.source).expanduser().resolve()),
-                "classes": dm.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
-                "val_fraction": hp.val_fraction, "seed": dm.seed, "class_index": hp.class_index,
-                "val_labels": hp.val_labels, "skip_unreadable": self.skip_unreadable}
+        return {**self.datamodule.sample_selection(), "skip_unreadable": self.skip_unreadable}
 
     def class_names(self) -> list[str] | None:
         if self._manifest is None:

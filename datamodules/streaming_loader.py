@@ -238,12 +238,7 @@ class StreamingLoader(LoaderBackend):
 
     # --- where the shards are ----------------------------------------------------------------------
     def selection(self) -> dict:
-        dm = self.datamodule
-        hp = dm.hparams
-        return {"source": str(dm.source if dm.is_embedded else Path(dm.source).expanduser().resolve()),
-                "classes": dm.classes, "train_limit": hp.train_limit, "val_limit": hp.val_limit,
-                "val_fraction": hp.val_fraction, "seed": dm.seed, "class_index": hp.class_index,
-                "val_labels": hp.val_labels, "captions_file": self._captions_file()}
+        return {**self.datamodule.sample_selection(), "captions_file": self._captions_file()}
 
     def _captions_file(self) -> str | None:
         captions = getattr(self.datamodule.batches, "captions_file", None)
