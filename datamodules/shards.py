@@ -311,9 +311,13 @@ class ShardStore:
             old.unlink(missing_ok=True)
 
     def cache_bytes(self) -> int:
+        """Bytes in the cache folder, counted under the fetch lock (shared): a reader in another process that
+        fetches and evicts at the same time would otherwise delete a file between its listing and its stat."""
         if self.cache is None or not self.cache.is_dir():
             return 0
-        return sum(p.stat().st_size for p in self.cache.iterdir() if p.is_file())
+        with open(self.cache / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return sum(p.stat().st_size for p in self.cache.iterdir() if p.is_file())
 
 
 def _check_file(path: Path, shard: dict, name: str) -> None:

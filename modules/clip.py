@@ -198,7 +198,7 @@ class CLIPModule(VisionModule):
             raise ConfigError(f"model.accum_freq {accum_freq} must be at least 1")
         self.masking = masking
         if masking is not None:
-            masking.bind(self.model.image_trunk)
+            masking.bind(self)
         self.local_loss, self.accum_freq = local_loss, accum_freq
         self.automatic_optimization = accum_freq == 1
         self.unmasked_tuning = unmasked_tuning

@@ -78,9 +78,9 @@ class DistillationModule(SupervisedModule):
         if init_checkpoint:
             load_state_dict_strict(self.backbone, backbone_state_dict(init_checkpoint), f"checkpoint {init_checkpoint}")
         self.targets, self.calibration, self.mixing, self.terms = targets, calibration, mixing, nn.ModuleList(terms)
-        self.targets.bind(num_classes, image_size)
+        self.targets.bind(self)
         for term in terms:
-            term.bind(self.backbone, self.targets.teachers, num_classes, image_size)
+            term.bind(self)
         layers = {term.feature_layer for term in terms if term.needs_tokens}
         if len(layers) > 1:
             raise ConfigError(f"feature terms ask for student features at different layers {sorted(layers, key=str)}: use one")

@@ -73,7 +73,8 @@ class PEFTModule(SupervisedModule):
         if not init_checkpoint and not pretrained and not self.method.trains_backbone:
             warnings.warn(f"PEFT method {type(self.method).__name__} on a randomly initialised backbone: set "
                           "init_checkpoint (or backbone_kwargs.pretrained_file)", stacklevel=2)
-        self.side = self.method.attach(self.backbone, num_classes, image_size)
+        self.side: nn.Module | None = None  # a side-tuning method's side network (set by its bind)
+        self.method.bind(self)
         self.train()  # Lightning keeps the modes it finds: the frozen backbone must start in eval mode
 
     # --- the small interface used by callbacks and scripts ---------------------------------------

@@ -153,7 +153,7 @@ def test_feature_kd_builds_the_injected_projection_for_the_probed_shapes(teacher
                 else timm.create_model(teacher, num_classes=10)]
     term = FeatureKD(1.0, projector=projection)
     student = timm.create_model("test_resnet", num_classes=10)
-    term.bind(student, teachers, 10, 32)
+    term.bind(SimpleNamespace(backbone=student, teachers=teachers, num_classes=10, image_size=32))
     assert type(term.projector) is expected
     tokens, _ = student_tokens_and_logits(student.eval(), torch.zeros(2, 3, 32, 32), None)
     target = teacher_tokens(teachers[0], torch.zeros(2, 3, 32, 32), None)
@@ -169,7 +169,7 @@ def test_feature_kd_builds_the_injected_projection_for_the_probed_shapes(teacher
 def test_probability_discriminator_reverses_the_students_gradient():
     torch.manual_seed(0)
     disc = ProbabilityDiscriminator(hidden_dim=8)
-    disc.bind(nn.Identity(), [], 5, 32)
+    disc.bind(SimpleNamespace(backbone=nn.Identity(), teachers=[], num_classes=5, image_size=32))
     teacher = torch.rand(4, 5).softmax(-1)
     student = torch.rand(4, 5).softmax(-1).requires_grad_()
     disc.loss(student, teacher).backward()
@@ -184,7 +184,7 @@ def test_logit_discriminator_is_meal_v2s_conv_stack_minimised_jointly():
     against [1, 0] (student) / [0, 1] (teachers); the student gets the plain gradient of that same loss."""
     torch.manual_seed(0)
     disc = LogitDiscriminator(weight=1.0, reduction=2)
-    disc.bind(nn.Identity(), [], 20, 32)
+    disc.bind(SimpleNamespace(backbone=nn.Identity(), teachers=[], num_classes=20, image_size=32))
     convs = [m for m in disc.net if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(20, 10, (1, 1)), (10, 5, (1, 1)), (5, 2, (1, 1))]
     student = (torch.randn(3, 20) * 3).requires_grad_()

@@ -79,6 +79,21 @@ def test_every_part_class_records_and_rebuilds_itself():
         assert name in checked
 
 
+def test_every_part_binds_to_its_host_through_one_signature():
+    """``bind(host)``: one argument, the object the part is injected into, for every kind (no kind-specific lists
+    of networks and sizes); the KD, PEFT, CLIP and DataModule hosts call it with themselves."""
+    import inspect
+
+    for cls in [Part, *_all_part_classes()]:
+        parameters = list(inspect.signature(cls.bind).parameters.values())
+        assert len(parameters) == 2 and all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty
+                                            for p in parameters), f"{cls.__qualname__}.bind{inspect.signature(cls.bind)}"
+    for module in ("modules.kd", "modules.peft", "modules.clip", "datamodules.base"):
+        source = inspect.getsource(importlib.import_module(module))
+        calls = [line.strip() for line in source.splitlines() if ".bind(" in line]
+        assert calls and all(line.endswith(".bind(self)") for line in calls), (module, calls)
+
+
 def inspect_abstract(cls: type) -> bool:
     """Kind bases (``TargetSource``, ``PEFTMethod``...) are not parts one injects."""
     return cls.__name__ in {"KDPart", "TargetSource", "LossTerm", "Mixing", "Projection", "PEFTMethod",

@@ -15,9 +15,11 @@ One rule for every kind of part:
 * **One allow-listed rebuild.** :func:`build_part` imports a ``class_path`` only from visionlab's own packages (or
   ``torch.nn``), only if the class is the kind of part the caller expects, and maps the module paths of
   checkpoints written before components were grouped by family.
-* **One bind.** A part's host (the LightningModule or DataModule it is injected into) calls ``part.bind(...)``
-  once, after building what the part needs; each kind documents the arguments its host passes (the KD target
-  source gets the class count and image size, a token masking the image encoder...).
+* **One bind.** A part's host (the LightningModule, DataModule or layer it is injected into) calls
+  ``part.bind(host)`` once, after building what the part reads. Every kind has that one signature and meaning:
+  the part reads the host's public attributes and builds its own state from them; where the part is made to
+  change the host, it changes the host's named submodules (a PEFT method wraps ``host.backbone``). Each kind's
+  base class lists the attributes it reads (:meth:`Part.bind`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ class Part:
     def record(self) -> dict:
         """``{"class_path", "init_args"}`` with primitives only (see :func:`record`)."""
         return record(self)
+
+    def bind(self, host: Any) -> None:
+        """Called once by ``host``, the object this part is injected into, after the host built what it reads.
+
+        What each kind reads: a KD target source ``host.num_classes``/``image_size``; a KD loss term also
+        ``host.backbone`` (the student) and ``host.teachers``; a PEFT method ``host.backbone``,
+        ``num_classes``, ``image_size`` (it wraps the backbone; a side-tuning sets ``host.side``); a token
+        masking ``host.model.image_trunk``; a weight quantizer its ``QuantLinear`` layer; a loader back-end or
+        batch transform the DataModule. The part must not keep ``host`` itself (an ``nn.Module`` part would
+        register it as a submodule). The default reads nothing.
+        """
 
 
 def _recording(init):

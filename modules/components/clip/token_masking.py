@@ -82,8 +82,9 @@ class TokenMasking(nn.Module, Part):
         num_kept(1, ratio)  # validates the ratio
         self.ratio = ratio
 
-    def bind(self, image_encoder: nn.Module) -> None:
-        """Called once by the CLIP module with its image tower (a timm ViT: it must have patch tokens)."""
+    def bind(self, host) -> None:
+        """Reads the CLIP module's image tower ``host.model.image_trunk`` (a timm ViT: it must have patch tokens)."""
+        image_encoder = host.model.image_trunk
         if not hasattr(image_encoder, "patch_embed"):
             raise ConfigError(f"token masking needs a ViT image tower; {type(image_encoder).__name__} has no patch "
                               "tokens: set model.masking null")
@@ -141,8 +142,9 @@ class AttentiveMasking(TokenMasking):
         self.attention_layers, self.online_crop_scale = attention_layers, (float(low), float(high))
         self.scorer: Frozen | None = None  # never optimised, eval mode, checkpointed (its state is training state)
 
-    def bind(self, image_encoder: nn.Module) -> None:
-        super().bind(image_encoder)
+    def bind(self, host) -> None:
+        super().bind(host)
+        image_encoder = host.model.image_trunk
         depth = len(image_encoder.blocks)
         if self.attention_layers is not None and not 1 <= self.attention_layers <= depth:
             raise ConfigError(f"attention_layers {self.attention_layers} must be in [1, {depth}] or null (all)")

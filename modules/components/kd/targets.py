@@ -67,9 +67,9 @@ class TargetSource(KDPart):
     def teachers(self) -> nn.ModuleList:
         return self.frozen.module
 
-    def bind(self, num_classes: int, image_size: int) -> None:
-        """Called once by the module with the data's class count and image size."""
-        self.num_classes = num_classes
+    def bind(self, host) -> None:
+        """Reads ``host.num_classes`` (and ``image_size``, for teachers built here)."""
+        self.num_classes = host.num_classes
 
     def forward(self, batch: dict, temperature: float) -> KDTargets:
         raise NotImplementedError
@@ -89,8 +89,9 @@ class OnlineTeachers(TargetSource):
         self.specs, self.teacher_kwargs = list(teachers or []), teacher_kwargs
 
     @torch.no_grad()
-    def bind(self, num_classes: int, image_size: int) -> None:
-        super().bind(num_classes, image_size)
+    def bind(self, host) -> None:
+        super().bind(host)
+        num_classes, image_size = host.num_classes, host.image_size
         self.frozen = Frozen(nn.ModuleList(build_teacher(t, num_classes, image_size, self.teacher_kwargs) for t in self.specs))
         probe = torch.zeros(2, 3, image_size, image_size)
         for i, teacher in enumerate(self.teachers):

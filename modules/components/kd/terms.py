@@ -67,8 +67,9 @@ class LossTerm(KDPart):
         super().__init__()
         self.weight = weight
 
-    def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
-        """Called once by the module; builds what depends on the networks (projectors, discriminators)."""
+    def bind(self, host) -> None:
+        """Builds what depends on the networks (projectors, discriminators) from ``host.backbone`` (the student),
+        ``host.teachers``, ``host.num_classes`` and ``host.image_size``."""
 
     def forward(self, step: KDStep) -> torch.Tensor:
         raise NotImplementedError
@@ -128,7 +129,8 @@ class FeatureKD(LossTerm):
         self.feature_layer, self.projection = feature_layer, projector
 
     @torch.no_grad()
-    def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
+    def bind(self, host) -> None:
+        student, teachers, image_size = host.backbone, host.teachers, host.image_size
         if not len(teachers):
             raise ConfigError("FeatureKD needs an online teacher: use OnlineTeachers (stored logits carry no features)")
         probe = torch.zeros(2, 3, image_size, image_size)
@@ -175,7 +177,8 @@ class LogitDiscriminator(LossTerm):
         super().__init__(weight)
         self.reduction = reduction
 
-    def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
+    def bind(self, host) -> None:
+        num_classes = host.num_classes
         hidden = max(num_classes // self.reduction, 2)
         narrow = max(hidden // self.reduction, 2)
         self.net = nn.Sequential(nn.Conv2d(num_classes, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, narrow, 1), nn.ReLU(),
@@ -210,8 +213,8 @@ class ProbabilityDiscriminator(LossTerm):
         super().__init__(weight)
         self.hidden_dim = hidden_dim
 
-    def bind(self, student: nn.Module, teachers: Sequence[nn.Module], num_classes: int, image_size: int) -> None:
-        self.net = nn.Sequential(nn.Linear(num_classes, self.hidden_dim), nn.ReLU(),
+    def bind(self, host) -> None:
+        self.net = nn.Sequential(nn.Linear(host.num_classes, self.hidden_dim), nn.ReLU(),
                                  nn.Linear(self.hidden_dim, self.hidden_dim), nn.ReLU(), nn.Linear(self.hidden_dim, 1))
 
     def loss(self, student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

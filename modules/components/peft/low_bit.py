@@ -71,8 +71,9 @@ class WeightQuantizer(Part):
         _check_bits(bits)
         self.bits = bits
 
-    def attach(self, layer: "QuantLinear") -> None:
-        """Register the quantizer's own trainable parameters on ``layer`` (none by default)."""
+    def bind(self, layer: "QuantLinear") -> None:
+        """Register the quantizer's own trainable parameters on its host ``layer`` (none by default); one
+        quantizer serves every layer of an adapter, each binding it once."""
 
     def quantized_weight(self, layer: "QuantLinear") -> torch.Tensor:
         """The weight the forward pass uses; gradients reach the latent weight straight through."""
@@ -145,7 +146,7 @@ class UniformGrid(WeightQuantizer):
     def code_range(self) -> tuple[int, int]:
         return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
 
-    def attach(self, layer: "QuantLinear") -> None:
+    def bind(self, layer: "QuantLinear") -> None:
         layer.step_gain = nn.Parameter(torch.ones(layer.out_features)) if self.learned_step else None
 
     def computed_step(self, weight: torch.Tensor) -> torch.Tensor:
@@ -193,7 +194,7 @@ class QuantLinear(nn.Linear):
         self.quantizer = quantizer
         self.bits = quantizer.bits
         self.decoded = False
-        quantizer.attach(self)
+        quantizer.bind(self)
 
     def train(self, mode: bool = True):
         if mode:

@@ -1,6 +1,6 @@
 """PEFT methods as small objects chosen by ``class_path`` (pure torch + timm, no Lightning).
 
-Each method knows how to freeze and wrap a timm backbone (:meth:`PEFTMethod.attach`), which parameters it
+Each method knows how to freeze and wrap a timm backbone (:meth:`PEFTMethod.bind`), which parameters it
 trains (those it leaves with ``requires_grad``), its task state (:meth:`PEFTMethod.task_state`, what a task
 file stores) and, where it can, how to merge into a plain timm model (:meth:`PEFTMethod.merge`)::
 
@@ -39,12 +39,13 @@ class PEFTMethod(Part):
 
     trains_backbone = False
 
-    def attach(self, backbone: nn.Module, num_classes: int, image_size: int) -> nn.Module | None:
-        """Freeze ``backbone`` and wrap it in place; returns an extra trainable module (side network) or None."""
+    def bind(self, host) -> None:
+        """Freeze ``host.backbone`` and wrap it in place (reads ``host.image_size``; ``host.num_classes`` for a
+        method that builds its own head)."""
+        backbone = host.backbone
         backbone.requires_grad_(False)
-        self.wrap(backbone, image_size)
+        self.wrap(backbone, host.image_size)
         backbone.get_classifier().requires_grad_(True)
-        return None
 
     def wrap(self, backbone: nn.Module, image_size: int) -> None:
         """Insert the method's modules into the frozen backbone (none for a linear probe)."""
@@ -105,9 +106,8 @@ class FullFineTune(PEFTMethod):
     def __init__(self):
         pass
 
-    def attach(self, backbone: nn.Module, num_classes: int, image_size: int) -> None:
-        backbone.requires_grad_(True)
-        return None
+    def bind(self, host) -> None:
+        host.backbone.requires_grad_(True)
 
     def task_state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         backbone = model.get_submodule("backbone")
@@ -260,12 +260,14 @@ class SideTuning(PEFTMethod):
         self.dim = dim
         self.taps = taps if isinstance(taps, int) else list(taps)
 
-    def attach(self, backbone: nn.Module, num_classes: int, image_size: int) -> nn.Module:
+    def bind(self, host) -> None:
+        """Freezes ``host.backbone``, drops its head and sets ``host.side``, the side network holding the new one."""
+        backbone, size = host.backbone, host.image_size
         backbone.requires_grad_(False)
         backbone.reset_classifier(0)
         with torch.no_grad():
-            probe = backbone_intermediates(backbone.eval(), torch.zeros(1, 3, image_size, image_size), self.taps)
-        return SideNetwork([f.shape[1] for f in probe], self.dim, num_classes)
+            probe = backbone_intermediates(backbone.eval(), torch.zeros(1, 3, size, size), self.taps)
+        host.side = SideNetwork([f.shape[1] for f in probe], self.dim, host.num_classes)
 
     def forward(self, backbone: nn.Module, extra: nn.Module | None, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
