@@ -6,6 +6,9 @@ that hangs, or NCCL, is noticed after the process-group timeout (``DDPStrategy(t
 that error every surviving rank checks in through the run's own key-value store (the ``TCPStore`` that
 rank 0 hosts for ``init_process_group``); the ranks that have not checked in after ``grace_seconds`` are the
 lost ones. If the store itself is gone, rank 0 (its host) is the one lost.
+
+Only a failed collective asks who is lost: an error raised by this rank's own code (a callback, the data) is
+this rank's, and is reported as it is instead of blaming the peers that wait for it in their next collective.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ class LostRankReport(pl.Callback):
 
     def __init__(self, grace_seconds: float = 20.0) -> None:
         self.grace_seconds = grace_seconds
+
+    @staticmethod
+    def is_collective_failure(exception: BaseException) -> bool:
+        """A failed collective or store call: torch's ``DistError`` family (NCCL, the store), or gloo's transport
+        errors, which torch raises as a plain ``RuntimeError`` whose text names gloo (torch 2.14: "[.../gloo/
+        transport/tcp/pair.cc:545] Read error ... Connection reset by peer", "... Timed out waiting ...")."""
+        return isinstance(exception, dist.DistError) or (isinstance(exception, RuntimeError) and "gloo" in str(exception))
 
     def _lost_ranks(self, trainer: pl.Trainer) -> list[int]:
         rank, world = trainer.global_rank, trainer.world_size
@@ -52,7 +62,7 @@ class LostRankReport(pl.Callback):
             return [0] if rank != 0 else []
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.world_size < 2 or isinstance(exception, (VisionlabError, KeyboardInterrupt)):
+        if trainer.world_size < 2 or isinstance(exception, VisionlabError) or not self.is_collective_failure(exception):
             return
         lost = self._lost_ranks(trainer)
         if lost:

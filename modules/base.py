@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.utils import make_grid
@@ -155,15 +157,53 @@ def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
 class SupervisedModule(VisionModule):
     """The supervised path of classification, KD, the linear probe and PEFT: one evaluation step and one set of
     metrics, so ``data.extra_eval`` (ReaL, other validation sets), the EMA/SWA raw-weight evaluation
-    (``val_raw/...``) and top-1/top-5 work the same in all four. A subclass's ``forward(images)`` returns logits and
-    its ``training_step`` computes its own loss, then calls :meth:`log_training`.
+    (``val_raw/...``) and top-1/top-5 work the same in all four. A subclass's ``forward(images)`` returns logits.
+    Classification, the probe and PEFT train through :meth:`supervised_step` (Mixup/CutMix, label smoothing or an
+    injected criterion); KD computes its own loss (its mixing mixes teacher targets too) and calls
+    :meth:`log_training`.
     """
+
+    mixup: Mixup | None = None  # set by use_mixup
 
     def __init__(self, num_classes: int = 1000, image_size: int = 224, optim: OptimConfig | None = None):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.train_metrics = accuracy_metrics(num_classes)
         self.val_metrics = accuracy_metrics(num_classes)
         self.extra_val_metrics = nn.ModuleDict()  # per extra evaluation set / raw weights (eval_metrics)
+
+    def use_mixup(self, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float) -> None:
+        """timm's ``Mixup`` (per batch, the training batch size must be even) when either alpha is positive; its
+        soft targets carry ``label_smoothing``."""
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ConfigError(f"model.mixup_alpha {mixup_alpha} and cutmix_alpha {cutmix_alpha} must be >= 0 (0: off)")
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                               num_classes=self.num_classes)
+
+    def supervised_step(self, batch, label_smoothing: float = 0.0, criterion: nn.Module | None = None) -> torch.Tensor:
+        """One training step on a labelled batch: Mixup/CutMix when on, then ``criterion(logits, target)`` (index
+        labels, or mixup's soft targets) or cross-entropy with ``label_smoothing`` (soft-target cross-entropy under
+        mixup, whose targets carry the smoothing); logs through :meth:`log_training`."""
+        batch = named_batch(batch)
+        images, labels = batch["image"], batch["label"]
+        self.check_labels(labels)
+        if self.mixup is not None:
+            if len(images) % 2:
+                raise ConfigError(f"Mixup/CutMix needs an even training batch, got {len(images)}: set an even "
+                                  "data.batch_size (per device)")
+            images, target = self.mixup(images, labels)  # (B, C) soft targets
+        else:
+            target = labels
+        logits = self(images)
+        if criterion is not None:
+            loss = criterion(logits, target)
+        elif self.mixup is not None:
+            loss = SoftTargetCrossEntropy()(logits, target)
+        else:
+            loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        self.log_training(loss, logits, labels if self.mixup is None else None)
+        return loss
 
     def check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and labels.ndim == 1 and int(labels.max()) >= self.num_classes:

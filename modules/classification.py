@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from modules.base import SupervisedModule
 from modules.components.backbones import create_backbone
-from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
 from modules.components.transfer import build_from_checkpoint
@@ -70,12 +66,7 @@ class ClassificationModule(SupervisedModule):
             raise ConfigError("model.backbone is null: name a timm model, or set model.init_checkpoint to start from")
         else:
             self.backbone = create_backbone(backbone, num_classes=num_classes, image_size=image_size, **kwargs)
-        self.mixup = None
-        if mixup_alpha > 0 or cutmix_alpha > 0:
-            self.mixup = Mixup(
-                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                label_smoothing=label_smoothing, num_classes=num_classes,
-            )
+        self.use_mixup(mixup_alpha, cutmix_alpha, label_smoothing)
         self.label_smoothing = label_smoothing
 
     def optimizer_root(self) -> nn.Module:
@@ -85,16 +76,4 @@ class ClassificationModule(SupervisedModule):
         return self.backbone(images)  # (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        self.check_labels(labels)
-        if self.mixup is not None:
-            images, soft = self.mixup(images, labels)
-            logits = self(images)
-            loss = self.criterion(logits, soft) if self.criterion is not None else SoftTargetCrossEntropy()(logits, soft)
-        else:
-            logits = self(images)
-            loss = (self.criterion(logits, labels) if self.criterion is not None
-                    else F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing))
-        self.log_training(loss, logits, labels if self.mixup is None else None)
-        return loss
+        return self.supervised_step(batch, self.label_smoothing, self.criterion)

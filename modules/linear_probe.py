@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modules.base import SupervisedModule
-from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
 from modules.components.mim.encoders import frozen_encoder
@@ -29,6 +27,9 @@ class LinearProbeModule(SupervisedModule):
         backbone_kwargs: ``timm.create_model`` arguments merged over the recorded ones (e.g. ``global_pool``).
         pool: ``token`` = the model's own pooling (class token for ViTs), ``avg`` = mean of patch tokens.
         optim: optimizer and schedule (of the linear layer).
+        label_smoothing: label smoothing of the training loss (MAE's linear probe: none).
+        mixup_alpha: Mixup alpha; 0 (MAE's probe) disables.
+        cutmix_alpha: CutMix alpha; 0 (MAE's probe) disables.
     """
 
     def __init__(
@@ -40,6 +41,9 @@ class LinearProbeModule(SupervisedModule):
         backbone_kwargs: dict | None = None,
         pool: str = "token",
         optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.save_hyperparameters()
@@ -53,6 +57,8 @@ class LinearProbeModule(SupervisedModule):
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
+        self.label_smoothing = label_smoothing
+        self.use_mixup(mixup_alpha, cutmix_alpha, label_smoothing)
 
     def optimizer_root(self) -> nn.Module:
         return self.head
@@ -69,9 +75,4 @@ class LinearProbeModule(SupervisedModule):
         return self.head(self.features(images))  # (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.log_training(loss, logits, labels)
-        return loss
+        return self.supervised_step(batch, self.label_smoothing)

@@ -12,12 +12,10 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modules.base import SupervisedModule
 from modules.components.backbones import create_backbone
-from modules.components.batches import named_batch
 from modules.components.errors import ConfigError
 from modules.components.optim import OptimConfig
 from modules.components.parts import record
@@ -41,8 +39,11 @@ class PEFTModule(SupervisedModule):
         init_checkpoint: visionlab checkpoint (or plain state dict, with ``backbone`` named) with the pretrained
             ``backbone.*`` weights (`transfer.build_from_checkpoint`); a head of another shape is replaced.
         method: the PEFT method (default: SSF); a ``{class_path, init_args}`` dict is accepted too.
-        label_smoothing: label smoothing of the training loss.
+        label_smoothing: label smoothing of the training loss (and of Mixup's targets).
         optim: optimizer and schedule.
+        mixup_alpha: Mixup alpha; 0 disables (SSF's and AdaptFormer's ImageNet/FGVC recipes use timm's Mixup
+            0.8 / CutMix 1.0; their VTAB-1k runs none).
+        cutmix_alpha: CutMix alpha; 0 disables.
     """
 
     def __init__(
@@ -55,12 +56,15 @@ class PEFTModule(SupervisedModule):
         method: PEFTMethod | None = None,
         label_smoothing: float = 0.0,
         optim: OptimConfig | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         super().__init__(num_classes=num_classes, image_size=image_size, optim=optim)
         self.method = build_method(method) if method is not None else SSFTuning()
         self.save_hyperparameters(ignore=["method"])
         self.hparams["method"] = record(self.method)  # primitives only: checkpoints load with weights_only=True
         self.label_smoothing = label_smoothing
+        self.use_mixup(mixup_alpha, cutmix_alpha, label_smoothing)
         if init_checkpoint:
             self.backbone, arch = build_from_checkpoint(init_checkpoint, "replace", num_classes, image_size, backbone,
                                                         backbone_kwargs)
@@ -112,12 +116,7 @@ class PEFTModule(SupervisedModule):
         return self.method.forward(self.backbone, self.side, images)  # (B, num_classes)
 
     def training_step(self, batch, batch_idx):
-        batch = named_batch(batch)
-        images, labels = batch["image"], batch["label"]
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.log_training(loss, logits, labels)
-        return loss
+        return self.supervised_step(batch, self.label_smoothing)
 
 
 def load_task_file(path: str | os.PathLike, init_checkpoint: str | None = None) -> PEFTModule:

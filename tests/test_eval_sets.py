@@ -261,3 +261,34 @@ def test_every_supervised_technique_logs_top_k_and_the_ema_raw_weights(kind, tmp
     assert 0 <= float(metrics["val/acc1"]) <= float(metrics["val/acc5"]) <= 1
     if kind != "kd":  # KD trains on soft targets: no training accuracy
         assert "train/acc5" in metrics
+
+
+@pytest.mark.parametrize("kind", ["classification", "linear_probe", "peft"])
+def test_mixup_mixes_images_and_targets_the_same_way_in_every_supervised_technique(kind, tmp_path):
+    """timm's Mixup (alpha 1, no CutMix) through the shared step: the network sees ``lam x + (1 - lam) x.flip(0)``
+    and the loss is the soft-target cross-entropy against ``lam y_s + (1 - lam) y_s.flip(0)``, with ``y_s`` the
+    smoothed one-hot labels (smoothing / C off the class, 1 - smoothing + smoothing / C on it)."""
+    torch.manual_seed(0)
+    module = _supervised(kind, tmp_path)
+    module.label_smoothing = smoothing = 0.1
+    module.use_mixup(1.0, 0.0, smoothing)
+    seen, logged = [], []
+    forward = module.forward
+    module.forward = lambda images: seen.append(images.clone()) or forward(images)
+    module.log_training = lambda loss, logits=None, labels=None: logged.append(labels)
+    module.train()
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    loss = module.training_step({"image": images.clone(), "label": labels}, 0)  # timm mixes in place
+    mixed, flipped = seen[0], images.flip(0)
+    lam = float(((mixed - flipped) * (images - flipped)).sum() / (images - flipped).pow(2).sum())
+    assert 0.0 < lam < 1.0
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * flipped, atol=1e-5, rtol=0)
+    one_hot = torch.full((6, 10), smoothing / 10).scatter_(1, labels[:, None], 1 - smoothing + smoothing / 10)
+    target = lam * one_hot + (1 - lam) * one_hot.flip(0)
+    module.forward = forward
+    with torch.no_grad():
+        expected = -(target * F.log_softmax(module(mixed), dim=-1)).sum(-1).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    assert logged == [None]  # no training accuracy against mixed targets
+    with pytest.raises(ConfigError, match="even training batch"):
+        module.training_step({"image": images[:5], "label": labels[:5]}, 0)

@@ -228,6 +228,31 @@ def test_ddp_rank_killed_mid_epoch_survivor_exits_naming_it(tmp_path, kill_rank)
         assert result.returncode == 2  # the launching process is the survivor
 
 
+def test_an_error_of_this_ranks_own_is_not_blamed_on_the_waiting_peers():
+    """A local exception (a failed subprocess in a callback) is reported as it is, at once: the peers are blocked
+    in their next collective, waiting for this rank, and would not check in (CI once named rank 1 as lost when
+    rank 0's own callback had raised). A gloo transport error or a DistError does ask who is lost."""
+    from types import SimpleNamespace
+
+    from callbacks.lost_rank import LostRankReport
+
+    report = LostRankReport(grace_seconds=0.1)
+    asked = []
+    report._lost_ranks = lambda trainer: asked.append(trainer) or [1]
+    trainer = SimpleNamespace(world_size=2, global_rank=0, global_step=5)
+    local = subprocess.CalledProcessError(1, ["scancel"])
+    report.on_exception(trainer, None, local)
+    assert asked == [] and local.__cause__ is None
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:15251: "
+                        "Connection reset by peer")
+    report.on_exception(trainer, None, gloo)
+    assert asked == [trainer] and "rank 1 of 2 stopped" in str(gloo.__cause__)
+    import torch.distributed as dist
+
+    assert LostRankReport.is_collective_failure(dist.DistNetworkError("store")) and not LostRankReport.is_collective_failure(
+        ValueError("gloo"))
+
+
 ONE_CPU_LOADER = """
 import os, sys, warnings
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as taskset -c N, a bound SLURM task, docker --cpuset-cpus

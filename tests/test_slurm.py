@@ -148,6 +148,16 @@ def test_two_nodes_train_one_model(cluster, tmp_path):
     assert log.count("visionlab: best val/acc1") == 1
 
 
+def _errors(log: str) -> str:
+    """Each traceback's last lines and every error line in the job's log (the tail alone may hold only the
+    consequences, e.g. the other rank's report)."""
+    lines, found = log.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.startswith(("Traceback", "visionlab: error")) or "Error:" in line[:80]:
+            found.append("\n".join(lines[i:i + 1] if not line.startswith("Traceback") else lines[i:i + 40]))
+    return "--- errors in the log:\n" + "\n".join(found)[-6000:]
+
+
 def _steps(events_file) -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -184,8 +194,8 @@ def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, 
         # before it restored anything, i.e. before visionlab's resume ran. Reported with the cluster's record;
         # a requeued run that restores and then fails, or any other state, fails this test.
         pytest.xfail(f"test cluster: the requeued run failed before restoring: {log[-1500:]}\n{cluster.diagnose(job)}")
-    assert info["JobState"] == "COMPLETED", (f"{info.get('JobState')}, {info.get('Restarts')} restarts: {log[-3000:]}\n"
-                                             f"{cluster.diagnose(job)}")
+    assert info["JobState"] == "COMPLETED", (f"{info.get('JobState')}, {info.get('Restarts')} restarts: "
+                                             f"{_errors(log)}\n{log[-3000:]}\n{cluster.diagnose(job)}")
     assert int(info["Restarts"]) == 1, log[-3000:]
     hpc = sorted(run.glob("hpc_ckpt_*.ckpt"))
     assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], log[-3000:]
