@@ -5,8 +5,10 @@
   an EMA of the image encoder attends to most ([CLS] attention over all blocks, :func:`attentive_block_keep_index`),
   scored on the full view and cropped to the (smaller) view the online encoder sees; the EMA momentum rises on a
   half cosine.
+* ``GridMasking``: MAE's grid-wise sampling ablation (He et al., 2022, Table 1f / Fig. 6) keeps one patch of every
+  ``stride x stride`` cell of the patch grid (:func:`grid_keep_index`), at an offset drawn per image.
 
-Both see a timm ViT image tower through `masked_vit` (the one masked-ViT encoder).
+All see a timm ViT image tower through `masked_vit` (the one masked-ViT encoder).
 """
 
 from __future__ import annotations
@@ -180,3 +182,55 @@ class AttentiveMasking(TokenMasking):
         else:
             self.ema.decay = self.momentum(step, total_steps)
             self.ema.update(image_encoder)
+
+
+def grid_keep_index(offsets: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:
+    """MAE's grid-wise sampling: per sample, the patch at ``offsets[b] = (dy, dx)`` of every cell.  # (B, K)
+
+    The ``H x W`` patch grid (``stride`` divides both sides) is cut into ``stride x stride`` cells; sample ``b``
+    keeps patch ``(cy * stride + dy, cx * stride + dx)`` of cell ``(cy, cx)``, as a row-major patch index.
+    ``K = H * W / stride**2``; cells are taken in row-major order, so the indices come out sorted.
+    """
+    height, width = grid
+    rows = torch.arange(0, height, stride, device=offsets.device)[None, :, None] + offsets[:, 0, None, None]
+    cols = torch.arange(0, width, stride, device=offsets.device)[None, None, :] + offsets[:, 1, None, None]
+    return (rows * width + cols).flatten(1)  # (B, H/s, W/s) -> (B, K)
+
+
+def random_grid_keep_index(batch_size: int, grid: tuple[int, int], stride: int, device=None,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`grid_keep_index` at a uniform random offset ``(dy, dx)`` in ``[0, stride)^2`` per sample.  # (B, K)"""
+    offsets = torch.randint(stride, (batch_size, 2), device=device, generator=generator)  # (B, 2)
+    return grid_keep_index(offsets, grid, stride)
+
+
+class GridMasking(TokenMasking):
+    """MAE's grid-wise sampling (He et al., 2022, Table 1f / Fig. 6): keep one patch of every ``stride x stride`` cell.
+
+    MAE's ablation "regularly keeps one of every four patches" (75% masking) and reports it worse than random
+    masking (an easier task); facebookresearch/mae ships only random masking, so this follows the paper's text.
+    Where visionlab differs: the kept position inside the cells (the same for every cell of an image) is drawn per
+    image from the global RNG, so different images of a batch keep different patches; MAE's figure shows one fixed
+    pattern. Used here as a CLIP (FLIP-style) token masking, not for MAE's reconstruction.
+
+    Args:
+        stride: side of the cells, in patches; it must divide both sides of the patch grid. The share dropped is
+            ``ratio = 1 - 1 / stride**2`` (0.75 at 2, MAE's setting); 1 keeps every token.
+    """
+
+    def __init__(self, stride: int = 2):
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ConfigError(f"grid masking stride must be a whole number of patches >= 1, not {stride!r}")
+        super().__init__(1 - 1 / stride**2)
+        self.stride = stride
+
+    def bind(self, host) -> None:
+        super().bind(host)
+        height, width = host.model.image_trunk.patch_embed.grid_size
+        if height % self.stride or width % self.stride:
+            raise ConfigError(f"grid masking stride {self.stride} does not divide the {height}x{width} patch grid: "
+                              "set model.masking.init_args.stride to a divisor of both sides")
+
+    def view(self, images: torch.Tensor, image_encoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = tuple(image_encoder.patch_embed.grid_size)
+        return images, random_grid_keep_index(images.shape[0], grid, self.stride, device=images.device)
