@@ -138,6 +138,46 @@ class SSFTuning(PEFTMethod):
         return merge_ssf(copy.deepcopy(backbone)).eval()
 
 
+def is_bias(name: str) -> bool:
+    """Whether a parameter name is a bias term: its leaf is ``bias`` or ``<x>_bias`` (timm's BEiT/EVA/Swin-V2
+    ``q_bias``/``v_bias``, a parallel ViT block's ``mlp_bias``). Additive attention tables are not: Swin's
+    ``relative_position_bias_table``, LeViT's ``attention_biases``."""
+    leaf = name.rpartition(".")[2]
+    return leaf == "bias" or leaf.endswith("_bias")
+
+
+class BitFit(PEFTMethod):
+    """BitFit (Ben Zaken, Ravfogel, Goldberg 2022): only the backbone's bias terms (and the new head) train.
+
+    Every parameter :func:`is_bias` names outside the classifier trains: the linears' and convs' biases and
+    the normalisation layers' biases too (LayerNorm's, BatchNorm's beta; their scales stay frozen). Nothing is
+    inserted, so the trained backbone is already a plain timm model (:meth:`merge` is a copy) and the task
+    file holds only those biases and the head. A ResNet's convs have no bias, so its BatchNorm biases are what
+    trains; a backbone with no bias outside its head is refused.
+
+    The reference (``benzakenelad/BitFit``, ``GLUEvaluator._deactivate_relevant_gradients``) trains every BERT
+    parameter whose name contains ``bias`` (``--bias-terms all``; a subset such as query/intermediate biases
+    otherwise) and the whole classifier. visionlab differs: the bias is matched by the leaf name (a substring
+    match would also train position-bias tables), no subset is offered, and the frozen backbone runs in eval
+    mode as in every visionlab PEFT method (the reference trains BERT with its dropout on).
+    """
+
+    def __init__(self):
+        pass
+
+    def wrap(self, backbone: nn.Module, image_size: int) -> None:
+        head = classifier_name(backbone) + "."
+        self.bias_names = [n for n, _ in backbone.named_parameters() if is_bias(n) and not n.startswith(head)]
+        if not self.bias_names:
+            raise ConfigError(f"BitFit trains bias terms, but {type(backbone).__name__} has none outside its classifier: "
+                              "pick a backbone with biases (or norms with biases), or another PEFT method")
+        for name in self.bias_names:
+            backbone.get_parameter(name).requires_grad_(True)
+
+    def merge(self, backbone: nn.Module) -> nn.Module:
+        return copy.deepcopy(backbone).eval()
+
+
 class LoRATuning(PEFTMethod):
     """LoRA (Hu et al. 2021) on the backbone's linears and convs (LoCon's conv form); merges into the weights.
 
