@@ -5,6 +5,8 @@
 
 * ``OnlineTeachers``: frozen teachers run on the student's crops; the target is the mean of their tempered
   softmaxes (MEAL V2, Shen & Savvides 2020).
+* ``WeightedTeachers``: the same teachers, their tempered softmaxes averaged with given weights (uniform weights:
+  MEAL V2's mean, as ``OnlineTeachers``).
 * ``StoredLogits``: the teacher's top-k probabilities stored by ``visionlab store-logits`` and replayed with
   their crops (``datamodules.replay.StoredCrops``), the other classes filled with the teacher's true remainder
   ``(1 - sum(top-k)) / (C - k)`` (FKD, Shen & Xing 2022; TinyViT, Wu et al. 2022). No teacher runs.
@@ -38,7 +40,7 @@ class KDTargets:
 
     Attributes:
         probs: (B, C) target distribution at the KD temperature.
-        logits: (B, C) the teachers' mean logits when teachers ran (the MEAL V2 discriminator's input), else
+        logits: (B, C) the teachers' (weighted) mean logits when teachers ran (the MEAL V2 discriminator's input), else
             ``None``.
         weights: (B,) per-crop loss weights (FerKD), or ``None`` for all ones.
         logs: scalars to log under ``train/`` (e.g. FerKD's share of hard negatives).
@@ -100,14 +102,58 @@ class OnlineTeachers(TargetSource):
                 raise ConfigError(f"teacher {i} outputs {classes} classes but the data has {num_classes}: "
                                   "use teachers trained on the same classes")
 
-    @torch.no_grad()
-    def forward(self, batch: dict, temperature: float) -> KDTargets:
+    def teacher_logits(self, batch: dict) -> list[torch.Tensor]:
+        """Each teacher's float32 logits on ``batch["image"]``, (B, C) each."""
         if not self.teachers:
             raise ConfigError("no teachers: pass targets.init_args.teachers, or use "
                               "modules.components.kd.targets.StoredLogits with data.init_args.batches: "
                               "datamodules.replay.StoredCrops")
-        logits = [teacher(batch["image"]).float() for teacher in self.teachers]  # each (B, C)
+        return [teacher(batch["image"]).float() for teacher in self.teachers]
+
+    @torch.no_grad()
+    def forward(self, batch: dict, temperature: float) -> KDTargets:
+        logits = self.teacher_logits(batch)
         return KDTargets(ensemble_soft_targets(logits, temperature), torch.stack(logits).mean(0))
+
+
+class WeightedTeachers(OnlineTeachers):
+    """Frozen teachers run on every batch; target = weighted mean of their tempered softmaxes.
+
+    ``probs = sum_i w_i softmax(z_i / T)`` and ``logits = sum_i w_i z_i`` (the discriminator's input), with the
+    weights normalised to sum 1. Uniform weights are MEAL V2's ensemble (Shen & Savvides 2020): its reference
+    (szq0214/MEAL-V2, ``extensions/teacher_wrapper.py``) averages the teachers' softmaxes and, for the
+    discriminator, their logits with equal weight, at temperature 1; visionlab tempers by ``T`` and lets a
+    stronger teacher count more. ``weights=None`` is exactly ``OnlineTeachers``' computation.
+
+    Args:
+        teachers: as ``OnlineTeachers``.
+        teacher_kwargs: as ``OnlineTeachers``.
+        weights: one non-negative weight per teacher, in the order of ``teachers`` (any scale: they are
+            normalised); ``None``: uniform.
+    """
+
+    def __init__(self, teachers: list[str | nn.Module] | None = None, teacher_kwargs: dict | None = None,
+                 weights: list[float] | None = None):
+        super().__init__(teachers, teacher_kwargs)
+        if weights is not None and (any(w < 0 for w in weights) or not sum(weights) > 0):
+            raise ConfigError(f"targets.init_args.weights {list(weights)} must be non-negative with a positive sum "
+                              "(one per teacher), or null for uniform")
+        self.teacher_weights = None if weights is None else [float(w) / sum(weights) for w in weights]
+
+    def bind(self, host) -> None:
+        super().bind(host)
+        if self.teacher_weights is not None and len(self.teacher_weights) != len(self.teachers):
+            raise ConfigError(f"targets.init_args.weights: {len(self.teacher_weights)} weights for {len(self.teachers)} "
+                              "teachers; give one per teacher, in order, or null for uniform")
+
+    @torch.no_grad()
+    def forward(self, batch: dict, temperature: float) -> KDTargets:
+        if self.teacher_weights is None:
+            return super().forward(batch, temperature)
+        stacked = torch.stack(self.teacher_logits(batch))  # (num_teachers, B, C)
+        weights = torch.tensor(self.teacher_weights, device=stacked.device).view(-1, 1, 1)  # (num_teachers, 1, 1)
+        probs = ((stacked / temperature).softmax(dim=-1) * weights).sum(0)  # (B, C)
+        return KDTargets(probs, (stacked * weights).sum(0))
 
 
 class StoredLogits(TargetSource):
