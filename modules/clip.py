@@ -114,8 +114,9 @@ class CLIPModule(VisionModule):
         init_logit_scale: initial inverse temperature of the default loss (CLIP: 1/0.07).
         max_logit_scale: the default loss's inverse temperature never exceeds this (CLIP: 100).
         masking: the image-token dropping in training, by ``class_path``
-            (`modules.components.clip.token_masking`): ``RandomMasking`` (FLIP) or ``AttentiveMasking`` (A-CLIP:
-            keep the tokens an EMA image encoder attends to most), each with its ``ratio``; None = every token.
+            (`modules.components.clip.token_masking`): ``RandomMasking`` (FLIP), ``AttentiveMasking`` (A-CLIP:
+            keep the tokens an EMA image encoder attends to most), each with its ``ratio``, or ``GridMasking``
+            (MAE's grid-wise sampling, one token per ``stride`` x ``stride`` cell); None = every token.
         local_loss: the default loss's ``local_loss``: under DDP, each rank scores only its own rows against the
             gathered features (open_clip): (B, world*B) logits instead of (world*B)^2, the same gradients.
         loss: the loss by ``class_path`` (`modules.components.clip.loss`): ``ClipLoss`` (softmax, the default,

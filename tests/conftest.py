@@ -63,8 +63,10 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-def cli_args(root_dir: Path, cache: Path, *extra: str, model: str = "classification/debug.yaml",
+def cli_args(root_dir: Path, cache: Path | None, *extra: str, model: str = "classification/debug.yaml",
              data: str = "data/fashion_mnist.yaml", trainer: str = "trainer/debug.yaml", command: str = "fit") -> list[str]:
+    """``visionlab`` arguments for a test run; ``cache`` is the FFCV ``.beton`` folder (None for the torchvision
+    back-end's data configs, which have none: about half an FFCV CLI test's time is its loader start-up)."""
     return [
         command,
         "--config", str(CONFIGS / trainer),
@@ -72,7 +74,7 @@ def cli_args(root_dir: Path, cache: Path, *extra: str, model: str = "classificat
         "--config", str(CONFIGS / model),
         "--trainer.default_root_dir", str(root_dir),  # the default TensorBoard logger follows it (app/cli.py)
         "--trainer.enable_progress_bar", "false",
-        "--data.init_args.loader.init_args.cache_dir", str(cache),
+        *(["--data.init_args.loader.init_args.cache_dir", str(cache)] if cache is not None else []),
         "--data.init_args.num_workers", "1",
         *extra,
     ]

@@ -28,7 +28,7 @@ from modules.components.peft.low_bit import (
 )
 from modules.components.optim import OptimConfig
 from modules.components.peft.layers import SSF, Adapter, AdapterConfig, AdaptFormerBlock, insert_ssf, merge_ssf
-from modules.components.peft.methods import (AdapterTuning, FullFineTune, LinearProbe, ParallelPlacement, SequentialPlacement,
+from modules.components.peft.methods import (AdapterTuning, BitFit, FullFineTune, LinearProbe, ParallelPlacement, SequentialPlacement,
                                              SideTuning, SSFTuning, build_method)
 from modules.peft import PEFTModule, load_task_file
 from tests.conftest import CONFIGS, NamedTensors, cli_args
@@ -441,9 +441,9 @@ def test_tool_user_errors_reach_the_cli_error_path_as_config_errors(tmp_path):
 
 
 # --- configs --------------------------------------------------------------------------------------
-OVERLAYS = ["ssf", "linear_probe", "full", "adapter", "adapter_1bit", "side"]
+OVERLAYS = ["ssf", "linear_probe", "full", "adapter", "adapter_1bit", "side", "bitfit"]
 EXPECTED = {"ssf": SSFTuning, "linear_probe": LinearProbe, "full": FullFineTune, "adapter": AdapterTuning,
-            "adapter_1bit": AdapterTuning, "side": SideTuning}
+            "adapter_1bit": AdapterTuning, "side": SideTuning, "bitfit": BitFit}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -75,6 +75,10 @@ def attentive_block_keep_index(scores: torch.Tensor, grid: tuple[int, int], keep
 class TokenMasking(nn.Module, Part):
     """Drop ``ratio`` of the image patch tokens in training (evaluation always sees every token).
 
+    A new strategy implements :meth:`view` (and :meth:`update` if it keeps state) and passes its ``ratio`` to
+    this constructor even where it derives it (``GridMasking``: ``1 - 1/stride**2``): the CLIP module reads
+    ``masking.ratio`` and masks nothing while it is 0, and FLIP's unmasked tuning switches on that.
+
     Args:
         ratio: share of patch tokens dropped, in [0, 1) (FLIP: 0.5-0.75); ``int(N * (1 - ratio))`` are kept.
     """
