@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -141,17 +142,44 @@ def _classifier_code_step(int8: torch.fx.GraphModule) -> torch.Tensor:
     return s_in * (codes.float() * scale.view(-1, 1)).abs().sum(dim=1)
 
 
-def test_int8_output_within_tolerance_of_fake_quant(data):
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", num_classes=10)
-    images, labels = data.tensors[0][:32], data.tensors[1][:32]
-    prepared = quant.prepare_int8(model, images, qat=True)
-    prepared.eval()
-    quant.calibrate(prepared, [images])  # eval-mode pass: weight and activation ranges see the folded BN
-    from torchao.quantization.pt2e import disable_observer
+class _QATRecorder(pl.Callback):
+    """BatchNorm running means and fake-quant scales of the QAT graph after every training step."""
 
-    prepared.apply(disable_observer)  # fake-quant keeps its ranges; in eval mode observers would still move them
-    int8 = quant.convert_int8(prepared)
+    def __init__(self):
+        self.steps: list[tuple[int, dict, dict]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        graph = pl_module.backbone
+        if isinstance(graph, torch.fx.GraphModule):
+            buffers = dict(graph.named_buffers())
+            stats = {k: v.clone() for k, v in buffers.items() if k.endswith("running_mean")}
+            scales = {k: v.clone() for k, v in buffers.items() if k.endswith(".scale")}
+            self.steps.append((trainer.global_step, stats, scales))
+
+
+@pytest.fixture(scope="module")
+def qat_run(data, tmp_path_factory):
+    """One QAT fit shared by the tests below (each conversion re-exports torchao's ~100 conv-BN patterns, ~15 s):
+    3 epochs of 4 steps, fake quantization from epoch 1 (step 4, mid-fit), so 8 QAT steps; BatchNorm statistics
+    freeze after 25% of them (step 6), the observers after 75% (step 10)."""
+    torch.manual_seed(0)
+    module = tiny_module("test_resnet")
+    float_model = copy.deepcopy(module.backbone)
+    callback, recorder = QuantizationAwareTraining(start_epoch=1, freeze_bn_after=0.25, freeze_observers_after=0.75), _QATRecorder()
+    loader = DataLoader(data, batch_size=32)
+    root = tmp_path_factory.mktemp("qat")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=root, callbacks=[callback, recorder],
+                         num_sanity_val_steps=0, limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(module, loader, loader)
+    return SimpleNamespace(module=module, float_model=float_model, callback=callback, recorder=recorder,
+                           trainer=trainer, root=root)
+
+
+def test_int8_output_within_tolerance_of_fake_quant(qat_run, data):
+    model, prepared, int8 = qat_run.float_model, qat_run.module.backbone, qat_run.callback.int8_model
+    images = data.tensors[0][:32]
+    prepared.eval()  # the observers are frozen (step 10): fake-quant keeps the ranges the conversion used
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert _int8_weights(int8) >= 0.9 * weights  # the convolutions and the head hold int8 weights now
     assert not any(p.dtype == torch.float32 and p.dim() == 4 for p in int8.state_dict().values())
@@ -170,61 +198,34 @@ def test_int8_output_within_tolerance_of_fake_quant(data):
     assert quant.model_bytes(int8) < quant.model_bytes(model) / 2.5
 
 
-def test_qat_callback_converts_and_saves_a_loadable_program(tmp_path, data):
-    torch.manual_seed(0)
-    module = tiny_module("test_resnet")
-    callback = QuantizationAwareTraining(start_epoch=1)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[callback],
-                         num_sanity_val_steps=0, limit_train_batches=2)
-    trainer.fit(module, DataLoader(data, batch_size=32))
+def test_qat_callback_converts_and_saves_a_loadable_program(qat_run, data):
+    module, callback, trainer = qat_run.module, qat_run.callback, qat_run.trainer
     assert isinstance(module.backbone, torch.fx.GraphModule)
-    # the optimizer trains the fake-quant graph's parameters, whichever objects export produced
+    # QAT began mid-fit: the optimizer trains the fake-quant graph's parameters, whichever objects export produced
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert {id(p) for p in module.backbone.parameters()} <= optimized
+    assert callback.qat_start_step == 4
     assert callback.int8_model is not None and _int8_weights(callback.int8_model) > 0
-    loaded = torch.export.load(str(tmp_path / "quantized" / "int8.pt2")).module()
+    loaded = torch.export.load(str(qat_run.root / "quantized" / "int8.pt2")).module()
     with torch.no_grad():
         out, expected = loaded(data.tensors[0][:8]), callback.int8_model(data.tensors[0][:8])
     assert out.shape == (8, 10) and torch.isfinite(out).all()
     torch.testing.assert_close(out, expected)
 
 
-class _QATRecorder(pl.Callback):
-    """BatchNorm running means and fake-quant scales of the QAT graph after every training step."""
-
-    def __init__(self):
-        self.steps: list[tuple[int, dict, dict]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        graph = pl_module.backbone
-        if isinstance(graph, torch.fx.GraphModule):
-            buffers = dict(graph.named_buffers())
-            stats = {k: v.clone() for k, v in buffers.items() if k.endswith("running_mean")}
-            scales = {k: v.clone() for k, v in buffers.items() if k.endswith(".scale")}
-            self.steps.append((trainer.global_step, stats, scales))
-
-
-def test_qat_freezes_batchnorm_then_observers_for_the_final_steps(tmp_path, data):
-    torch.manual_seed(0)
-    module = tiny_module("test_resnet")
-    callback, recorder = QuantizationAwareTraining(freeze_bn_after=0.25, freeze_observers_after=0.75), _QATRecorder()
-    loader = DataLoader(data, batch_size=32)
-    pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               default_root_dir=tmp_path, callbacks=[callback, recorder], num_sanity_val_steps=0,
-               limit_train_batches=4, limit_val_batches=1).fit(module, loader, loader)
-    assert (callback.bn_frozen_at, callback.observers_frozen_at) == (2, 6)  # of 8 QAT steps, 4 per epoch
-    by_step = {step: (stats, scales) for step, stats, scales in recorder.steps}
-    assert by_step[1][0] and by_step[1][1]
+def test_qat_freezes_batchnorm_then_observers_for_the_final_steps(qat_run):
+    callback = qat_run.callback
+    assert (callback.bn_frozen_at, callback.observers_frozen_at) == (6, 10)  # QAT steps 5..12: 4 + 25% / 75% of 8
+    by_step = {step: (stats, scales) for step, stats, scales in qat_run.recorder.steps}
+    assert sorted(by_step) == list(range(5, 13)) and by_step[5][0] and by_step[5][1]
 
     def same(a, b):
         return all(torch.equal(a[k], b[k]) for k in a)
 
-    assert not same(by_step[1][0], by_step[2][0])  # statistics move before the freeze (the 2nd step trains them)
-    assert all(same(by_step[2][0], by_step[s][0]) for s in range(3, 9))  # frozen, also after validation's eval()
-    assert not same(by_step[5][1], by_step[6][1])  # observers still move at step 6 ...
-    assert all(same(by_step[6][1], by_step[s][1]) for s in (7, 8))  # ... then their scales are fixed
-    assert callback.int8_model is not None
+    assert not same(by_step[5][0], by_step[6][0])  # statistics move before the freeze (step 6 trains them)
+    assert all(same(by_step[6][0], by_step[s][0]) for s in range(7, 13))  # frozen, also after validation's eval()
+    assert not same(by_step[9][1], by_step[10][1])  # observers still move at step 10 ...
+    assert all(same(by_step[10][1], by_step[s][1]) for s in (11, 12))  # ... then their scales are fixed
     with pytest.raises(ConfigError, match="fraction"):
         QuantizationAwareTraining(freeze_bn_after=2.0)
 
