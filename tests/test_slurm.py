@@ -3,6 +3,7 @@ nodes, preemption + requeue into the same TensorBoard version folder)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -179,8 +180,10 @@ def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, 
                  "--trainer.callbacks.signal_name", "USR2"]
     # torchvision loaders (the FFCV launch is the test above): FFCV would compile its numba pipelines again in
     # each of the 4 processes (2 ranks x 2 runs), which is most of this job's time after Python's start-up
+    record = ["--data.init_args.batches", "tests.resume_script.WithIndex",  # each rank writes its batches' samples
+              "--trainer.callbacks+=tests.resume_script.RecordBatches", "--trainer.callbacks.folder", str(run / "batches")]
     args = _fit_args(run, None, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
-                     "--data.init_args.num_workers", "0", *signal_at, data="data/fashion_mnist_torchvision.yaml")
+                     "--data.init_args.num_workers", "0", *signal_at, *record, data="data/fashion_mnist_torchvision.yaml")
     job = cluster.sbatch(str(template), *args, cwd=run)
     cluster.start_requeued_now(job)
     info = cluster.wait(job)
@@ -208,6 +211,20 @@ def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, 
     # ... in the same TensorBoard version folder (the job id), its steps continuing the first run's axis.
     versions = [p.name for p in (run / "lightning_logs").iterdir()]
     assert versions == [f"version_{job}"], versions
+    # Sample-exact: the requeued run trained on the batches the first one had not reached. Each rank recorded
+    # steps 1..5 in the first run and 6..8 in the second, no batch twice; in each epoch the two ranks together
+    # saw all 512 training samples once (the second epoch in another order, resumed mid-way on the same order).
+    seen = {}
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (run / "batches" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == list(range(1, steps + 1)), (rank, [r["step"] for r in lines])
+        assert [(r["epoch"], r["batch"]) for r in lines] == [(e, b) for e in range(2) for b in range(4)]
+        seen[rank] = lines
+    for epoch in range(2):
+        samples = [i for rank in (0, 1) for r in seen[rank] if r["epoch"] == epoch for i in r["index"]]
+        assert len(samples) == len(set(samples)) == 512, epoch
+    first, second = ([i for r in seen[0] if r["epoch"] == e for i in r["index"]] for e in range(2))
+    assert first != second  # reshuffled per epoch
     first, second = [_steps(f) for f in sorted((run / "lightning_logs" / versions[0]).glob("events.out.tfevents.*"))]
     assert first and second and max(first) < min(second), (first, second)
     assert sorted(first + second) == list(range(steps)), (first, second)
