@@ -31,7 +31,9 @@ class LoaderBackend(Part):
       so that leaving out whole batches moves no later draw;
     - keep ``len(loader)`` the whole epoch's batch count (Lightning counts the skipped batches as done).
     The DataModule records the position (``TrainPosition``) in its ``state_dict``, which Lightning saves in every
-    checkpoint and gives back to ``load_state_dict`` before the loaders are built.
+    checkpoint and gives back to ``load_state_dict`` before the loaders are built. A back-end that serves the
+    rank's batches in another order than the rank's (the streaming one's workers serve blocks, interleaved) adds
+    which batches have trained through ``position_state`` and reads them back in ``load_position_state``.
     """
 
     #: Lightning's ``prepare_data_per_node`` for the DataModule (whether every node prepares its own files)
@@ -63,6 +65,14 @@ class LoaderBackend(Part):
         """A loader over ``split`` (optionally only ``indices``, positions in ``get_source(split)``) with train or
         eval crops."""
         raise NotImplementedError
+
+    def position_state(self, position: "TrainPosition") -> dict:
+        """Keys the back-end adds to the checkpoint's ``train_position`` (none: the first ``position.batches`` of the
+        rank's order are those trained)."""
+        return {}
+
+    def load_position_state(self, saved: dict) -> None:
+        """A checkpoint's ``train_position`` (with ``position_state``'s keys, if it has them), before the loaders."""
 
     def decoded_pixels(self, decode_size: int | None) -> str:
         """``source`` when whole training images are the source's own pixels (lossless, the same through every

@@ -299,9 +299,11 @@ class ImageDataModule(pl.LightningDataModule):
                 "val_labels": hp.val_labels}
 
     def state_dict(self) -> dict:
-        """``{"train_position": TrainPosition.as_dict()}`` during ``fit`` (Lightning saves it in checkpoints)."""
+        """``{"train_position": TrainPosition.as_dict()}`` (plus the back-end's ``position_state``) during ``fit``
+        (Lightning saves it in checkpoints)."""
         position = self.train_position()
-        return {} if position is None else {"train_position": position.as_dict()}
+        return {} if position is None else {"train_position": {**position.as_dict(),
+                                                               **self.loader.position_state(position)}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume from a checkpoint's ``train_position``: the first training epoch that starts is checked against
@@ -323,6 +325,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"{position.batch_size}, or from a checkpoint saved at an epoch's end "
                 "(<default_root_dir>/checkpoints/epoch*.ckpt)")
         self._resume = position
+        self.loader.load_position_state(saved)
         # The training loaders are resumable through this state, which Lightning's check (the loader object's own
         # state_dict) does not look at: its "dataloader is not resumable" warning would be wrong here.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

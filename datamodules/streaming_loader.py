@@ -9,6 +9,18 @@ reader also keeps the order, the cache eviction and the retries inside its own t
 for), and brings boto3 and obstore; tar shards are the format open_clip and timm's ``reader_wds`` stream. So the
 shards are WebDataset's, and the plan (which rank and worker reads which sample, in which order, from which
 cached file) is this module's, which gives every sample once per epoch and a sample-exact resume.
+
+The plan: a rank takes a contiguous share of the epoch's order and cuts it into batches (batch ``b`` = samples
+``[b*B, (b+1)*B)`` of the share, each sample's crop drawn from its position in the share). Training loader worker
+``w`` of ``W`` serves a contiguous block of the rank's batches not yet trained (the ``w``-th of ``W`` blocks whose
+sizes differ by at most one), so it reads only the shards under its block: a shard is read by at most the workers
+whose blocks meet inside it (two, when a block is longer than a shard), an epoch reads about shards + W - 1 shard files,
+where dealing batches round-robin had every worker read nearly every shard. ``DataLoader`` takes one batch from
+each worker in turn, so batches are served interleaved (block 0's first, block 1's first, ..., block 0's second,
+...): the serving order depends on the worker count, the batches (their samples and pixels) do not. A checkpoint
+therefore records which of the rank's batches have trained (``trained_batches``, sorted ``[start, stop)`` ranges,
+the same on every rank), and a resumed run, with any worker count, deals the rest out in blocks again. Evaluation
+loaders, whose users want the rank's order, still deal batches round-robin (worker ``w`` serves every ``W``-th).
 """
 
 from __future__ import annotations
@@ -55,14 +67,52 @@ def rank_range(total: int, rank: int, world: int, equal: bool) -> tuple[int, int
     return start, start + base + (rank < extra)
 
 
-class ShardBatches(IterableDataset):
-    """One rank's batches of one split, read from shards: worker ``w`` of ``W`` serves the rank's batches
-    ``skip + w``, ``skip + w + W``, ... (the order in which ``DataLoader`` takes them, so the batches come out in
-    the rank's order whatever the worker count), decoding only its own samples of each shard it reads.
+def batch_ranges(batches) -> list[list[int]]:
+    """Batch numbers as sorted half-open ``[start, stop)`` ranges (a checkpoint's ``trained_batches``)."""
+    numbers, ranges = sorted(set(int(b) for b in batches)), []
+    for number in numbers:
+        if ranges and ranges[-1][1] == number:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([number, number + 1])
+    return ranges
 
-    Training batches drop the rank's last partial batch, draw each sample's crop and flip from
-    ``step_seed(augment_seed, rank, epoch, position)`` (its position in the rank's epoch order) and start at batch
-    ``skip``; ``epoch`` and ``skip`` are set before each epoch's workers start.
+
+def remaining_batches(total: int, trained: list) -> list[int]:
+    """The batch numbers of ``range(total)`` outside the ``trained`` ranges, in order."""
+    done = np.zeros(total, dtype=bool)
+    for start, stop in trained:
+        done[max(0, int(start)): max(0, min(int(stop), total))] = True
+    return np.flatnonzero(~done).tolist()
+
+
+def worker_blocks(remaining: list[int], workers: int) -> list[list[int]]:
+    """``remaining`` cut into ``workers`` contiguous blocks in order, the first ``len % workers`` one longer."""
+    base, extra = divmod(len(remaining), workers)
+    bounds = np.cumsum([0] + [base + (w < extra) for w in range(workers)])
+    return [remaining[bounds[w]: bounds[w + 1]] for w in range(workers)]
+
+
+def serving_order(remaining: list[int], workers: int) -> list[int]:
+    """The order in which a ``DataLoader`` of ``workers`` workers (0: in process) serves ``worker_blocks``: each
+    block's first batch, then each block's second... (it asks the workers in turn and keeps their answers in that
+    order; a longer block comes first, so every worker still serving is asked before any has run out)."""
+    blocks = worker_blocks(remaining, max(1, workers))
+    return [block[i] for i in range(len(blocks[0]) if blocks else 0) for block in blocks if i < len(block)]
+
+
+class ShardBatches(IterableDataset):
+    """One rank's batches of one split, read from shards: worker ``w`` of ``W`` serves the ``w``-th contiguous block
+    of the rank's batches outside ``trained`` (``worker_blocks``), decoding only its own samples of the shards under
+    its block, which are all it reads. ``DataLoader`` interleaves the blocks (``serving_order``): which batches
+    there are does not depend on ``W``, the order they come out in does. Evaluation batches (``train`` false) come
+    out in the rank's order instead (worker ``w`` serves batches ``w``, ``w + W``, ...; every worker reads nearly
+    every shard), as feature banks and whole-image passes expect.
+
+    Training batches drop the rank's last partial batch and draw each sample's crop and flip from
+    ``step_seed(augment_seed, rank, epoch, position)`` (its position in the rank's epoch order), so a batch is the
+    same whichever worker serves it; ``epoch`` and ``trained`` (sorted ``[start, stop)`` ranges of batch numbers
+    a resumed run leaves out) are set before each epoch's workers start.
     """
 
     def __init__(self, store: shards.ShardStore, split_entry: dict, transform, batch_size: int, train: bool,
@@ -70,7 +120,7 @@ class ShardBatches(IterableDataset):
         self.store, self.entry, self.transform, self.batch_size, self.train = store, split_entry, transform, batch_size, train
         self.rank, self.world, self.seed, self.augment_seed, self.with_index = rank, world, seed, augment_seed, with_index
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.trained = 0, []
 
     def rank_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         shard_of, index = epoch_order(shards.shard_indices(self.entry), self.seed, epoch, self.train)
@@ -88,11 +138,17 @@ class ShardBatches(IterableDataset):
         start, stop = rank_range(total, self.rank, self.world, equal=self.train)
         return self.num_batches(stop - start)
 
+    def remaining(self) -> list[int]:
+        """This epoch's batch numbers outside ``trained``, in the rank's order."""
+        return remaining_batches(len(self), self.trained)
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard_of, index = self.rank_order(self.epoch)
-        mine = range(self.skip + worker, self.num_batches(len(index)), workers)
+        remaining = remaining_batches(self.num_batches(len(index)), self.trained)
+        # evaluation keeps the rank's order (feature banks, whole images in index order): every W-th batch
+        mine = worker_blocks(remaining, workers)[worker] if self.train else remaining[worker::workers]
         spans = [(b * self.batch_size, min((b + 1) * self.batch_size, len(index))) for b in mine]
         wanted: dict[int, set] = {}
         last_use: dict[int, int] = {}
@@ -158,13 +214,16 @@ class _OneLineErrors:
 
 
 class ShardLoader:
-    """A ``DataLoader`` over ``ShardBatches``, new workers each epoch (they copy the epoch and the batches to skip).
+    """A ``DataLoader`` over ``ShardBatches``, new workers each epoch (they copy the epoch and the trained batches).
     Training loaders start their epoch at its first batch, where the DataModule says which epoch it is and how many
-    batches a resumed run already trained on (``LoaderBackend``'s contract)."""
+    batches a resumed run already trained on (``LoaderBackend``'s contract) and the back-end which ones
+    (``StreamingLoader.trained_before``); ``trained_after`` says which have trained once Lightning counts ``n``."""
 
     def __init__(self, batches: ShardBatches, num_workers: int, datamodule=None):
         self.batches, self.num_workers, self.datamodule = batches, num_workers, datamodule
         self.started = 0
+        self.epoch: int | None = None  # the training epoch started last
+        self.served: list[int] = []  # its remaining batches in the order this loader serves them
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -175,15 +234,42 @@ class ShardLoader:
         return EpochStart(self._start_epoch)
 
     def _start_epoch(self):
-        self.batches.epoch, self.batches.skip = self.datamodule.train_epoch_start(self.started)
+        epoch, skip = self.datamodule.train_epoch_start(self.started)
         self.started += 1
+        return self.start(epoch, self.datamodule.loader.trained_before(epoch, skip, len(self)))
+
+    def start(self, epoch: int, trained: list) -> _OneLineErrors:
+        """Epoch ``epoch`` without the ``trained`` batches (``[start, stop)`` ranges of batch numbers)."""
+        self.batches.epoch, self.batches.trained = epoch, batch_ranges(_numbers(trained, len(self)))
+        self.epoch = epoch
+        remaining = self.batches.remaining()
+        self.served = serving_order(remaining, self._workers(len(remaining)))
         return self._epoch()
 
+    def trained_after(self, count: int) -> list[list[int]]:
+        """The batches of the started epoch trained once ``count`` of them have (Lightning's count, the batches
+        trained before this run's resume included): those, plus the first served since."""
+        before = len(self) - len(self.served)
+        return batch_ranges([*_numbers(self.batches.trained, len(self)), *self.served[:max(0, count - before)]])
+
+    def _workers(self, remaining: int) -> int:
+        return min(self.num_workers, max(1, remaining))
+
     def _epoch(self):
-        workers = min(self.num_workers, max(1, len(self.batches) - self.batches.skip))
+        workers = self._workers(len(self.batches.remaining()))
         loader = DataLoader(self.batches, batch_size=None, num_workers=workers,
                             pin_memory=torch.cuda.is_available(), multiprocessing_context="fork" if workers else None)
         return _OneLineErrors(loader)
+
+
+def _numbers(ranges: list, total: int) -> list[int]:
+    """The batch numbers below ``total`` in ``[start, stop)`` ranges."""
+    return [b for start, stop in ranges for b in range(max(0, int(start)), min(int(stop), total))]
+
+
+def _count(ranges: list) -> int:
+    """Batches in disjoint ``[start, stop)`` ranges."""
+    return sum(stop - start for start, stop in ranges)
 
 
 class StreamingLoader(LoaderBackend):
@@ -199,8 +285,11 @@ class StreamingLoader(LoaderBackend):
 
     Each rank takes a contiguous share of the epoch's order (shards permuted per epoch, samples permuted within a
     shard), every sample once per epoch across ranks (training drops the fewer-than-``world_size`` left over and
-    each rank's last partial batch, as the other back-ends drop theirs); each worker reads only the shards its
-    batches come from. A resumed run skips the batches its checkpoint trained on without reading them.
+    each rank's last partial batch, as the other back-ends drop theirs). Each loader worker serves a contiguous
+    block of the rank's batches and reads only the shards under it (about shards + workers - 1 shard reads an
+    epoch); batches come out interleaved across the blocks, in an order that depends on ``num_workers`` while the
+    batches themselves do not. Checkpoints record which batches have trained (``trained_batches``); a resumed
+    run, with any ``num_workers``, skips those without reading them and deals the rest out in blocks.
 
     Args:
         cache_dir: folder of written shard sets and of remote shards' cache.
@@ -229,6 +318,8 @@ class StreamingLoader(LoaderBackend):
         self.write_workers, self.retries, self.retry_wait, self.timeout = write_workers, retries, retry_wait, timeout
         self.prepare_data_per_node = not cache_shared
         self._manifest: dict | None = None
+        self._training: ShardLoader | None = None  # the training loader last built (its started epoch's plan)
+        self._resumed: tuple[int, list] | None = None  # a checkpoint's (epoch, trained_batches)
 
     def bind(self, datamodule) -> None:
         if datamodule.extra_eval:
@@ -364,7 +455,40 @@ class StreamingLoader(LoaderBackend):
         batches = ShardBatches(self.store(), self.manifest()["splits"][split], self.transform(split, train),
                                dm.batch_size, train, rank, world, dm.seed, dm.augment.seed,
                                dm.yields_index or full, indices)
-        return ShardLoader(batches, dm.num_workers, dm if train else None)
+        loader = ShardLoader(batches, dm.num_workers, dm if train else None)
+        if train:
+            self._training = loader
+        return loader
+
+    # --- which batches have trained (the checkpoint's position) -----------------------------------
+    def position_state(self, position) -> dict:
+        """``{"trained_batches": ranges}``: which of this rank's batches of ``position.epoch`` have trained (every
+        rank serves the same batch numbers in the same order), for the checkpoint beside ``position``'s count."""
+        loader = self._training
+        if position.complete:
+            return {}
+        if loader is not None and loader.epoch == position.epoch:
+            return {"trained_batches": loader.trained_after(position.batches)}
+        resumed = self._resumed  # saved again before the resumed epoch's first batch
+        if resumed is not None and resumed[0] == position.epoch and _count(resumed[1]) == position.batches:
+            return {"trained_batches": resumed[1]}
+        return {"trained_batches": [[0, position.batches]]} if position.batches else {}
+
+    def load_position_state(self, saved: dict) -> None:
+        """Keep a checkpoint's ``trained_batches`` for ``trained_before``; a position without them (written before
+        workers served blocks, when the first ``batches`` served were batches ``0..batches-1``) means those."""
+        ranges = saved.get("trained_batches")
+        self._resumed = None if ranges is None else (int(saved["epoch"]), batch_ranges(
+            b for start, stop in ranges for b in range(int(start), int(stop))))
+
+    def trained_before(self, epoch: int, skip: int, total: int) -> list[list[int]]:
+        """The batches of ``epoch`` to leave out when the DataModule says ``skip`` of its ``total`` have trained:
+        the checkpoint's ranges when they are of this epoch and count ``skip``, else the first ``skip``."""
+        if skip and self._resumed is not None and self._resumed[0] == epoch:
+            ranges = self._resumed[1]
+            if len(_numbers(ranges, total)) == min(skip, total):
+                return ranges
+        return [[0, min(skip, total)]] if skip else []
 
     def decoded_pixels(self, decode_size: int | None) -> str:
         # The shards hold the source's own bytes (arrays as lossless PNG) decoded by PIL, as the torchvision back-end

@@ -3,10 +3,12 @@ every sample once per epoch across ranks, resume by skipping batches, a bounded 
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from datamodules import shards
 from datamodules.base import BatchTransform, ImageDataModule
-from datamodules.streaming_loader import ShardBatches, StreamingLoader, epoch_order, rank_range
+from datamodules.streaming_loader import ShardBatches, StreamingLoader, epoch_order, rank_range, serving_order
 from datamodules.torchvision_loader import TorchvisionLoader
 from modules.components.errors import DataError
 from tests.conftest import CONFIGS, ROOT, cli_args, one_line_error
@@ -31,8 +33,9 @@ class WithIndex(BatchTransform):
         return datamodule.prepare_batch(batch)
 
 
-def streaming(source, **loader) -> ImageDataModule:
-    return ImageDataModule(source=str(source), loader=StreamingLoader(**loader), batches=WithIndex(), **SETTINGS)
+def streaming(source, num_workers: int = 2, **loader) -> ImageDataModule:
+    return ImageDataModule(source=str(source), loader=StreamingLoader(**loader), batches=WithIndex(),
+                           **{**SETTINGS, "num_workers": num_workers})
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +132,13 @@ def test_epoch_order_is_every_sample_once_and_rank_shares_cover_it():
 
 
 def _epoch(batches: ShardBatches, epoch: int, skip: int = 0, workers: int = 2) -> list:
-    batches.epoch, batches.skip = epoch, skip
+    batches.epoch, batches.trained = epoch, [[0, skip]] if skip else []
     return list(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                            multiprocessing_context="fork"))
+                                            multiprocessing_context="fork" if workers else None))
+
+
+def _same(batch, other) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(batch, other, strict=True))
 
 
 def test_ranks_read_every_sample_once_and_a_resumed_epoch_skips_whole_batches(shard_set, image_folder):
@@ -146,9 +153,12 @@ def test_ranks_read_every_sample_once_and_a_resumed_epoch_skips_whole_batches(sh
         assert [len(s) for s in seen] == [16, 16] and not set(seen[0]) & set(seen[1])
         assert set(seen[0]) | set(seen[1]) <= set(range(36))
     assert not torch.equal(epochs[0][0][0][2], epochs[1][0][0][2])  # each epoch its own order
-    # resumed 3 batches into epoch 1 on rank 1, with another worker count: the remaining batches, pixel for pixel
+    # 2 workers serve blocks [0, 1] and [2, 3] interleaved; the batches are the in-process (rank order) ones
+    in_order = _epoch(ranks[1], 1, workers=0)
+    assert all(_same(a, in_order[b]) for a, b in zip(epochs[1][1], [0, 2, 1, 3], strict=True))
+    # resumed 3 batches into epoch 1 on rank 1, with another worker count: the remaining batch, pixel for pixel
     resumed = _epoch(ranks[1], 1, skip=3, workers=1)
-    assert len(resumed) == 1 and all(torch.equal(a, b) for a, b in zip(resumed[0], epochs[1][1][3], strict=True))
+    assert len(resumed) == 1 and _same(resumed[0], in_order[3])
     # the loader keeps its whole epoch's length for Lightning, and the source labels come with each index
     assert len(ranks[0]) == 4
     labels = dm.get_source("train").labels
@@ -257,3 +267,127 @@ def test_two_gloo_ranks_see_every_sample_once_and_resume_with_the_unseen(tmp_pat
     for rank in range(2):
         resumed = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())["ids"]
         assert resumed == {"0": full[rank][2 * 4:]}  # the epoch's last 2 batches, in order, nothing before them again
+
+
+@pytest.fixture(scope="module")
+def three_per_shard(image_folder, tmp_path_factory):
+    """The 3-class folder in shards of 3 samples (12 training shards): batches of 4 straddle shards."""
+    out = tmp_path_factory.mktemp("wide") / "set"
+    dm = streaming(image_folder, cache_dir=str(out.parent / "cache"), shard_bytes=10**6, write_workers=1)
+    manifest = dm.loader.write_shards(out)
+    assert [shard["samples"] for shard in manifest["splits"]["train"]["shards"]] == [3] * 12
+    return out
+
+
+def _train_batches(shard_set, image_folder, cache) -> ShardBatches:
+    dm = streaming(image_folder, remote=str(shard_set), cache_dir=str(cache))
+    dm.setup("fit")
+    entry, transform = dm.loader.manifest()["splits"]["train"], dm.loader.transform("train", True)
+    return ShardBatches(dm.loader.store(), entry, transform, 4, True, 0, 1, dm.seed, dm.augment.seed, True)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_each_worker_reads_only_the_shards_under_its_block(three_per_shard, image_folder, tmp_path, monkeypatch, workers):
+    """Worker ``w`` serves a contiguous block of the rank's batches: a shard is read by at most the two workers whose
+    blocks meet inside it, so an epoch reads at most shards + workers - 1 shard files (round-robin batches read
+    nearly every shard in every worker)."""
+    log = tmp_path / "reads.log"
+    read = shards.ShardStore.read
+
+    def logged(store, shard, wanted):
+        info = torch.utils.data.get_worker_info()
+        with open(log, "a") as stream:
+            stream.write(f"{info.id if info else -1} {shard['file']}\n")
+        return read(store, shard, wanted)
+
+    monkeypatch.setattr(shards.ShardStore, "read", logged)
+    batches = _train_batches(three_per_shard, image_folder, tmp_path / "cache")
+    served = _epoch(batches, 0, workers=workers)
+    assert len(served) == 9  # 36 samples in batches of 4
+    readers: dict[str, set] = {}
+    lines = log.read_text().split()
+    for worker, name in zip(lines[::2], lines[1::2]):
+        readers.setdefault(name, set()).add(worker)
+    count = len(batches.entry["shards"])
+    print(f"{workers} workers: {len(lines) // 2} shard reads of {count} shards")
+    assert set(readers) == {shard["file"] for shard in batches.entry["shards"]}
+    assert max(len(r) for r in readers.values()) <= 2
+    assert len(lines) // 2 <= count + workers - 1
+
+
+def test_serving_order_interleaves_contiguous_blocks():
+    """Blocks of sizes differing by at most one, longer first; one batch from each in turn (hand-computed)."""
+    assert serving_order(list(range(9)), 2) == [0, 5, 1, 6, 2, 7, 3, 8, 4]  # blocks 0-4, 5-8
+    assert serving_order(list(range(9)), 4) == [0, 3, 5, 7, 1, 4, 6, 8, 2]  # blocks 0-2, 3-4, 5-6, 7-8
+    assert serving_order([2, 3, 4, 6, 7], 0) == [2, 3, 4, 6, 7]  # in process: the rank's order
+    assert serving_order([4, 6, 7, 8], 3) == [4, 7, 8, 6] and serving_order([], 2) == []
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_serve_the_in_process_batches_in_block_order(three_per_shard, image_folder, tmp_path, workers):
+    """Only the order depends on the worker count: the same batches (indices, pixels) as in process, every
+    training sample once."""
+    batches = _train_batches(three_per_shard, image_folder, tmp_path / "cache")
+    in_order, served = _epoch(batches, 1, workers=0), _epoch(batches, 1, workers=workers)
+    assert sorted(b[2].tolist() for b in served) == sorted(b[2].tolist() for b in in_order)
+    assert sorted(torch.cat([b[2] for b in served]).tolist()) == list(range(36))
+    assert all(_same(a, in_order[b]) for a, b in zip(served, serving_order(list(range(9)), workers), strict=True))
+
+
+class _Fit(SimpleNamespace):
+    """What ``ImageDataModule`` reads from a Lightning trainer inside ``fit`` (epoch 1, ``processed`` batches done)."""
+
+    def __init__(self, processed: int):
+        progress = SimpleNamespace(current=SimpleNamespace(processed=processed), is_last_batch=False)
+        super().__init__(world_size=1, global_rank=0, training=True, current_epoch=1, num_training_batches=9,
+                         state=SimpleNamespace(fn="fit"), fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                             batch_progress=progress)))
+
+    def trained(self, count: int) -> None:
+        self.fit_loop.epoch_loop.batch_progress.current.processed = count
+
+
+def _resumed_run(three_per_shard, image_folder, cache, workers: int, position: dict | None, take: int):
+    """A process resumed from ``position`` with ``workers`` workers: the first ``take`` batches it serves, and the
+    checkpoint's ``train_position`` after them."""
+    dm = streaming(image_folder, num_workers=workers, remote=str(three_per_shard), cache_dir=str(cache))
+    dm.setup("fit")
+    done = 0 if position is None else position["batches"]
+    dm.trainer = _Fit(done)
+    if position is not None:
+        dm.load_state_dict({"train_position": position})
+    batches = iter(dm.train_dataloader())
+    taken = [next(batches) for _ in range(take)]
+    del batches  # its workers stop now, not in a later loader's forked worker
+    gc.collect()
+    dm.trainer.trained(done + take)
+    return taken, dm.state_dict()["train_position"]
+
+
+def test_killed_twice_in_an_epoch_resumes_with_other_worker_counts(three_per_shard, image_folder, tmp_path):
+    """3 batches with 2 workers, 2 with 1, the rest with 3: the checkpoints name the trained batches, and the three
+    runs train each of the epoch's 9 in-process batches once (indices and pixels)."""
+    cache = tmp_path / "cache"
+    first, position = _resumed_run(three_per_shard, image_folder, cache, 2, None, 3)
+    assert position["batches"] == 3 and position["trained_batches"] == [[0, 2], [5, 6]]  # served 0, 5, 1
+    second, position = _resumed_run(three_per_shard, image_folder, cache, 1, position, 2)
+    assert position["batches"] == 5 and position["trained_batches"] == [[0, 4], [5, 6]]  # then 2, 3
+    third, position = _resumed_run(three_per_shard, image_folder, cache, 3, position, 4)  # 4, 7, 8, 6
+    assert position["batches"] == 9 and position["complete"] and "trained_batches" not in position  # skipped whole
+    in_order = _epoch(_train_batches(three_per_shard, image_folder, cache), 1, workers=0)
+    trained = first + second + third
+    assert sorted(b[2].tolist() for b in trained) == sorted(b[2].tolist() for b in in_order)
+    assert all(_same(a, in_order[b]) for a, b in zip(trained, [0, 5, 1, 2, 3, 4, 7, 8, 6], strict=True))
+
+
+def test_a_position_written_as_a_count_resumes_after_the_first_batches(three_per_shard, image_folder, tmp_path):
+    """A checkpoint without ``trained_batches`` (written when workers served the rank's order round-robin): its
+    ``batches`` first batches have trained; 2 workers serve the other 6 as blocks 3-5 and 6-8."""
+    cache = tmp_path / "cache"
+    old = {"epoch": 1, "batches": 3, "batch_size": 4, "world_size": 1, "complete": False, "samples": 12}
+    rest, position = _resumed_run(three_per_shard, image_folder, cache, 2, old, 6)
+    assert position["complete"]
+    in_order = _epoch(_train_batches(three_per_shard, image_folder, cache), 1, workers=0)
+    assert all(_same(a, in_order[b]) for a, b in zip(rest, [3, 6, 4, 7, 5, 8], strict=True))
+    _, position = _resumed_run(three_per_shard, image_folder, cache, 2, old, 2)
+    assert position["trained_batches"] == [[0, 4], [6, 7]]  # served 3, 6
