@@ -27,12 +27,23 @@ feature_kd_loss = feature_mimic_loss
 
 
 # --- soft targets ----------------------------------------------------------------------------------
-def ensemble_soft_targets(teacher_logits: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """MEAL V2 target: the mean over teachers of ``softmax(logits / T)``, (B, C) each -> (B, C)."""
+def teacher_mean(stacked: torch.Tensor, weights: list[float] | None = None) -> torch.Tensor:
+    """The mean over the first (teacher) axis of ``stacked`` (num_teachers, ...), or its ``weights``-weighted sum
+    (one weight per teacher, summing to 1)."""
+    if weights is None:
+        return stacked.mean(dim=0)
+    w = torch.tensor(weights, device=stacked.device, dtype=stacked.dtype).view(-1, *[1] * (stacked.ndim - 1))
+    return (stacked * w).sum(dim=0)
+
+
+def ensemble_soft_targets(teacher_logits: list[torch.Tensor], temperature: float = 1.0,
+                          weights: list[float] | None = None) -> torch.Tensor:
+    """MEAL V2 target: the mean over teachers of ``softmax(logits / T)``, (B, C) each -> (B, C); with ``weights``
+    (one per teacher, summing to 1) their weighted mean instead."""
     if not teacher_logits:
         raise ConfigError("ensemble_soft_targets needs at least one teacher's logits")
     stacked = torch.stack([logits.float() for logits in teacher_logits])  # (num_teachers, B, C)
-    return (stacked / temperature).softmax(dim=-1).mean(dim=0)
+    return teacher_mean((stacked / temperature).softmax(dim=-1), weights)
 
 
 def topk_probabilities(topk_values: torch.Tensor, topk_logsumexp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

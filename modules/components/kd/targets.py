@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from modules.components.kd.distill import (build_teacher, check_ferkd_thresholds, ensemble_soft_targets, ferkd_calibrate,
-                                        renormalised_sparse_targets, sparse_soft_targets, topk_probabilities)
+                                        renormalised_sparse_targets, sparse_soft_targets, teacher_mean,
+                                        topk_probabilities)
 from modules.components.errors import ConfigError
 from modules.components.frozen import Frozen
 from modules.components.parts import Part
@@ -86,6 +87,8 @@ class OnlineTeachers(TargetSource):
         teacher_kwargs: extra ``timm.create_model`` arguments for teachers given by name.
     """
 
+    teacher_weights: list[float] | None = None  # uniform (MEAL V2); WeightedTeachers sets its own
+
     def __init__(self, teachers: list[str | nn.Module] | None = None, teacher_kwargs: dict | None = None):
         super().__init__()
         self.specs, self.teacher_kwargs = list(teachers or []), teacher_kwargs
@@ -113,7 +116,8 @@ class OnlineTeachers(TargetSource):
     @torch.no_grad()
     def forward(self, batch: dict, temperature: float) -> KDTargets:
         logits = self.teacher_logits(batch)
-        return KDTargets(ensemble_soft_targets(logits, temperature), torch.stack(logits).mean(0))
+        weights = self.teacher_weights
+        return KDTargets(ensemble_soft_targets(logits, temperature, weights), teacher_mean(torch.stack(logits), weights))
 
 
 class WeightedTeachers(OnlineTeachers):
@@ -146,14 +150,6 @@ class WeightedTeachers(OnlineTeachers):
             raise ConfigError(f"targets.init_args.weights: {len(self.teacher_weights)} weights for {len(self.teachers)} "
                               "teachers; give one per teacher, in order, or null for uniform")
 
-    @torch.no_grad()
-    def forward(self, batch: dict, temperature: float) -> KDTargets:
-        if self.teacher_weights is None:
-            return super().forward(batch, temperature)
-        stacked = torch.stack(self.teacher_logits(batch))  # (num_teachers, B, C)
-        weights = torch.tensor(self.teacher_weights, device=stacked.device).view(-1, 1, 1)  # (num_teachers, 1, 1)
-        probs = ((stacked / temperature).softmax(dim=-1) * weights).sum(0)  # (B, C)
-        return KDTargets(probs, (stacked * weights).sum(0))
 
 
 class StoredLogits(TargetSource):

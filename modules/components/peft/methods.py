@@ -38,6 +38,7 @@ class PEFTMethod(Part):
     """Base: the backbone is frozen (and runs in eval mode), only the classifier head trains."""
 
     trains_backbone = False
+    adds_modules = True  #: False: the trained backbone is already a plain timm model (merge is a copy)
 
     def bind(self, host) -> None:
         """Freeze ``host.backbone`` and wrap it in place (reads ``host.image_size``; ``host.num_classes`` for a
@@ -84,24 +85,27 @@ class PEFTMethod(Part):
         return task_storage_bytes(model)
 
     def merge(self, backbone: nn.Module) -> nn.Module:
-        """A plain timm model computing what the wrapped backbone computes (a copy; the original is untouched)."""
+        """A plain timm model computing what the wrapped backbone computes (a copy; the original is untouched):
+        the copy itself for a method that inserts nothing (``adds_modules`` false), else the method's own merge."""
+        if not self.adds_modules:
+            return copy.deepcopy(backbone).eval()
         raise ConfigError(f"{type(self).__name__} adds modules to the backbone: it does not merge into a plain model")
 
 
 class LinearProbe(PEFTMethod):
     """Linear probe: only the (new) head trains."""
 
+    adds_modules = False
+
     def __init__(self):
         pass
-
-    def merge(self, backbone: nn.Module) -> nn.Module:
-        return copy.deepcopy(backbone).eval()
 
 
 class FullFineTune(PEFTMethod):
     """Full fine-tune baseline: every backbone weight trains; the task state is the whole backbone."""
 
     trains_backbone = True
+    adds_modules = False
 
     def __init__(self):
         pass
@@ -115,9 +119,6 @@ class FullFineTune(PEFTMethod):
 
     def storage_bytes(self, model: nn.Module) -> int:
         return sum(v.numel() * v.element_size() for v in self.task_state(model)[0].values())
-
-    def merge(self, backbone: nn.Module) -> nn.Module:
-        return copy.deepcopy(backbone).eval()
 
 
 class SSFTuning(PEFTMethod):
@@ -162,6 +163,8 @@ class BitFit(PEFTMethod):
     mode as in every visionlab PEFT method (the reference trains BERT with its dropout on).
     """
 
+    adds_modules = False
+
     def __init__(self):
         pass
 
@@ -173,9 +176,6 @@ class BitFit(PEFTMethod):
                               "pick a backbone with biases (or norms with biases), or another PEFT method")
         for name in self.bias_names:
             backbone.get_parameter(name).requires_grad_(True)
-
-    def merge(self, backbone: nn.Module) -> nn.Module:
-        return copy.deepcopy(backbone).eval()
 
 
 class LoRATuning(PEFTMethod):
