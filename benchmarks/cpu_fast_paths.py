@@ -86,7 +86,7 @@ from modules.classification import ClassificationModule
 from modules.components.batches import NamedTensors
 from modules.components.optim import OptimConfig
 
-from harness import print_ratio
+from harness import StepTimer, print_ratio
 
 SPEED_UP_NEEDED = 1.1  # a switch pays when it is faster than this over fp32 ...
 LOSS_TOLERANCE = 0.05  # ... and its final loss is within max(this, fp32's seed spread) of fp32's (nats)
@@ -156,12 +156,13 @@ def synthetic_task(case: Case, count: int, seed: int) -> NamedTensors:
     return NamedTensors(means[labels] + noise, labels)
 
 
-class StepRecorder(pl.Callback):
-    """Per training step: seconds from batch start to batch end (forward, backward, optimizer step) and the loss;
-    the dtype of the network's output (bf16 under autocast)."""
+class StepRecorder(StepTimer):
+    """Every training step's seconds (``times``, warm-up included) and loss; the dtype of the network's output (bf16
+    under autocast)."""
 
     def __init__(self, hook: bool = True):
-        self.seconds, self.losses, self.logits_dtype, self.hook = [], [], None, hook
+        super().__init__(skip=0)
+        self.losses, self.logits_dtype, self.hook = [], None, hook
 
     def on_train_start(self, trainer, pl_module):
         if self.hook:  # not on a compiled network: a Python side effect inside it would break its graph
@@ -170,11 +171,8 @@ class StepRecorder(pl.Callback):
     def _dtype(self, module, inputs, output):
         self.logits_dtype = output.dtype
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.start = time.perf_counter()
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds.append(time.perf_counter() - self.start)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.losses.append(float(outputs["loss"]))
 
 
@@ -198,14 +196,14 @@ def train_variant(case: Case, variant: Variant, train: NamedTensors, heldout: Na
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|log_every_n_steps|smaller than the logging).*")
         trainer.fit(model, DataLoader(train, batch_size=case.batch_size, shuffle=False, drop_last=True))
-    timed = recorder.seconds[warmup:]
+    timed = recorder.times[warmup:]
     images, labels = heldout.tensors
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=variant.precision.startswith("bf16")):
         logits = model.backbone.forward(images)  # .forward: eager even where the network is compiled
     first_conv = next((m.weight for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)), None)
     return {"case": case.backbone, "variant": variant, "ms_per_step": 1000 * statistics.median(timed),
-            "images_per_s": case.batch_size / statistics.median(timed), "warmup_s": sum(recorder.seconds[:warmup]),
+            "images_per_s": case.batch_size / statistics.median(timed), "warmup_s": sum(recorder.times[:warmup]),
             "final_loss": statistics.fmean(recorder.losses[-last:]),
             "top1": float((logits.argmax(-1) == labels).float().mean()), "logits_dtype": recorder.logits_dtype,
             "channels_last": first_conv is not None and first_conv.is_contiguous(memory_format=torch.channels_last),

@@ -7,6 +7,8 @@ visionlab, as a user would have it.
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 from pathlib import Path
 
@@ -94,3 +96,22 @@ def interleaved_forward_ms(first, second, images, repeats: int = 10) -> tuple[fl
                 model(images)
                 bucket.append(1000 * (time.perf_counter() - start))
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step (forward, backward, optimizer) after the first ``skip`` steps, in ``times``
+    (seconds); ``median_ms`` over them."""
+
+    def __init__(self, skip: int = 3):
+        self.skip, self.times, self._start = skip, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step > self.skip:
+            self.times.append(time.perf_counter() - self._start)
+
+    @property
+    def median_ms(self) -> float:
+        return 1000 * statistics.median(self.times) if self.times else float("nan")

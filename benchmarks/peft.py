@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 
 from datamodules.base import loader_batch
@@ -29,7 +27,7 @@ from modules.components.errors import ConfigError
 from modules.components.peft.low_bit import NormalQuantile, UniformGrid, relative_error
 from modules.peft import load_task_file
 
-from harness import interleaved_forward_ms, print_ratios, quiet_run
+from harness import StepTimer, interleaved_forward_ms, print_ratios, quiet_run
 
 BACKBONE = "vit_tiny_patch16_224"
 VIT = '{"patch_size": 8, "depth": 6}'  # dim 192, 3 heads: 2.7M parameters, 16 tokens at 32 px
@@ -66,24 +64,6 @@ def quantizer_errors() -> None:
             print(f"{name:<16}{bits:>5}{relative_error(NormalQuantile(bits), weight):>17.3f}"
                   f"{relative_error(UniformGrid(bits), weight):>17.3f}")
     print()
-
-
-class StepTimer(pl.Callback):
-    """Wall time of each training step (forward, backward, optimizer), median over steps after warm-up."""
-
-    def __init__(self, skip: int = 3):
-        self.skip, self.times, self._start = skip, [], 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step > self.skip:
-            self.times.append(time.perf_counter() - self._start)
-
-    @property
-    def median_ms(self) -> float:
-        return 1000 * statistics.median(self.times) if self.times else float("nan")
 
 
 def run(layers: list[str], root: Path, epochs: int, overrides: list[str]):
