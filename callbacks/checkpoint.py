@@ -5,7 +5,8 @@
   an epoch and at every save point, so ``fit --ckpt_path last`` resumes mid-epoch at the saved step.
 - :class:`AtomicCheckpointIO`: checkpoint files written through ``write_atomic`` (temp file in the same
   folder, then ``os.replace``); a full disk leaves the previous file intact and says how much space is needed.
-- :func:`resolve_resume_path`: ``--ckpt_path last`` / ``last-valid`` / a path, checked before the run starts.
+- :func:`resolve_resume_path`: ``--ckpt_path last`` / ``last-valid`` / a path, checked before the run starts; a
+  sharded checkpoint (FSDP, configs/trainer/fsdp.yaml) is a folder of that name, checked through its metadata file.
 """
 
 from __future__ import annotations
@@ -134,9 +135,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, "--ckpt_path")
 
 
+SHARDED_METADATA = "meta.pt"  # Lightning's _METADATA_FILENAME: the non-tensor state of a sharded checkpoint
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint folder as ModelParallelStrategy writes it (one ``.distcp`` per rank,
+    torch's ``.metadata`` index, and Lightning's ``meta.pt`` holding everything but the weights and optimizer)."""
+    return path.is_dir() and (path / SHARDED_METADATA).is_file() and (path / ".metadata").is_file()
+
+
 def _readable(path: Path) -> bool:
     try:
-        load_checkpoint(path)
+        load_checkpoint(path / SHARDED_METADATA if is_sharded(path) else path)
     except ConfigError:
         return False
     return True
@@ -144,7 +154,7 @@ def _readable(path: Path) -> bool:
 
 def newest_readable(folder: Path, skip: Path | None = None) -> Path | None:
     """The most recently written ``*.ckpt`` in ``folder`` (``skip`` excluded) that loads as a checkpoint."""
-    candidates = sorted((p for p in Path(folder).glob("*.ckpt") if p != skip and p.is_file()),
+    candidates = sorted((p for p in Path(folder).glob("*.ckpt") if p != skip and (p.is_file() or is_sharded(p))),
                         key=lambda p: p.stat().st_mtime, reverse=True)
     return next((p for p in candidates if _readable(p)), None)
 
@@ -153,7 +163,8 @@ def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | No
     """Check ``--ckpt_path`` before a run starts; ``last-valid`` picks the newest readable checkpoint.
 
     ``last`` is left to Lightning (it picks the newest ``last*.ckpt``) once that file reads; an unreadable
-    one raises ConfigError naming it and the newest readable checkpoint in the same folder.
+    one raises ConfigError naming it and the newest readable checkpoint in the same folder. A sharded checkpoint
+    folder counts as readable when its ``meta.pt`` loads (the shards themselves are read by every rank later).
     """
     if ckpt_path is None or ckpt_path in {"best", "hpc"} or "://" in str(ckpt_path):
         return ckpt_path
@@ -170,7 +181,7 @@ def resolve_resume_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | No
         path = lasts[-1]
     else:
         path = Path(ckpt_path)
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir()):
             raise ConfigError(f"--ckpt_path {path} does not exist: pass a .ckpt written by visionlab fit, "
                               f"'last' or 'last-valid'")
     if _readable(path):

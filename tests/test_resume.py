@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from datamodules.base import ImageDataModule, loader_batch
-from tests.conftest import ROOT, cli_args, ffcv_data, one_line_error, torchvision_data
+from tests.conftest import CONFIGS, ROOT, cli_args, ffcv_data, one_line_error, torchvision_data
 from tests.resume_script import trained_batches
 
 pytestmark = pytest.mark.slow
@@ -153,3 +153,76 @@ def test_resumable_saves_wait_for_the_end_of_an_accumulation_window(accumulate, 
 
     trainer = SimpleNamespace(accumulate_grad_batches=accumulate, num_training_batches=batches)
     assert [i for i in range(batches) if at_optimizer_step(trainer, i)] == saved  # the epoch's last batch steps too
+
+
+def _sharded_weights(last: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The global step and full (unsharded) weights of a sharded ``last.ckpt`` folder, read without a process group."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+
+    from modules.components.checkpoints import load_checkpoint
+
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # sharded: one file per rank
+    return load_checkpoint(last / _METADATA_FILENAME)["global_step"], _load_distributed_checkpoint(last)["state_dict"]
+
+
+def test_fsdp_two_gloo_ranks_killed_and_resumed_from_a_sharded_last_checkpoint(tmp_path):
+    """The documented FSDP composition (configs/trainer/gpu.yaml + fsdp.yaml: sharded ``last.ckpt`` folders) on 2 CPU
+    processes (gloo), 2 epochs of 4 steps; both ranks SIGKILLed at step 7 (the newest sharded last.ckpt is step 6's,
+    two batches into epoch 1) and resumed with ``--ckpt_path last``: each rank's batches and the weights equal the
+    uninterrupted run's."""
+
+    def fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
+        args = ["fit", "--config", str(CONFIGS / "trainer/gpu.yaml"), "--config", str(CONFIGS / "trainer/fsdp.yaml"),
+                "--config", str(CONFIGS / DATA["torchvision"]), "--config", str(CONFIGS / "classification/debug.yaml"),
+                "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_epochs", str(EPOCHS),
+                "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+                "--data.init_args.num_workers", "0", "--checkpoint.last_every_n_train_steps", str(EVERY),
+                "--data.init_args.batches", "tests.resume_script.WithIndex",
+                "--trainer.callbacks+=tests.resume_script.RecordBatches", "--trainer.callbacks.folder", str(root / "batches"),
+                *extra]
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
+
+    whole = fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(tmp_path / "killed", "--trainer.callbacks+=tests.crash_script.KillAtStep", "--trainer.callbacks.step", "7")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert _sharded_weights(tmp_path / "killed" / "checkpoints" / "last.ckpt")[0] == 6
+    resumed = fit(tmp_path / "killed", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in (0, 1):
+        expected, got = trained_batches(tmp_path / "whole" / "batches", rank), trained_batches(tmp_path / "killed" / "batches", rank)
+        assert [[b["index"], b["pixels"]] for e in (0, 1) for b in got[e]] == \
+            [[b["index"], b["pixels"]] for e in (0, 1) for b in expected[e]], rank
+    # The shards restore the weights and SGD momentum exactly (no re-sharding: same 2 ranks), and the resumed run
+    # repeats the same bf16-autocast float operations in the same order on the same batches: bitwise the same weights.
+    step, reference = _sharded_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+    final_step, final = _sharded_weights(tmp_path / "killed" / "checkpoints" / "last.ckpt")
+    assert step == final_step == 8
+    for name, value in reference.items():
+        assert torch.equal(final[name], value), name
+
+
+def test_resume_paths_take_a_sharded_checkpoint_folder(tmp_path):
+    """``last`` / ``last-valid`` / an explicit path accept a sharded ``last.ckpt`` folder (meta.pt + torch's .metadata
+    index + shards); one whose index is missing (a save killed before it finished) is refused like a truncated file."""
+    import os
+
+    from callbacks.checkpoint import resolve_resume_path
+    from modules.components.errors import ConfigError
+
+    older, last = tmp_path / "epoch000-step4.ckpt", tmp_path / "last.ckpt"
+    torch.save({"global_step": 4}, older)
+    last.mkdir()
+    torch.save({"global_step": 6}, last / "meta.pt")
+    (last / ".metadata").write_bytes(b"index")
+    os.utime(older, (1, 1))  # the folder is the newer of the two
+    assert resolve_resume_path("last", tmp_path) == "last"
+    assert resolve_resume_path("last-valid", tmp_path) == str(last)
+    assert resolve_resume_path(str(last), tmp_path) == str(last)
+    (last / ".metadata").unlink()
+    with pytest.raises(ConfigError, match=f"{last} is truncated or not a checkpoint; the newest readable checkpoint "
+                                          f"there is {older}"):
+        resolve_resume_path("last", tmp_path)
+    assert resolve_resume_path("last-valid", tmp_path) == str(older)
