@@ -20,7 +20,12 @@ each worker in turn, so batches are served interleaved (block 0's first, block 1
 ...): the serving order depends on the worker count, the batches (their samples and pixels) do not. A checkpoint
 therefore records which of the rank's batches have trained (``trained_batches``, sorted ``[start, stop)`` ranges,
 the same on every rank), and a resumed run, with any worker count, deals the rest out in blocks again. Evaluation
-loaders, whose users want the rank's order, still deal batches round-robin (worker ``w`` serves every ``W``-th).
+loaders deal their batches out in the same blocks (``worker_blocks``, the one rule for both), so they too read
+about shards + W - 1 shard files an epoch where round-robin batches had every worker read every shard; their
+batches come out in ``serving_order`` (the rank's order with one worker), each sample once, with its ``index``
+when asked for: a consumer that pairs results with samples goes by the index, not by the position in the loader.
+``data.extra_eval`` sets are written as shard sets of their own (``eval-<name>-<key>/``, one ``val`` split) and
+read in place, beside a local or a remote training set.
 """
 
 from __future__ import annotations
@@ -105,9 +110,8 @@ class ShardBatches(IterableDataset):
     """One rank's batches of one split, read from shards: worker ``w`` of ``W`` serves the ``w``-th contiguous block
     of the rank's batches outside ``trained`` (``worker_blocks``), decoding only its own samples of the shards under
     its block, which are all it reads. ``DataLoader`` interleaves the blocks (``serving_order``): which batches
-    there are does not depend on ``W``, the order they come out in does. Evaluation batches (``train`` false) come
-    out in the rank's order instead (worker ``w`` serves batches ``w``, ``w + W``, ...; every worker reads nearly
-    every shard), as feature banks and whole-image passes expect.
+    there are does not depend on ``W``, the order they come out in does. Evaluation batches (``train`` false) are
+    dealt out the same way (all of them, none dropped, centre crops).
 
     Training batches drop the rank's last partial batch and draw each sample's crop and flip from
     ``step_seed(augment_seed, rank, epoch, position)`` (its position in the rank's epoch order), so a batch is the
@@ -147,8 +151,7 @@ class ShardBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard_of, index = self.rank_order(self.epoch)
         remaining = remaining_batches(self.num_batches(len(index)), self.trained)
-        # evaluation keeps the rank's order (feature banks, whole images in index order): every W-th batch
-        mine = worker_blocks(remaining, workers)[worker] if self.train else remaining[worker::workers]
+        mine = worker_blocks(remaining, workers)[worker]
         spans = [(b * self.batch_size, min((b + 1) * self.batch_size, len(index))) for b in mine]
         wanted: dict[int, set] = {}
         last_use: dict[int, int] = {}
@@ -262,6 +265,38 @@ class ShardLoader:
         return _OneLineErrors(loader)
 
 
+def _default_writers() -> int:
+    from datamodules.beton import default_writers
+
+    return default_writers()
+
+
+def _local_manifest(folder: Path) -> dict:
+    """The manifest of the shard set written into ``folder`` (by ``prepare_data``)."""
+    path = folder / shards.MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: call prepare_data() first (the Trainer does); with a "
+                          "cache_dir local to each node set data.loader.cache_shared false")
+    try:
+        return shards.check_manifest(json.loads(path.read_text()), str(path))
+    except ValueError as err:
+        raise DataError(f"{path} is not a readable manifest ({err}): delete {folder} and run again") from err
+
+
+def _check_sizes(folder: Path, manifest: dict) -> None:
+    """Every shard of the set written into ``folder`` is there at its manifest's size (a quick check; readers
+    check the SHA-256)."""
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise DataError(f"shard {path} listed in {folder / shards.MANIFEST} is missing: "
+                                f"delete {folder} and run again to write the shards")
+            if path.stat().st_size != shard["bytes"]:
+                raise DataError(f"shard {path} is truncated or corrupt ({path.stat().st_size:,} bytes, the "
+                                f"manifest says {shard['bytes']:,}): delete {folder} and run again")
+
+
 def _numbers(ranges: list, total: int) -> list[int]:
     """The batch numbers below ``total`` in ``[start, stop)`` ranges."""
     return [b for start, stop in ranges for b in range(max(0, int(start)), min(int(stop), total))]
@@ -289,7 +324,15 @@ class StreamingLoader(LoaderBackend):
     block of the rank's batches and reads only the shards under it (about shards + workers - 1 shard reads an
     epoch); batches come out interleaved across the blocks, in an order that depends on ``num_workers`` while the
     batches themselves do not. Checkpoints record which batches have trained (``trained_batches``); a resumed
-    run, with any ``num_workers``, skips those without reading them and deals the rest out in blocks.
+    run, with any ``num_workers``, skips those without reading them and deals the rest out in blocks. Evaluation
+    loaders serve their blocks the same way (``serving_order``), so a consumer that needs a sample's place goes by
+    its ``index`` (the torchvision back-end serves validation in index order).
+
+    ``data.extra_eval`` sets (ImageFolder trees) are written by ``prepare_data`` as shard sets of their own into
+    ``cache_dir/eval-<name>-<key>/`` (keyed by the set's files and labels after the class and ``val_limit``
+    selection, and ``shard_bytes``; FFCV keys its extra ``.beton`` files by the same selection) and read in place,
+    whether the training set is local or ``remote`` (their folders then name the classes the remote set was
+    written with, which its manifest records in full unless it was written with ``data.classes``).
 
     Args:
         cache_dir: folder of written shard sets and of remote shards' cache.
@@ -318,14 +361,9 @@ class StreamingLoader(LoaderBackend):
         self.write_workers, self.retries, self.retry_wait, self.timeout = write_workers, retries, retry_wait, timeout
         self.prepare_data_per_node = not cache_shared
         self._manifest: dict | None = None
+        self._extra_manifests: dict[str, dict] = {}
         self._training: ShardLoader | None = None  # the training loader last built (its started epoch's plan)
         self._resumed: tuple[int, list] | None = None  # a checkpoint's (epoch, trained_batches)
-
-    def bind(self, datamodule) -> None:
-        if datamodule.extra_eval:
-            raise ConfigError("the streaming back-end serves train and val only: drop data.extra_eval or use the "
-                              "FFCV or torchvision back-end for extra evaluation sets")
-        super().bind(datamodule)
 
     # --- where the shards are ----------------------------------------------------------------------
     def selection(self) -> dict:
@@ -354,14 +392,7 @@ class StreamingLoader(LoaderBackend):
             if self.remote is not None:
                 self._manifest = self.store().read_manifest()
             else:
-                path = self.folder() / shards.MANIFEST
-                if not path.is_file():
-                    raise ConfigError(f"{path} is missing: call prepare_data() first (the Trainer does); with a "
-                                      "cache_dir local to each node set data.loader.cache_shared false")
-                try:
-                    self._manifest = shards.check_manifest(json.loads(path.read_text()), str(path))
-                except ValueError as err:
-                    raise DataError(f"{path} is not a readable manifest ({err}): delete {path.parent} and run again") from err
+                self._manifest = _local_manifest(self.folder())
         return self._manifest
 
     def class_names(self) -> list[str] | None:
@@ -376,6 +407,45 @@ class StreamingLoader(LoaderBackend):
 
     def num_train_samples(self) -> int | None:
         return self.manifest()["splits"]["train"]["samples"] if self.remote is not None else None
+
+    def source_classes(self) -> list[str] | None:
+        """A remote set's classes as written (what names ``data.extra_eval``'s folders); local: the source's."""
+        written = None if self.remote is None else self.manifest()
+        if written is not None and written["selection"]["classes"]:
+            raise ConfigError(f"{self.remote} was written with data.classes, so the full class list that names "
+                              "data.extra_eval's folders is unknown: write the shards without data.classes")
+        return None if written is None else list(written["classes"])
+
+    # --- extra evaluation sets (data.extra_eval) -------------------------------------------------
+    def extra_folder(self, name: str) -> Path:
+        """The shard set of extra set ``name`` (its ``val`` split): ``cache_dir/eval-<name>-<key>``, keyed by the
+        set's source fingerprint (its files, sizes, times and labels after the class and ``val_limit`` selection,
+        so a changed folder is written again) and ``shard_bytes``."""
+        key = json.dumps([self.datamodule.get_source(name).fingerprint, self.shard_bytes])
+        return self.cache_dir / f"eval-{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def _prepare_extras(self) -> None:
+        """Write each extra set whose folder has no manifest yet."""
+        dm = self.datamodule
+        for name in dm.extra_eval:
+            folder = self.extra_folder(name)
+            if not (folder / shards.MANIFEST).is_file():
+                source = dm.get_source(name)
+                description = {"source": str(Path(dm.extra_eval[name]).expanduser().resolve()),
+                               "source_fingerprint": {"val": source.fingerprint}}
+                shards.write_shards(folder, {"val": source}, [str(n) for n in dm.class_names], description,
+                                    self.shard_bytes, self.write_workers or _default_writers(), dm.seed)
+
+    def _split_set(self, split: str) -> tuple[shards.ShardStore, dict]:
+        """The store and manifest entry that serve ``split`` (``train``, ``val`` or an ``extra_eval`` name)."""
+        if split in self.datamodule.extra_eval:
+            folder = self.extra_folder(split)
+            if split not in self._extra_manifests:
+                self._extra_manifests[split] = _local_manifest(folder)
+            return shards.ShardStore(str(folder)), self._extra_manifests[split]["splits"]["val"]
+        if split not in shards.SPLITS:
+            raise ConfigError(f"the streaming back-end has no split {split!r} (train, val and data.extra_eval's sets)")
+        return self.store(), self.manifest()["splits"][split]
 
     # --- writing -----------------------------------------------------------------------------------
     def _captions(self) -> dict | None:
@@ -397,38 +467,32 @@ class StreamingLoader(LoaderBackend):
         """Write both splits' shards and the manifest into ``folder`` (default: the cache folder) from the source."""
         if self.remote is not None:
             raise ConfigError(f"data.loader.remote is set ({self.remote}): the shards are read from there, not written")
-        from datamodules.beton import default_writers
-
         dm = self.datamodule
         folder = Path(folder).expanduser() if folder is not None else self.folder()
         sources = {split: dm.get_source(split) for split in shards.SPLITS}
         description = {"selection": self.selection(), "source_fingerprint": {s: src.fingerprint for s, src in sources.items()}}
         self._manifest = shards.write_shards(folder, sources, [str(n) for n in dm.class_names], description,
-                                             self.shard_bytes, self.write_workers or default_writers(), dm.seed,
+                                             self.shard_bytes, self.write_workers or _default_writers(), dm.seed,
                                              self._captions())
+        self._prepare_extras()
         return self._manifest
 
     def prepare_data(self) -> None:
         if self.remote is not None:
             self.manifest()  # the store answers (bounded retries), before any process starts reading it
-            return
-        path = self.folder() / shards.MANIFEST
-        if not path.is_file():
+        elif not (self.folder() / shards.MANIFEST).is_file():
             self.write_shards()
+        self._prepare_extras()
 
     def setup(self, stage: str) -> None:
-        self._manifest = None
+        self._manifest, self._extra_manifests = None, {}
         manifest = self.manifest()
         if self.remote is None:
-            for split in shards.SPLITS:
-                for shard in manifest["splits"][split]["shards"]:
-                    path = self.folder() / shard["file"]
-                    if not path.is_file():
-                        raise DataError(f"shard {path} listed in {self.folder() / shards.MANIFEST} is missing: "
-                                        f"delete {self.folder()} and run again to write the shards")
-                    if path.stat().st_size != shard["bytes"]:
-                        raise DataError(f"shard {path} is truncated or corrupt ({path.stat().st_size:,} bytes, the "
-                                        f"manifest says {shard['bytes']:,}): delete {self.folder()} and run again")
+            _check_sizes(self.folder(), manifest)
+        for name in self.datamodule.extra_eval:
+            folder = self.extra_folder(name)
+            self._extra_manifests[name] = _local_manifest(folder)
+            _check_sizes(folder, self._extra_manifests[name])
 
     # --- loaders -----------------------------------------------------------------------------------
     def transform(self, split: str, train: bool):
@@ -447,12 +511,11 @@ class StreamingLoader(LoaderBackend):
 
     def split_loader(self, split: str, train: bool, indices=None) -> ShardLoader:
         dm = self.datamodule
-        if split not in shards.SPLITS:
-            raise ConfigError(f"the streaming back-end has no split {split!r} (train and val only)")
+        store, entry = self._split_set(split)
         trainer = dm.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and trainer.world_size > 1 else (0, 1)
         full = split == "train" and dm.full_train_images
-        batches = ShardBatches(self.store(), self.manifest()["splits"][split], self.transform(split, train),
+        batches = ShardBatches(store, entry, self.transform(split, train),
                                dm.batch_size, train, rank, world, dm.seed, dm.augment.seed,
                                dm.yields_index or full, indices)
         loader = ShardLoader(batches, dm.num_workers, dm if train else None)

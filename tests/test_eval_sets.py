@@ -57,13 +57,17 @@ def datamodule(backend: str, extra_eval: dict, cache):
     if backend == "ffcv":
 
         return ffcv_data(cache_dir=str(cache), num_workers=1, **common)
+    if backend == "streaming":  # the extra sets become shard sets of their own in the cache
+        from datamodules.base import ImageDataModule
+        from datamodules.streaming_loader import StreamingLoader
 
+        return ImageDataModule(loader=StreamingLoader(cache_dir=str(cache), write_workers=1), num_workers=2, **common)
     return torchvision_data(num_workers=0, **common)
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "ffcv"])
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv", "streaming"])
 def test_extra_sets_log_their_own_metrics_and_fill_the_results_json(backend, eval_folders, beton_cache, tmp_path):
-    data = datamodule(backend, eval_folders, beton_cache)
+    data = datamodule(backend, eval_folders, tmp_path / "shards" if backend == "streaming" else beton_cache)
     assert data.eval_sets() == ["val", "right", "wrong"]
     results = tmp_path / "results.json"
     fit = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,

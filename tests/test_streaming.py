@@ -109,14 +109,14 @@ def test_a_failed_write_leaves_nothing(image_folder, tmp_path):
 
 
 def test_eval_batches_are_the_torchvision_back_ends(shard_set, image_folder):
-    """Same decoder, same centre crop: the validation pixels equal the torchvision back-end's, in the same order."""
+    """Same decoder, same centre crop: the validation batches equal the torchvision back-end's (index order), the
+    2 workers serving blocks [0, 1] and [2] interleaved."""
     ours = streaming(image_folder, remote=str(shard_set), cache_dir=str(shard_set.parent / "cache"))
     theirs = ImageDataModule(source=str(image_folder), loader=TorchvisionLoader(), batches=WithIndex(), **SETTINGS)
     ours.setup("fit"), theirs.setup("fit")
-    pairs = list(zip(ours.val_dataloader(), theirs.val_dataloader(), strict=True))
-    assert len(pairs) == 3
-    for mine, reference in pairs:
-        assert all(torch.equal(a, b) for a, b in zip(mine, reference, strict=True))
+    served, reference = list(ours.val_dataloader()), list(theirs.val_dataloader())
+    assert len(served) == 3 and serving_order([0, 1, 2], 2) == [0, 2, 1]
+    assert all(_same(mine, reference[b]) for mine, b in zip(served, [0, 2, 1], strict=True))
 
 
 def test_epoch_order_is_every_sample_once_and_rank_shares_cover_it():
@@ -286,12 +286,8 @@ def _train_batches(shard_set, image_folder, cache) -> ShardBatches:
     return ShardBatches(dm.loader.store(), entry, transform, 4, True, 0, 1, dm.seed, dm.augment.seed, True)
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_each_worker_reads_only_the_shards_under_its_block(three_per_shard, image_folder, tmp_path, monkeypatch, workers):
-    """Worker ``w`` serves a contiguous block of the rank's batches: a shard is read by at most the two workers whose
-    blocks meet inside it, so an epoch reads at most shards + workers - 1 shard files (round-robin batches read
-    nearly every shard in every worker)."""
-    log = tmp_path / "reads.log"
+def _logged_reads(monkeypatch, log: Path) -> None:
+    """Every ``ShardStore.read`` appends ``<worker> <shard file>`` to ``log`` (forked workers inherit the patch)."""
     read = shards.ShardStore.read
 
     def logged(store, shard, wanted):
@@ -301,18 +297,33 @@ def test_each_worker_reads_only_the_shards_under_its_block(three_per_shard, imag
         return read(store, shard, wanted)
 
     monkeypatch.setattr(shards.ShardStore, "read", logged)
+
+
+def _readers(log: Path) -> tuple[int, dict[str, set]]:
+    """(shard reads, shard file -> the workers that read it) from ``_logged_reads``' log."""
+    lines, readers = log.read_text().split(), {}
+    for worker, name in zip(lines[::2], lines[1::2]):
+        readers.setdefault(name, set()).add(worker)
+    return len(lines) // 2, readers
+
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_each_worker_reads_only_the_shards_under_its_block(three_per_shard, image_folder, tmp_path, monkeypatch, workers):
+    """Worker ``w`` serves a contiguous block of the rank's batches: a shard is read by at most the two workers whose
+    blocks meet inside it, so an epoch reads at most shards + workers - 1 shard files (round-robin batches read
+    nearly every shard in every worker)."""
+    log = tmp_path / "reads.log"
+    _logged_reads(monkeypatch, log)
     batches = _train_batches(three_per_shard, image_folder, tmp_path / "cache")
     served = _epoch(batches, 0, workers=workers)
     assert len(served) == 9  # 36 samples in batches of 4
-    readers: dict[str, set] = {}
-    lines = log.read_text().split()
-    for worker, name in zip(lines[::2], lines[1::2]):
-        readers.setdefault(name, set()).add(worker)
+    reads, readers = _readers(log)
     count = len(batches.entry["shards"])
-    print(f"{workers} workers: {len(lines) // 2} shard reads of {count} shards")
+    print(f"{workers} workers: {reads} shard reads of {count} shards")
     assert set(readers) == {shard["file"] for shard in batches.entry["shards"]}
     assert max(len(r) for r in readers.values()) <= 2
-    assert len(lines) // 2 <= count + workers - 1
+    assert reads <= count + workers - 1
 
 
 def test_serving_order_interleaves_contiguous_blocks():
@@ -391,3 +402,54 @@ def test_a_position_written_as_a_count_resumes_after_the_first_batches(three_per
     assert all(_same(a, in_order[b]) for a, b in zip(rest, [3, 6, 4, 7, 5, 8], strict=True))
     _, position = _resumed_run(three_per_shard, image_folder, cache, 2, old, 2)
     assert position["trained_batches"] == [[0, 4], [6, 7]]  # served 3, 6
+
+
+def test_eval_workers_read_only_the_shards_under_their_blocks(image_folder, tmp_path, monkeypatch):
+    """24 validation samples in 12 shards of 2, batches of 1, 2 workers: each worker serves 12 consecutive batches
+    (6 shards), 12 shard reads an epoch; dealing batches round-robin had both workers read all 12 (24 reads). Every
+    validation index once, the in-process batches in ``serving_order``."""
+    dm = ImageDataModule(source=str(image_folder), batches=WithIndex(), loader=StreamingLoader(
+        cache_dir=str(tmp_path / "cache"), shard_bytes=10**6, write_workers=1),
+        **{**SETTINGS, "val_fraction": 0.5, "batch_size": 1})
+    dm.prepare_data()
+    dm.setup("validate")
+    entry = dm.loader.manifest()["splits"]["val"]
+    assert [shard["samples"] for shard in entry["shards"]] == [2] * 12
+    log = tmp_path / "reads.log"
+    _logged_reads(monkeypatch, log)
+    served = list(dm.val_dataloader())
+    reads, readers = _readers(log)
+    print(f"2 eval workers: {reads} shard reads of 12 shards")
+    assert reads == 12 and len(readers) == 12 and all(len(r) == 1 for r in readers.values())
+    assert sorted(torch.cat([batch[2] for batch in served]).tolist()) == list(range(24))
+    dm.num_workers = 0
+    in_process = list(dm.val_dataloader())
+    assert [int(b[2]) for b in in_process] == list(range(24))  # one worker: the index order
+    assert all(_same(a, in_process[b]) for a, b in zip(served, serving_order(list(range(24)), 2), strict=True))
+
+
+def test_extra_eval_sets_are_shard_sets_of_their_own_beside_a_remote_set(shard_set, image_folder, tmp_path):
+    """An extra set (an ImageFolder named as the remote set's classes) is written once into the cache as its own
+    shard set and served as the torchvision back-end serves it: the same pixels, labels and indices."""
+    extra = tmp_path / "extra"
+    names = sorted(p.name for p in image_folder.iterdir())
+    for name in names[1:]:  # two of the three classes, 5 images each: labels 1 and 2
+        (extra / name).mkdir(parents=True)
+        for file in sorted((image_folder / name).iterdir())[:5]:
+            (extra / name / file.name).write_bytes(file.read_bytes())
+    ours = ImageDataModule(source=str(tmp_path / "absent"), extra_eval={"more": str(extra)}, batches=WithIndex(),
+                           loader=StreamingLoader(remote=str(shard_set), cache_dir=str(tmp_path / "cache")), **SETTINGS)
+    ours.prepare_data()
+    ours.setup("validate")
+    written = list((tmp_path / "cache").glob("eval-more-*"))
+    assert len(written) == 1 and json.loads((written[0] / shards.MANIFEST).read_text())["splits"]["val"]["samples"] == 10
+    theirs = ImageDataModule(source=str(image_folder), extra_eval={"more": str(extra)}, loader=TorchvisionLoader(),
+                             batches=WithIndex(), **SETTINGS)
+    theirs.setup("validate")
+    (_, mine), (_, reference) = ours.val_dataloader(), theirs.val_dataloader()
+    served, reference = list(mine), list(reference)
+    assert len(served) == 3 and serving_order([0, 1, 2], 2) == [0, 2, 1]  # batches of 4, 4, 2
+    assert all(_same(a, reference[b]) for a, b in zip(served, [0, 2, 1], strict=True))
+    assert sorted(torch.cat([b[1] for b in served]).tolist()) == [1] * 5 + [2] * 5
+    ours.prepare_data()  # written once: the same folder, not rewritten
+    assert list((tmp_path / "cache").glob("eval-more-*")) == written
