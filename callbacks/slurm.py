@@ -10,7 +10,8 @@ together and rank 0 runs ``scontrol requeue``.
 Which signal: ``slurm/visionlab.sbatch`` states it once, in its ``#SBATCH --signal`` line, and exports it to
 the job as ``VISIONLAB_REQUEUE_SIGNAL``; without the template it is the ``requeue_signal`` of the
 ``SLURMEnvironment`` in ``trainer.plugins`` (YAML), SIGUSR1 by default. The requeued run logs on in the same
-TensorBoard version folder (``pin_logger_version``), so its step axis continues.
+run of every logger (``pin_logger_version``: TensorBoard/CSV version folder, W&B run id, MLflow run), so its step
+axis continues.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from callbacks.checkpoint import at_optimizer_step
 from modules.components.errors import ConfigError
 
 SIGNAL_VARIABLE = "VISIONLAB_REQUEUE_SIGNAL"  # set by slurm/visionlab.sbatch from its #SBATCH --signal line
+JOB_TAG = "slurm_job_id"  # the MLflow tag that finds a requeued job's run (pin_logger_version)
 
 
 def parse_signal(name: str) -> signal.Signals:
@@ -64,12 +66,26 @@ def next_hpc_checkpoint(folder: str | Path) -> Path:
 
 
 def pin_logger_version(config) -> None:
-    """Under SLURM, a configured TensorBoard/CSV logger without a ``version`` logs to ``version_<job id>``.
+    """Under SLURM, every configured logger continues one run per job id across requeues.
 
-    A requeued job keeps its job id, so the restarted run writes to the same version folder and its steps
-    continue the first run's axis, instead of starting a new ``version_<n+1>``. This is what Lightning's own
-    default logger does (``TensorBoardLogger(version=SLURMEnvironment.job_id())``); a logger named in the
-    config is given the same. ``config`` is the subcommand's parsed namespace, before instantiation.
+    A requeued job keeps its job id, so a run named after it is the first run's, and Lightning logs at the
+    restored global step: the restarted run's steps continue the first run's axis instead of starting a new run.
+
+    - TensorBoard/CSV without a ``version``: ``version=<job id>``, as Lightning's own default logger does
+      (``TensorBoardLogger(version=SLURMEnvironment.job_id())``); the requeued run writes to the same folder.
+    - W&B without an ``id`` (or ``version``): ``id="slurm-<job id>"`` and ``resume="allow"``; W&B resumes the run of
+      that id, or creates it the first time. Offline (``WANDB_MODE=offline``), each process writes its own
+      ``offline-run-<time>-slurm-<job id>`` folder under one run id, and ``wandb sync`` appends them to that run.
+    - MLflow without a ``run_id``: the store creates run ids, so none can be derived. The run is tagged
+      ``slurm_job_id=<job id>`` and a requeued job passes ``run_id`` of the active run in the experiment that carries
+      its tag (the earliest, if several). Why a tag rather than a file in ``trainer.default_root_dir``: the store is
+      the one record of which run exists (a file can point to a run that was deleted, or be missing when the folder
+      moves), the same query works for a file store and a tracking server, and nothing has to be written after
+      the run is created (the tag goes in through ``tags``, which Lightning sets at creation).
+
+    A job id reused later (another cluster logging to the same W&B project or MLflow experiment) would join the
+    older run, as TensorBoard's ``version_<job id>`` folder would: give such runs their own project/experiment.
+    ``config`` is the subcommand's parsed namespace, before instantiation.
     """
     job = SLURMEnvironment.job_id() if SLURMEnvironment.detect() else None
     trainer = config.get("trainer") if config is not None else None
@@ -81,10 +97,35 @@ def pin_logger_version(config) -> None:
         if not isinstance(class_path, str) or logger.get("init_args") is None:
             continue
         module, _, name = class_path.rpartition(".")
-        if not module or not issubclass(getattr(importlib.import_module(module), name, object), (TensorBoardLogger, CSVLogger)):
+        cls = getattr(importlib.import_module(module), name, None) if module else None
+        if not isinstance(cls, type):
             continue
-        if logger.init_args.get("version") is None:
-            logger.init_args.version = job
+        args = logger.init_args
+        if issubclass(cls, (TensorBoardLogger, CSVLogger)) and args.get("version") is None:
+            args.version = job
+        elif issubclass(cls, WandbLogger) and args.get("id") is None and args.get("version") is None:
+            args.id = f"slurm-{job}"
+            args.resume = "allow"  # one of wandb.init's keyword arguments, which WandbLogger passes on
+        elif issubclass(cls, MLFlowLogger) and args.get("run_id") is None:
+            args.tags = {**(args.get("tags") or {}), JOB_TAG: job}
+            args.run_id = mlflow_job_run(args, job)
+
+
+def mlflow_job_run(args, job: str) -> str | None:
+    """The id of the earliest active run tagged ``slurm_job_id=<job>`` in the experiment an ``MLFlowLogger`` with
+    these init args logs to, or None (first run of the job: the logger creates it, tagged)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    # Where MLFlowLogger logs: its tracking_uri (default: $MLFLOW_TRACKING_URI), else file:<save_dir>.
+    uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"file:{args.get('save_dir') or './mlruns'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(args.get("experiment_name") or "lightning_logs")
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        return None
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.{JOB_TAG} = '{job}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 class SLURMRequeue(pl.Callback):
