@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 IMAGE=${IMAGE:-visionlab}
 BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
-LOCAL_BASE=visionlab-base:bookworm
+LOCAL_BASE=visionlab-base:bookworm-slim  # the name says which make_base made it: a change here renames it
 # Debian's docker.io client has BuildKit built in; a newer CLI without the buildx plugin refuses DOCKER_BUILDKIT=1.
 DOCKER=${DOCKER:-docker}
 if ! $DOCKER buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; fi
@@ -38,7 +38,16 @@ make_base() {  # a stand-in for python:3.11-slim-bookworm: Debian 12 minbase + p
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$root" "$mirror" >/dev/null
   # the image's apt reaches the same mirror (security updates included when the host lists them)
   echo "deb $mirror bookworm main" > "$root/etc/apt/sources.list"
-  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+  # what Debian's own -slim images do: no manuals, docs (copyrights stay) or translations from any later apt-get
+  # install, and apt keeps no downloaded .deb files; the same paths are emptied in the base itself
+  printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' 'path-exclude /usr/share/man/*' \
+    'path-exclude /usr/share/groff/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
+    'path-exclude /usr/share/lintian/*' > "$root/etc/dpkg/dpkg.cfg.d/visionlab-slim"
+  printf '%s\n' 'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };' \
+    'Binary::apt::APT::Keep-Downloaded-Packages "false";' > "$root/etc/apt/apt.conf.d/visionlab-clean"
+  find "$root"/usr/share/doc -mindepth 2 ! -name copyright ! -type d -delete
+  rm -rf "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/*
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/*
   tar -C "$root" -c . | $DOCKER import -c 'ENV LANG=C.UTF-8' - "$LOCAL_BASE" >/dev/null
   rm -rf "$root"
 }

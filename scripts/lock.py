@@ -11,7 +11,9 @@ then fixes every package of the closure with the sha256 of the exact file it cho
 - ``lock/build.txt``: runtime packages that exist only as source archives (FFCV's C extension): the image's build
   stage turns them into wheels, so the runtime image needs no compiler;
 - ``lock/test.txt``: what the tests add (pytest, pytest-xdist, ...), at the runtime versions of anything shared.
-  A line of ``requirements-test.txt`` marked ``# [no-deps]`` is locked without its declared dependencies.
+A line of either requirements file marked ``# [no-deps]`` is locked without its declared dependencies (the file
+then names the ones it does need): FFCV's ``opencv-python`` is replaced by ``opencv-python-headless`` (the same
+``cv2``), and the MiniLM weights' ``sentence-transformers`` is needed by the tests only.
 
 One line per package: ``name==version --hash=sha256:...``. Adding a package = one pinned line in a requirements
 file, then this script; ``tests/test_dockerfile.py`` fails while a pin and the lock disagree.
@@ -59,19 +61,28 @@ def write(path: Path, entries: dict[str, tuple[str, str, bool]], note: str) -> N
     print(f"{path.relative_to(ROOT)}: {len(lines)} packages")
 
 
+def split_no_deps(path: Path) -> tuple[str, list[str]]:
+    """The lines of a requirements file without its ``# [no-deps]`` ones, and those requirements."""
+    lines = path.read_text().splitlines()
+    no_deps = [re.sub(r"#.*", "", line).strip() for line in lines if "# [no-deps]" in line]
+    return "\n".join(line for line in lines if "# [no-deps]" not in line) + "\n", no_deps
+
+
 def main() -> None:
     LOCK.mkdir(exist_ok=True)
-    runtime = resolve("-r", "requirements.txt")
-    test_lines = (ROOT / "requirements-test.txt").read_text().splitlines()
-    no_deps = [re.sub(r"#.*", "", line).strip() for line in test_lines if "[no-deps]" in line]
+    runtime_text, runtime_no_deps = split_no_deps(ROOT / "requirements.txt")
+    test_text, test_no_deps = split_no_deps(ROOT / "requirements-test.txt")
     with tempfile.TemporaryDirectory() as tmp:
-        constraints, with_deps = Path(tmp) / "runtime.txt", Path(tmp) / "test.txt"
+        with_deps, constraints, test_with_deps = Path(tmp) / "req.txt", Path(tmp) / "runtime.txt", Path(tmp) / "test.txt"
+        with_deps.write_text(runtime_text)
+        runtime = resolve("-r", str(with_deps))
+        runtime.update(resolve("--no-deps", *runtime_no_deps))
         constraints.write_text("".join(f"{name}=={version}\n" for name, (version, _, _) in runtime.items()))
-        with_deps.write_text("\n".join(line for line in test_lines if "[no-deps]" not in line) + "\n")
-        everything = resolve("-r", "requirements.txt", "-r", str(with_deps), "-c", str(constraints))
+        test_with_deps.write_text(test_text)
+        everything = resolve("-r", str(with_deps), "-r", str(test_with_deps), "-c", str(constraints))
     test = {name: entry for name, entry in everything.items() if name not in runtime}
-    if no_deps:
-        test.update(resolve("--no-deps", *no_deps))
+    if test_no_deps:
+        test.update(resolve("--no-deps", *test_no_deps))
     write(LOCK / "torch.txt", {n: e for n, e in runtime.items() if TORCH_LAYER.match(n)},
           "torch and its CUDA wheels (their own image layer)")
     write(LOCK / "runtime.txt", {n: e for n, e in runtime.items() if not TORCH_LAYER.match(n) and e[2]},
