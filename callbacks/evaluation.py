@@ -67,8 +67,10 @@ class ReaLAccuracy(Metric):
 class ReaLEvaluation(pl.Callback):
     """Logs ``val/real_acc1`` during validate/test from a ReaL labels JSON (validation order = file order).
 
-    Runs the module once more on each validation batch (``pl_module(images)`` -> logits), single process
-    (the positions of the images in the labels file are counted in loader order).
+    Runs the module once more on each validation batch (``pl_module(images)`` -> logits), single process. An image's
+    row in the labels file is its ``index`` when batches carry one (every back-end's named batches do: the streaming
+    back-end's workers serve contiguous blocks, so its loader order is not the file order), else its position in
+    loader order.
 
     Args:
         labels_file: ``real.json``.
@@ -91,10 +93,12 @@ class ReaLEvaluation(pl.Callback):
     def _batch(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if dataloader_idx:  # the labels file is the main validation set's; data.extra_eval sets come after it
             return
-        images = named_batch(batch)["image"]
-        rows = torch.arange(self._seen, self._seen + images.shape[0])
+        named = named_batch(batch)
+        images = named["image"]
+        index = named.get("index")
+        rows = index.cpu() if index is not None else torch.arange(self._seen, self._seen + images.shape[0])
         self._seen += images.shape[0]
-        if int(rows[-1]) >= len(self._sets):
+        if int(rows.max()) >= len(self._sets):
             raise DataError(f"{self.labels_file} has {len(self._sets)} images, the validation loader more")
         self.metric.update(pl_module(images), self._sets[rows].to(images.device))
 

@@ -33,6 +33,22 @@ def test_real_accuracy_counts_set_membership_and_skips_empty_sets():
     assert metric.compute().item() == pytest.approx(2 / 3)
 
 
+def test_real_labels_follow_the_batch_index_not_the_loader_order(tmp_path):
+    # the streaming back-end serves each worker's block in turn: rows must come from the index, not the count
+    (tmp_path / "real.json").write_text(json.dumps([[0], [1], [2], [3]]))
+    model = torch.nn.Identity()
+    model.num_classes, model.device, logged = 4, torch.device("cpu"), {}
+    model.log = lambda name, value: logged.update({name: float(value)})
+    trainer = type("Trainer", (), {"world_size": 1, "sanity_checking": False})()
+    callback = ReaLEvaluation(str(tmp_path / "real.json"))
+    callback.on_validation_epoch_start(trainer, model)
+    for order in ([2, 3], [0, 1]):  # image i's logits point at class i: right only if row i is read for it
+        batch = {"image": torch.eye(4)[order] * 5, "label": torch.tensor(order), "index": torch.tensor(order)}
+        callback.on_validation_batch_end(trainer, model, None, batch, 0)
+    callback.on_validation_epoch_end(trainer, model)
+    assert logged == {"val/real_acc1": 1.0}  # counting in loader order would read rows 0, 1 for images 2, 3: 0.0
+
+
 def test_knn_monitor_real_accuracy_and_results_file_through_validate(tmp_path):
     from modules.classification import ClassificationModule
 
