@@ -68,9 +68,8 @@ class ReaLEvaluation(pl.Callback):
     """Logs ``val/real_acc1`` during validate/test from a ReaL labels JSON (validation order = file order).
 
     Runs the module once more on each validation batch (``pl_module(images)`` -> logits), single process. An image's
-    row in the labels file is its ``index`` when batches carry one (every back-end's named batches do: the streaming
-    back-end's workers serve contiguous blocks, so its loader order is not the file order), else its position in
-    loader order.
+    row in the labels file is its ``index`` when batches carry one (the streaming back-end's do, and must: its
+    workers serve contiguous blocks, so its loader order is not the file order), else its position in loader order.
 
     Args:
         labels_file: ``real.json``.
