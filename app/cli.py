@@ -21,7 +21,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from callbacks.checkpoint import AtomicCheckpointIO, LatestCheckpoint, resolve_resume_path
 from callbacks.lost_rank import LostRankReport
-from callbacks.slurm import SLURMRequeue, pin_logger_version
+from callbacks.slurm import REQUEUE_EXIT_CODE, SLURMRequeue, pin_logger_version
 
 from modules.components.checkpoints import refused_pickle
 from modules.components.errors import ConfigError, VisionlabError
@@ -113,6 +113,9 @@ class VisionlabCLI(LightningCLI):
                 print(f"visionlab: last checkpoint {checkpoint.last_model_path}")
             if self.trainer.logger is not None and self.trainer.logger.log_dir:
                 print(f"visionlab: TensorBoard logs in {self.trainer.logger.log_dir}")
+        # pre-empted inside a container (no scontrol): every rank says so with its exit code; the batch script requeues
+        if any(getattr(cb, "requeue_from_outside", False) for cb in self.trainer.callbacks):
+            sys.exit(REQUEUE_EXIT_CODE)
 
 
 def default_logger(config) -> None:

@@ -32,6 +32,10 @@ from callbacks.checkpoint import at_optimizer_step
 from modules.components.errors import ConfigError
 
 SIGNAL_VARIABLE = "VISIONLAB_REQUEUE_SIGNAL"  # set by slurm/visionlab.sbatch from its #SBATCH --signal line
+# A pre-empted run that cannot requeue itself (no scontrol: inside a container) saved its checkpoint and exits with
+# this code on every rank; slurm/visionlab.sbatch, outside the container, then requeues the job. 75 is sysexits.h's
+# EX_TEMPFAIL, "a temporary failure: the user is invited to retry".
+REQUEUE_EXIT_CODE = 75
 JOB_TAG = "slurm_job_id"  # the MLflow tag that finds a requeued job's run (pin_logger_version)
 
 
@@ -144,6 +148,7 @@ class SLURMRequeue(pl.Callback):
         self.requeue_signal = parse_signal(requeue_signal) if requeue_signal else None
         self.signalled = False
         self.saved: Path | None = None  # the checkpoint of a pre-emption, until the requeue at on_train_end
+        self.requeue_from_outside = False  # pre-empted without scontrol: the CLI exits with REQUEUE_EXIT_CODE
         self._active = False
 
     def _environment(self, trainer: pl.Trainer) -> SLURMEnvironment | None:
@@ -184,6 +189,7 @@ class SLURMRequeue(pl.Callback):
         for logger in trainer.loggers:  # flush: SLURM ends the processes soon after the requeue
             logger.finalize("finished")
         scontrol = shutil.which("scontrol")
+        self.requeue_from_outside = scontrol is None
         if scontrol is not None:
             # The requeue makes SLURM SIGTERM every task; Lightning's SIGTERM handler runs a collective inside
             # the handler, which blocks until SIGKILL (KillWait) when another rank has already left. The state
@@ -195,7 +201,8 @@ class SLURMRequeue(pl.Callback):
         job = slurm_job()
         if scontrol is None:
             print(f"visionlab: pre-emption signal: saved {path}, but scontrol is not on PATH here (inside a container?): "
-                  f"requeue from outside with `scontrol requeue {job}`; the job resumes from {path.name}", flush=True)
+                  f"requeue from outside with `scontrol requeue {job}` (slurm/visionlab.sbatch does, on exit code "
+                  f"{REQUEUE_EXIT_CODE}); the job resumes from {path.name}", flush=True)
             return
         print(f"visionlab: saved {path}; requeueing SLURM job {job}", flush=True)
         done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)

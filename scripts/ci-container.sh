@@ -5,7 +5,8 @@
 # with scripts/build-image.sh (base from debootstrap when no registry answers; layers cached by the engine), then,
 # with --network none and runs/ + cache folders owned by a non-root uid that is not the image's own: the image's
 # packages against the lock files, `fit` of every technique's debug.yaml (MAE before the linear probe that reads its
-# checkpoint), `validate` of a checkpoint, store-logits, sample, prepare-data, and bad input (exit code 2, one line).
+# checkpoint), `validate` of a checkpoint, store-logits, sample, prepare-data, and bad input (exit code 2, one line);
+# then the image converted by charliecloud runs the two-node SLURM test jobs (CONTAINER_SLURM=0 leaves them out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ RUN_UID=${RUN_UID:-4242}
 started=""
 work=$(mktemp -d /tmp/visionlab-ci-container.XXXXXX)
 cleanup() {
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
   if [ -n "$started" ]; then kill "$started" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
@@ -93,4 +94,17 @@ set -e
 step "file owners"
 others=$(find "$work/runs" "$work/cache" "$work/data" ! -uid "$RUN_UID" | head -n 5)
 [ -z "$others" ] || { echo "files not owned by uid $RUN_UID:"; echo "$others"; exit 1; }
+
+# The same image the HPC way: converted by charliecloud and run unprivileged by every task of the project's
+# two-node SLURM test jobs (training, and SIGUSR2 pre-emption + requeue from the batch script).
+if [ "${CONTAINER_SLURM:-1}" = 1 ]; then
+  if ! command -v ch-convert >/dev/null || ! command -v pigz >/dev/null; then
+    step "installing charliecloud"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends charliecloud pigz >/dev/null
+  fi
+  step "ch-convert $IMAGE"
+  ch-convert -i docker "$IMAGE" "$work/ch-image" >"$work/ch-convert.log" 2>&1 || { tail -n 20 "$work/ch-convert.log"; exit 1; }
+  step "two-node SLURM jobs inside the image (ch-run)"
+  VISIONLAB_TEST_CH_IMAGE="$work/ch-image" python3 -m pytest -q -n 0 -p no:cacheprovider tests/test_slurm.py -k charliecloud
+fi
 step "passed"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from callbacks.slurm import SIGNAL_VARIABLE, SLURMRequeue, next_hpc_checkpoint, parse_signal
+from callbacks.slurm import REQUEUE_EXIT_CODE, SIGNAL_VARIABLE, SLURMRequeue, next_hpc_checkpoint, parse_signal
 from modules.components.errors import ConfigError
 from tests.conftest import CONFIGS, ROOT, cli_args
 from tests.slurm.cluster import Cluster, available
@@ -85,6 +86,19 @@ def test_signal_names_and_checkpoint_numbering(tmp_path):
     assert next_hpc_checkpoint(tmp_path).name == "hpc_ckpt_11.ckpt"
 
 
+def test_pre_empted_inside_a_container_the_cli_exits_75_for_the_batch_script_to_requeue(slurm_job, run_cli, tmp_path,
+                                                                                        capsys):
+    # the sbatch template requeues from outside the container when srun ends with this code (slurm/visionlab.sbatch)
+    args = cli_args(tmp_path, None, "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
+                    "--trainer.callbacks+=tests.test_slurm.SendSignal", "--trainer.callbacks.signum",
+                    str(int(signal.SIGUSR1)), "--trainer.callbacks.step", "2", data="data/fashion_mnist_torchvision.yaml")
+    assert run_cli(args) == REQUEUE_EXIT_CODE == 75
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 2
+    assert f"scontrol requeue {JOB}" in capsys.readouterr().out and slurm_job == []
+    template = TEMPLATE.read_text()
+    assert 'if [ "$status" -eq 75 ]; then' in template and 'scontrol requeue "$job"' in template
+
+
 def test_a_slurm_job_logs_to_the_version_folder_of_its_job_id(slurm_job, tmp_path, beton_cache):
     from app.cli import VisionlabCLI
 
@@ -116,14 +130,58 @@ def cluster(tmp_path_factory):
         cluster.stop()
 
 
-def _fit_args(run_dir, cache, *extra, data="data/fashion_mnist.yaml"):
-    return ["fit", "--config", str(CONFIGS / "trainer/cpu.yaml"), "--config", str(CONFIGS / data),
-            "--config", str(CONFIGS / "classification/debug.yaml"),
-            "--trainer.default_root_dir", str(run_dir),
+IMAGE_VARIABLE = "VISIONLAB_TEST_CH_IMAGE"  # a `ch-convert`ed visionlab image (scripts/ci-container.sh sets it)
+
+
+class Launch:
+    """How the job's tasks run: on the nodes themselves, or each inside the visionlab image with charliecloud's
+    ``ch-run`` (slurm/visionlab.sbatch with VISIONLAB_IMAGE). ``path`` turns a host path of the test into the one the
+    job's command line uses: inside the image the run folder is /workspace/runs, the cache /cache, configs/ its own."""
+
+    def __init__(self, kind: str, tmp_path):
+        self.kind, self.run, self.cache = kind, tmp_path / "run", tmp_path / "cache"
+        self.run.mkdir()
+        self.image = os.environ.get(IMAGE_VARIABLE) if kind == "charliecloud" else None
+        if kind == "charliecloud" and not self.image:
+            pytest.skip(f"{IMAGE_VARIABLE} names no charliecloud image (scripts/ci-container.sh makes one)")
+
+    def path(self, host) -> str:
+        if self.image is None:
+            return str(host)
+        for outside, inside in ((self.run, "/workspace/runs"), (self.cache, "/cache"), (CONFIGS, "/workspace/configs")):
+            if host == outside or outside in host.parents:
+                return f"{inside}/{host.relative_to(outside)}".rstrip("/.")
+        raise ValueError(f"{host} is not inside the container")
+
+    def sbatch_options(self) -> list[str]:
+        if self.image is None:
+            return []
+        # the test's own callbacks (tests.slurm.preempt, tests.resume_script) are not in the image: a copy of them,
+        # bound at /mnt/0, is on the container's PYTHONPATH
+        shim = self.run.parent / "shim"
+        for module in ("__init__.py", "resume_script.py", "slurm/__init__.py", "slurm/preempt.py"):
+            (shim / "tests" / module).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / "tests" / module, shim / "tests" / module)
+        self.cache.mkdir(exist_ok=True)
+        return [f"--export=ALL,VISIONLAB_IMAGE={self.image},VISIONLAB_RUNS={self.run},VISIONLAB_CACHE={self.cache},"
+                f"VISIONLAB_BINDS={shim}:/mnt/0,PYTHONPATH=/mnt/0"]
+
+
+@pytest.fixture(params=["bare", "charliecloud"])
+def launch(request, tmp_path):
+    return Launch(request.param, tmp_path)
+
+
+def _fit_args(launch, cache, *extra, data="data/fashion_mnist.yaml"):
+    run_dir = launch.path(launch.run)
+    return ["fit", "--config", launch.path(CONFIGS / "trainer/cpu.yaml"), "--config", launch.path(CONFIGS / data),
+            "--config", launch.path(CONFIGS / "classification/debug.yaml"),
+            "--trainer.default_root_dir", run_dir,
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-            "--trainer.logger.init_args.save_dir", str(run_dir),
+            "--trainer.logger.init_args.save_dir", run_dir,
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--data.init_args.num_workers", "1", *(["--data.init_args.loader.init_args.cache_dir", str(cache)] if cache else []), *extra]
+            "--data.init_args.num_workers", "1",
+            *(["--data.init_args.loader.init_args.cache_dir", launch.path(cache)] if cache else []), *extra]
 
 
 def _log(run_dir, job_id) -> str:
@@ -132,10 +190,10 @@ def _log(run_dir, job_id) -> str:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm_cluster")  # one cluster (daemons, ports, munge) per machine
-def test_two_nodes_train_one_model(cluster, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    job = cluster.sbatch(str(TEMPLATE), *_fit_args(run, tmp_path / "cache", "--trainer.max_epochs", "1"), cwd=run)
+def test_two_nodes_train_one_model(cluster, launch):
+    run = launch.run
+    job = cluster.sbatch(*launch.sbatch_options(), str(TEMPLATE),
+                         *_fit_args(launch, launch.cache, "--trainer.max_epochs", "1"), cwd=run)
     info = cluster.wait(job)
     log = _log(run, job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -167,9 +225,8 @@ def _steps(events_file) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm_cluster")  # one cluster (daemons, ports, munge) per machine
-def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, tmp_path, launch):
+    run = launch.run
     # The template with another signal in its one --signal line: SLURM and visionlab both follow that line.
     text = TEMPLATE.read_text()
     assert text.count("#SBATCH --signal=SIGUSR1@90") == 1
@@ -177,21 +234,30 @@ def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, 
     template.write_text(text.replace("#SBATCH --signal=SIGUSR1@90", "#SBATCH --signal=SIGUSR2@90"))
     steps, preempted = 8, 5  # 2 epochs of 4 steps; SLURM's signal arrives after step 5, mid-way through epoch 2
     signal_at = ["--trainer.callbacks+=tests.slurm.preempt.SignalAtStep", "--trainer.callbacks.step", str(preempted),
-                 "--trainer.callbacks.signal_name", "USR2"]
+                 "--trainer.callbacks.signal_name", "USR2",
+                 "--trainer.callbacks.request_file", launch.path(run / "signal-request")]
     # torchvision loaders (the FFCV launch is the test above): FFCV would compile its numba pipelines again in
     # each of the 4 processes (2 ranks x 2 runs), which is most of this job's time after Python's start-up
     record = ["--data.init_args.batches", "tests.resume_script.WithIndex",  # each rank writes its batches' samples
-              "--trainer.callbacks+=tests.resume_script.RecordBatches", "--trainer.callbacks.folder", str(run / "batches")]
-    args = _fit_args(run, None, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+              "--trainer.callbacks+=tests.resume_script.RecordBatches", "--trainer.callbacks.folder",
+              launch.path(run / "batches")]
+    args = _fit_args(launch, None, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
                      "--data.init_args.num_workers", "0", *signal_at, *record, data="data/fashion_mnist_torchvision.yaml")
-    job = cluster.sbatch(str(template), *args, cwd=run)
+    job = cluster.sbatch(*launch.sbatch_options(), str(template), *args, cwd=run)
+    if launch.image:  # no scancel in the image: the job asks for SLURM's signal in a file, and it is sent from here
+        deadline = time.time() + 300
+        while not (run / "signal-request").exists() and time.time() < deadline and cluster.job(job).get("JobState") \
+                not in cluster.FINISHED:
+            time.sleep(0.2)
+        assert (run / "signal-request").exists(), f"no signal request: {_errors(_log(run, job))}\n{_log(run, job)[-3000:]}"
+        cluster.signal(job, "USR2")
     cluster.start_requeued_now(job)
     info = cluster.wait(job)
     deadline = time.time() + 60  # the state can read COMPLETED a moment before the last rank exits
     while "visionlab: last checkpoint" not in _log(run, job) and time.time() < deadline:
         time.sleep(0.2)
     log = _log(run, job)
-    restored = f"Restored all states from the checkpoint at {run / 'hpc_ckpt_1.ckpt'}" in log.replace("\n", "")
+    restored = f"Restored all states from the checkpoint at {launch.path(run / 'hpc_ckpt_1.ckpt')}" in log.replace("\n", "")
     if info["JobState"] == "FAILED" and info.get("Restarts") == "1" and not restored:
         # Open defect of the test cluster (2 of ~10 full-suite runs, never alone): the requeued run ended FAILED
         # before it restored anything, i.e. before visionlab's resume ran. Reported with the cluster's record;
@@ -204,8 +270,10 @@ def test_preempted_job_requeues_and_resumes_in_the_same_version_folder(cluster, 
     assert [p.name for p in hpc] == ["hpc_ckpt_1.ckpt"], log[-3000:]
     saved = torch.load(hpc[0], weights_only=False)
     assert saved["global_step"] == preempted and saved["optimizer_states"][0]["state"]  # saved where it stopped
-    assert f"Restored all states from the checkpoint at {hpc[0]}" in log.replace("\n", "")
+    assert f"Restored all states from the checkpoint at {launch.path(hpc[0])}" in log.replace("\n", "")
     assert "restart 1" in log and f"requeueing SLURM job {job}" in log
+    if launch.image:  # the requeue came from the batch script, outside the container, after the tasks exited 75
+        assert f"requeueing SLURM job {job} from the batch script" in log
     # The resumed run continued the step count instead of starting over...
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     # ... in the same TensorBoard version folder (the job id), its steps continuing the first run's axis.

@@ -124,6 +124,17 @@ class Cluster:
         out = self._run("sbatch", "--parsable", *args, cwd=cwd).stdout.strip()
         return int(out.split(";")[0])
 
+    def signal(self, job_id: int, name: str, timeout: float = 60) -> None:
+        """``scancel --signal=<name>`` to every task of the job (SLURM's own delivery path), retried while the loaded
+        slurmctld times out a request."""
+        deadline = time.time() + timeout
+        while True:
+            done = self._run("scancel", f"--signal={name}", str(job_id), check=False)
+            if done.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert done.returncode == 0, f"scancel --signal={name} {job_id}: {done.stderr}"
+
     def job(self, job_id: int) -> dict[str, str]:
         text = self._run("scontrol", "show", "job", "-o", str(job_id), check=False).stdout
         return dict(item.split("=", 1) for item in text.split() if "=" in item)

@@ -8,8 +8,10 @@ the signal, so the pre-emption happens at that step however long the delivery ta
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 
@@ -17,8 +19,11 @@ from callbacks.slurm import SLURMRequeue
 
 
 class SignalAtStep(pl.Callback):
-    def __init__(self, step: int, signal_name: str, timeout: float = 60.0):
-        self.step, self.signal_name, self.timeout = step, signal_name, timeout
+    """``request_file``: inside a container (no ``scancel``), rank 0 writes this file instead and the test, outside,
+    runs the ``scancel --signal`` (tests/test_slurm.py)."""
+
+    def __init__(self, step: int, signal_name: str, timeout: float = 60.0, request_file: str | None = None):
+        self.step, self.signal_name, self.timeout, self.request_file = step, signal_name, timeout, request_file
 
     def on_train_batch_end(self, trainer, *args) -> None:
         first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
@@ -26,16 +31,21 @@ class SignalAtStep(pl.Callback):
             return
         requeue = next(cb for cb in trainer.callbacks if isinstance(cb, SLURMRequeue))
         deadline, failures = time.monotonic() + self.timeout, []
-        while not requeue.signalled and time.monotonic() < deadline:
-            # slurmctld on a loaded 2-core machine can time out a request (scancel exits 1): ask again, as a user
-            # would, rather than fail the job in a callback that only stands in for SLURM's own timer
-            done = subprocess.run(["scancel", f"--signal={self.signal_name}", os.environ["SLURM_JOB_ID"]],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                failures.append(done.stderr.strip() or str(done.returncode))
-                time.sleep(1.0)
-                continue
-            wait_until = min(deadline, time.monotonic() + 20)
-            while not requeue.signalled and time.monotonic() < wait_until:
+        if self.request_file and shutil.which("scancel") is None:
+            Path(self.request_file).write_text(self.signal_name)
+            while not requeue.signalled and time.monotonic() < deadline:
                 time.sleep(0.01)  # the handler runs between these sleeps
+        else:
+            while not requeue.signalled and time.monotonic() < deadline:
+                # slurmctld on a loaded 2-core machine can time out a request (scancel exits 1): ask again, as a user
+                # would, rather than fail the job in a callback that only stands in for SLURM's own timer
+                done = subprocess.run(["scancel", f"--signal={self.signal_name}", os.environ["SLURM_JOB_ID"]],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    failures.append(done.stderr.strip() or str(done.returncode))
+                    time.sleep(1.0)
+                    continue
+                wait_until = min(deadline, time.monotonic() + 20)
+                while not requeue.signalled and time.monotonic() < wait_until:
+                    time.sleep(0.01)  # the handler runs between these sleeps
         assert requeue.signalled, f"SIG{self.signal_name} did not arrive within {self.timeout} s; scancel: {failures}"
