@@ -35,6 +35,25 @@ def at_optimizer_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 >= trainer.num_training_batches
 
 
+def fit_stops_here(trainer: pl.Trainer) -> bool:
+    """Whether the fit ends after the training batch that just ended: ``max_steps`` reached, or a stop asked for
+    (``trainer.should_stop``: SLURM's requeue, a Timer, early stopping) in a hook that ran before this one."""
+    return (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps) or trainer.should_stop
+
+
+def epoch_cut_short(trainer: pl.Trainer) -> bool:
+    """Whether the training epoch ending now stopped before its last batch (``max_steps`` or ``should_stop``).
+
+    Lightning 2.6.6's ``FitLoop.on_advance_end`` runs for such an epoch as for a finished one: it counts the epoch
+    as processed, then calls ``on_train_epoch_end`` and later ``on_train_end``. A checkpoint saved in those hooks
+    says the epoch is over while its batch progress (and ``data.train_position``) says it is not: resumed, the fit
+    loop restarts "at the epoch end", finishes that epoch's remaining batches as the *next* epoch and stops a
+    ``max_epochs`` early (with ``max_epochs`` 1, it trains nothing). Only a batch-end save holds this stop's state.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return not progress.is_last_batch and progress.current.ready < trainer.num_training_batches
+
+
 class LatestCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose ``last.ckpt`` always holds the latest state, also mid-epoch.
 
@@ -96,6 +115,9 @@ class LatestCheckpoint(ModelCheckpoint):
         if self.last_train_time_interval is not None:
             elapsed = time.monotonic() - self._last_saved_time >= self.last_train_time_interval.total_seconds()
             due = trainer.strategy.broadcast(due or elapsed)
+        # The step that ends the fit is saved here, at its batch end, whatever the schedule: a run stopped by
+        # max_steps continues from it with a larger max_steps (see epoch_cut_short for why not later).
+        due = due or fit_stops_here(trainer)
         if due and self._may_write_last(trainer) and at_optimizer_step(trainer, batch_idx):
             self._write_last(trainer)
 
@@ -103,13 +125,17 @@ class LatestCheckpoint(ModelCheckpoint):
         # Lightning 2.x runs this after the epoch's validation and top-k save, so last.ckpt records both;
         # rewritten even if a timed save hit the epoch's last batch (that one preceded validation).
         super().on_train_epoch_end(trainer, pl_module)
+        if epoch_cut_short(trainer):
+            return  # last.ckpt keeps the batch-end state: this hook's would say the epoch is over
         self._last_saved_step = None
         if self._may_write_last(trainer):
             self._write_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self._may_write_last(trainer):  # e.g. max_steps reached mid-epoch
+        # A fit stopped mid-epoch was saved at its last batch end; a state saved now would count the cut epoch as
+        # processed (epoch_cut_short).
+        if self._may_write_last(trainer) and not epoch_cut_short(trainer):
             self._write_last(trainer)
 
 

@@ -70,6 +70,38 @@ def test_killed_three_times_trains_on_the_uninterrupted_batches_and_weights(tmp_
         assert torch.equal(weights[name], value), name
 
 
+def test_a_run_stopped_by_max_steps_continues_with_a_larger_max_steps(tmp_path):
+    """Train 5 steps (mid-epoch 0, no scheduled save at 5), then ``--ckpt_path last`` with ``max_steps`` 12: the two
+    processes train the batches (indices, pixels) of one run to step 12, the rest of epoch 0 included, and end with
+    its weights (at a constant lr: a cosine schedule's length is max_steps, so extending it changes the lr of
+    the steps already trained, by design). Lightning counts the cut epoch as processed before its epoch-end hooks: a last.ckpt saved there
+    resumed as the next epoch and ended at step 8, one max_epochs early."""
+
+    def fit(root: Path, max_steps: int, *extra: str) -> subprocess.CompletedProcess:
+        # A constant lr (min_lr_ratio 1): the cosine horizon is max_steps, which this test changes on purpose.
+        done = _fit(root, Path("unused"), DATA["torchvision"], "--trainer.max_steps", str(max_steps),
+                    "--model.init_args.optim.min_lr_ratio", "1.0", *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    fit(tmp_path / "whole", 12)
+    first = fit(tmp_path / "split", 5)
+    assert "`max_steps=5` reached" in first.stderr
+    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    fit(tmp_path / "split", 12, "--ckpt_path", "last")
+
+    expected, got = trained_batches(tmp_path / "whole" / "batches"), trained_batches(tmp_path / "split" / "batches")
+    assert [len(expected[0]), len(expected[1])] == [BATCHES, 12 - BATCHES]
+    assert [b["step"] for e in (0, 1) for b in got[e]] == list(range(1, 13))  # the step axis continues at 6
+    assert [[b["index"], b["pixels"]] for e in (0, 1) for b in got[e]] == \
+        [[b["index"], b["pixels"]] for e in (0, 1) for b in expected[e]]
+    reference = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    final = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == reference["global_step"] == 12
+    for name, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+
+
 def test_a_changed_world_size_inside_an_epoch_is_one_line(run_cli, tmp_path, beton_cache, capsys):
     """A checkpoint saved 1 batch into an epoch by 2 processes, resumed by 1: one line saying what to set."""
     args = cli_args(tmp_path, None, "--checkpoint.last_every_n_train_steps", "1", "--trainer.max_steps", "1",
