@@ -105,7 +105,13 @@ def _stand_in_layers(config, classifier, imagenet, root) -> list:
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_config_instantiates(config, stand_in_classifier, stand_in_imagenet, tmp_path):
+def test_every_config_instantiates(config, stand_in_classifier, stand_in_imagenet, tmp_path, monkeypatch):
+    # the logger layers as their comments say to use them offline: W&B offline, MLflow's file store under tmp_path
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.chdir(tmp_path)  # MLFlowLogger reads MLFLOW_TRACKING_URI when Lightning is imported: its save_dir is used
     args = _args(_stand_in_layers(config, stand_in_classifier, stand_in_imagenet, tmp_path), tmp_path)
     if config.name in {"gpu.yaml", "ddp.yaml"}:  # GPU trainer layers, checked on this CPU-only machine's CPU
         args += ["--trainer.accelerator", "cpu"]
