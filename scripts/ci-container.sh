@@ -100,7 +100,7 @@ others=$(find "$work/runs" "$work/cache" "$work/data" ! -uid "$RUN_UID" | head -
 if [ "${CONTAINER_SLURM:-1}" = 1 ]; then
   if ! command -v ch-convert >/dev/null || ! command -v pigz >/dev/null; then
     step "installing charliecloud"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends charliecloud pigz >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends charliecloud pigz >/dev/null
   fi
   step "ch-convert $IMAGE"
   ch-convert -i docker "$IMAGE" "$work/ch-image" >"$work/ch-convert.log" 2>&1 || { tail -n 20 "$work/ch-convert.log"; exit 1; }
