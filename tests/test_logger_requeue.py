@@ -54,7 +54,11 @@ def _fit(run_cli, root: Path, logger: Path, max_steps: int, *extra: str) -> None
         assert run_cli(args) == 0
     finally:
         if wandb.run is not None:
-            wandb.finish()  # what the end of the process does on a cluster
+            wandb.finish()
+        # What the end of the process does on a cluster: the W&B service writes the offline .wandb file
+        # asynchronously, and only teardown waits until it is complete on disk (read too early under load, the
+        # file of the last run held no run record yet).
+        wandb.teardown()
 
 
 def _requeued_job(run_cli, slurm, root: Path, logger: Path, job: str = "4242") -> None:
