@@ -104,6 +104,12 @@ class _GuardedDataset:
 
     FFCV's writer waits forever when a worker process dies, so a sample that fails to load is replaced by
     a 1x1 placeholder and its error is recorded in ``error_file`` as ``index<TAB>message``.
+
+    FFCV's ``proportion`` mode picks JPEG or raw for each image with ``np.random.rand()`` from the writer process's
+    global generator, whose state is the parent's at fork time and then depends on which chunks that process took.
+    The same source then wrote different files run to run (a val image raw in one, JPEG in the next: pixels off by
+    up to 4 levels). Each sample seeds that generator from its source index just before FFCV encodes it (in the
+    writer process, after this returns), so the choice is a function of the image alone.
     """
 
     def __init__(self, source, error_file: Path):
@@ -113,6 +119,7 @@ class _GuardedDataset:
         return len(self.source)
 
     def __getitem__(self, index: int):
+        np.random.seed(int(index) % 2**32)  # FFCV's proportion-mode draw for this image follows (see above)
         try:
             image, label = self.source[index]
             return image, int(label)

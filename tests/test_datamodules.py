@@ -318,3 +318,21 @@ def test_transferred_batches_are_named_with_the_loaders_index(tmp_path):
     assert len(indexed.eval_dataloader("val")) == 2
     with pytest.raises(ValueError, match="loader batch"):
         plain.on_after_batch_transfer([batch["image"]], 0)
+
+
+def test_proportion_mode_writes_the_same_file_whatever_the_writers_random_state(tmp_path):
+    # FFCV's proportion mode picks JPEG or raw per image from the writer process's global NumPy generator, which a
+    # forked writer inherits from its parent: the same source gave different files depending on that state
+    from ffcv.reader import Reader
+
+    from datamodules.beton import WriteSettings
+
+    source = sources.restrict(sources.fashion_mnist("val"), None, 64, 64, "val")
+    modes = []
+    for parent_seed in (1, 2):
+        np.random.seed(parent_seed)
+        path, _ = write_beton(source, tmp_path / f"{parent_seed}.beton", WriteSettings(write_mode="proportion"),
+                              num_workers=2)
+        modes.append(Reader(str(path)).metadata["f0"]["mode"].copy())  # field 0: the image
+    assert 10 < int(modes[0].sum()) < 54  # about half of the 64 images JPEG (mode 1), the rest raw (mode 0)
+    np.testing.assert_array_equal(modes[0], modes[1])
