@@ -151,6 +151,22 @@ def test_a_resumed_epoch_is_the_rest_of_the_uninterrupted_one(monkeypatch, beton
     assert _epoch(loader) == []  # an epoch saved complete is skipped whole, whatever the world size now
 
 
+def _kill_at_step_7_resume_and_compare_batches(fit, tmp_path: Path, check_killed=lambda: True) -> None:
+    """An uninterrupted 2-rank run, one SIGKILLed at step 7 and resumed with ``--ckpt_path last``: each rank's
+    batches (sample indices and pixel hashes) over both epochs equal the uninterrupted run's."""
+    whole = fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(tmp_path / "killed", "--trainer.callbacks+=tests.crash_script.KillAtStep", "--trainer.callbacks.step", "7")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert check_killed()
+    resumed = fit(tmp_path / "killed", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in (0, 1):
+        expected, got = trained_batches(tmp_path / "whole" / "batches", rank), trained_batches(tmp_path / "killed" / "batches", rank)
+        assert [[b["index"], b["pixels"]] for e in (0, 1) for b in got[e]] == \
+            [[b["index"], b["pixels"]] for e in (0, 1) for b in expected[e]], rank
+
+
 def test_ddp_two_gloo_ranks_killed_and_resumed_train_on_the_uninterrupted_batches(tmp_path):
     """2 CPU processes (DDP, gloo), torchvision back-end, 2 epochs of 4 steps; both ranks SIGKILLed at step 7 (the
     newest last.ckpt is step 6's, two batches into epoch 1) and resumed: each rank's batches and the weights equal
@@ -160,16 +176,7 @@ def test_ddp_two_gloo_ranks_killed_and_resumed_train_on_the_uninterrupted_batche
     def fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
         return _fit(root, Path("unused"), DATA["torchvision"], *ddp, *extra)
 
-    whole = fit(tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = fit(tmp_path / "killed", "--trainer.callbacks+=tests.crash_script.KillAtStep", "--trainer.callbacks.step", "7")
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = fit(tmp_path / "killed", "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for rank in (0, 1):
-        expected, got = trained_batches(tmp_path / "whole" / "batches", rank), trained_batches(tmp_path / "killed" / "batches", rank)
-        assert [[b["index"], b["pixels"]] for e in (0, 1) for b in got[e]] == \
-            [[b["index"], b["pixels"]] for e in (0, 1) for b in expected[e]], rank
+    _kill_at_step_7_resume_and_compare_batches(fit, tmp_path)
     first = trained_batches(tmp_path / "whole" / "batches", 0)[0][0]["index"]
     assert not set(first) & set(trained_batches(tmp_path / "whole" / "batches", 1)[0][0]["index"])  # sharded
     reference = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -189,12 +196,16 @@ def test_resumable_saves_wait_for_the_end_of_an_accumulation_window(accumulate, 
 
 def _sharded_weights(last: Path) -> tuple[int, dict[str, torch.Tensor]]:
     """The global step and full (unsharded) weights of a sharded ``last.ckpt`` folder, read without a process group."""
-    from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from modules.components.checkpoints import load_checkpoint
 
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # sharded: one file per rank
-    return load_checkpoint(last / _METADATA_FILENAME)["global_step"], _load_distributed_checkpoint(last)["state_dict"]
+    whole = last.parent / f"{last.name}.whole.pt"  # torch's own conversion of the shards into one file
+    dcp_to_torch_save(last, whole)
+    weights = torch.load(whole, weights_only=True)["state_dict"]
+    whole.unlink()
+    return load_checkpoint(last / "meta.pt")["global_step"], weights  # meta.pt: Lightning's non-tensor state
 
 
 def test_fsdp_two_gloo_ranks_killed_and_resumed_from_a_sharded_last_checkpoint(tmp_path):
@@ -216,17 +227,8 @@ def test_fsdp_two_gloo_ranks_killed_and_resumed_from_a_sharded_last_checkpoint(t
         return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=900)
 
-    whole = fit(tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = fit(tmp_path / "killed", "--trainer.callbacks+=tests.crash_script.KillAtStep", "--trainer.callbacks.step", "7")
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    assert _sharded_weights(tmp_path / "killed" / "checkpoints" / "last.ckpt")[0] == 6
-    resumed = fit(tmp_path / "killed", "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for rank in (0, 1):
-        expected, got = trained_batches(tmp_path / "whole" / "batches", rank), trained_batches(tmp_path / "killed" / "batches", rank)
-        assert [[b["index"], b["pixels"]] for e in (0, 1) for b in got[e]] == \
-            [[b["index"], b["pixels"]] for e in (0, 1) for b in expected[e]], rank
+    _kill_at_step_7_resume_and_compare_batches(
+        fit, tmp_path, check_killed=lambda: _sharded_weights(tmp_path / "killed" / "checkpoints" / "last.ckpt")[0] == 6)
     # The shards restore the weights and SGD momentum exactly (no re-sharding: same 2 ranks), and the resumed run
     # repeats the same bf16-autocast float operations in the same order on the same batches: bitwise the same weights.
     step, reference = _sharded_weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
